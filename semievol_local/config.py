@@ -1,0 +1,53 @@
+"""Configuration, declared once: each option is a dataclass field with its default and its help text.
+
+The CLI builds its options from these fields (see `cli.options_from`), so a flag cannot drift from the
+value that reaches the code. Library functions take these objects; they never read flags themselves.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+
+def opt(default, help: str, **extra):
+    """A dataclass field that is also a CLI option (`help` becomes the flag's help text)."""
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **extra})
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class EngineConfig:
+    """How llama.cpp runs a model."""
+
+    n_ctx: int = opt(2048, "Context window in tokens for llama.cpp (0: the model's own).")
+    n_threads: int = opt(0, "CPU threads for llama.cpp (0: one per physical core).")
+    n_gpu_layers: int = opt(-1, "Layers to offload to a GPU when llama.cpp was built with one (-1: all).")
+    adapter_scale: float = opt(1.0, "Scale applied to a LoRA adapter in llama.cpp.")
+
+
+@dataclass
+class TrainConfig:
+    """LoRA fine-tuning with MLX (owned by mlx_engine)."""
+
+    rank: int = opt(8, "LoRA rank.")
+    scale: float = opt(20.0, "LoRA scale (mlx-lm's `scale`; the GGUF adapter gets alpha = scale x rank).")
+    dropout: float = opt(0.0, "LoRA dropout.")
+    num_layers: int = opt(-1, "How many of the last transformer blocks get LoRA (-1: all).")
+    keys: str = opt("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                    "Comma-separated projections that get LoRA.")
+    lr: float = opt(3e-4, "Peak learning rate (linear warm-up, then cosine decay).")
+    warmup: float = opt(0.1, "Warm-up as a fraction of all optimizer steps.")
+    epochs: float = opt(3.0, "Passes over the training data.")
+    batch_size: int = opt(8, "Sequences per batch.")
+    grad_accum: int = opt(1, "Batches per optimizer step.")
+    max_seq_len: int = opt(512, "Longest training sequence in tokens (longer ones are cut from the left).")
+    val_fraction: float = opt(0.1, "Fraction of the training rows held out for validation loss "
+                              "(used when no validation set is given).")
+    weight_decay: float = opt(0.0, "AdamW weight decay on the LoRA weights (0: plain Adam).")
+    grad_clip: float = opt(0.0, "Clip the global gradient norm to this value (0: no clipping).")
+    save_every: int = opt(50, "Write a resumable checkpoint (and the adapter so far) every N optimizer steps.")
+    seed: int = opt(0, "Random seed for initialization, data order and dropout.")
+
+
+def field_names(cls) -> list[str]:
+    return [f.name for f in fields(cls)]

@@ -1,0 +1,121 @@
+"""Accuracy of a model (optionally with a LoRA adapter) on a split, with the majority-class baseline.
+
+`predict` asks every item through the llama.cpp engine, in score mode (exact option distribution from
+one forward pass) or sample mode (greedy generation, answer extracted from the text). Pure bookkeeping
+otherwise: no printing; progress goes to a callback.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .data import LETTERS, Item, Split
+from .errors import UserError
+from .llama_engine import Engine
+from .prompts import answers_match, extract_answer, fit_prompt
+
+MODES = ("score", "sample")
+
+
+@dataclass
+class Prediction:
+    index: int
+    predicted: str | None
+    gold: str | None = None
+    correct: bool | None = None
+    probs: list[float] | None = None  # score mode: over the options
+    entropy: float | None = None  # score mode: exact entropy (nats); sample mode: mean NLL of the response
+    text: str | None = None  # sample mode: the response
+    category: str | None = None
+
+
+@dataclass
+class EvalResult:
+    accuracy: float
+    n: int
+    majority_label: str
+    majority_accuracy: float
+    mode: str
+    seconds: float
+    items_per_s: float
+    truncated_prompts: int = 0
+    per_category: dict[str, dict] = field(default_factory=dict)
+    predictions: list[Prediction] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["predictions"] = [asdict(p) for p in self.predictions]
+        return d
+
+
+def resolve_mode(mode: str | None, items: Sequence[Item]) -> str:
+    """`score` where every item has options, else `sample`; an explicit choice is checked."""
+    closed = all(it.closed for it in items)
+    if mode is None or mode == "auto":
+        return "score" if closed else "sample"
+    if mode not in MODES:
+        raise UserError(f"--mode {mode!r}: choose one of {', '.join(MODES)}")
+    if mode == "score" and not closed:
+        raise UserError("--mode score needs options on every row; this split has open-answer rows, use --mode sample")
+    return mode
+
+
+def predict_item(engine: Engine, item: Item, demos: Sequence[Item] = (), *, mode: str = "score",
+                 max_tokens: int = 256) -> tuple[Prediction, bool]:
+    """One prediction; also whether the prompt had to be shortened to fit the context."""
+    reserve = 1 if mode == "score" else max_tokens
+    fit = fit_prompt(item, demos, engine.template, lambda t: len(engine.tokenize(t)),
+                     engine.n_ctx - reserve, answer_prefix=(mode == "score"))
+    tokens = engine.tokenize(fit.text)
+    if mode == "score":
+        s = engine.score(tokens, len(item.options))
+        pred = Prediction(index=item.index, predicted=LETTERS[int(np.argmax(s.probs))],
+                          probs=[float(p) for p in s.probs], entropy=s.entropy)
+    else:
+        sample = engine.sample(tokens, seeds=[1], temperature=0.0, max_tokens=max_tokens)[0]
+        pred = Prediction(index=item.index, predicted=extract_answer(sample.text, item), text=sample.text,
+                          entropy=sample.mean_nll)
+    return pred, (fit.demos_dropped > 0 or fit.question_truncated)
+
+
+def majority(answers: Sequence[str]) -> tuple[str, float]:
+    label, count = Counter(answers).most_common(1)[0]
+    return label, count / len(answers)
+
+
+def evaluate(engine: Engine, split: Split, *, mode: str | None = None, limit: int | None = None,
+             category_column: str | None = None, max_tokens: int = 256,
+             on_item: Callable[[Prediction], None] | None = None) -> EvalResult:
+    items = split.items[:limit] if limit else split.items
+    mode = resolve_mode(mode, items)
+    if category_column and category_column not in items[0].meta:
+        cols = ", ".join(items[0].meta) or "none"
+        raise UserError(f"{split.path}: no column {category_column!r} (metadata columns: {cols})")
+    t0 = time.perf_counter()
+    preds, truncated = [], 0
+    for item in items:
+        pred, cut = predict_item(engine, item, mode=mode, max_tokens=max_tokens)
+        truncated += cut
+        pred.gold = item.answer
+        pred.correct = answers_match(pred.predicted, item.answer, closed=item.closed)
+        if category_column:
+            pred.category = str(item.meta.get(category_column))
+        preds.append(pred)
+        if on_item:
+            on_item(pred)
+    seconds = time.perf_counter() - t0
+    maj_label, maj_acc = majority([it.answer for it in items])
+    per_cat: dict[str, list[bool]] = defaultdict(list)
+    for p in preds:
+        if p.category is not None:
+            per_cat[p.category].append(bool(p.correct))
+    return EvalResult(
+        accuracy=float(np.mean([p.correct for p in preds])), n=len(preds), majority_label=maj_label,
+        majority_accuracy=maj_acc, mode=mode, seconds=seconds, items_per_s=len(preds) / max(seconds, 1e-9),
+        truncated_prompts=truncated,
+        per_category={c: {"n": len(v), "accuracy": float(np.mean(v))} for c, v in sorted(per_cat.items())},
+        predictions=preds)

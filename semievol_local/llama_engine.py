@@ -1,0 +1,289 @@
+"""llama.cpp engine: one loaded GGUF per process, scoring, sampling, embedding, full logits.
+
+Operations take token ids and return NumPy arrays; building prompts is `prompts`' job. LoRA adapters
+(GGUF) are switched on the live context, so the base model and a warm adapter share one set of weights.
+The engine remembers which tokens sit in its KV cache and only evaluates what is new, so n samples or
+n option scores of one prompt pay for the prompt once.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from llama_cpp._utils import suppress_stdout_stderr
+
+from .config import EngineConfig
+from .errors import UserError
+from .prompts import ANSWER_PREFIX, ChatTemplate
+
+log = logging.getLogger(__name__)
+
+
+def default_threads() -> int:
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:
+        n = os.cpu_count() or 1
+    return max(1, min(n, 8))
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def entropy(p: np.ndarray) -> float:
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())
+
+
+@dataclass
+class Score:
+    """An option distribution from one forward pass."""
+
+    probs: np.ndarray  # (n_options,) renormalized over the option letters
+    entropy: float  # nats, of `probs`
+    mass: float  # probability the model put on the option letters before renormalizing
+
+
+@dataclass
+class Sample:
+    text: str
+    tokens: list[int]
+    logprobs: np.ndarray  # (n_tokens,) log P(token) under the model (temperature 1)
+
+    @property
+    def mean_nll(self) -> float:
+        """The paper's 'entropy' of a response (Eq. 6): mean negative log-likelihood of its tokens."""
+        return float(-self.logprobs.mean()) if len(self.logprobs) else float("inf")
+
+
+class Engine:
+    """A GGUF model loaded in llama.cpp."""
+
+    def __init__(self, model_path: Path, cfg: EngineConfig | None = None):
+        import llama_cpp
+
+        self._lc = llama_cpp
+        self.cfg = cfg = cfg or EngineConfig()
+        self.model_path = Path(model_path)
+        self.n_threads = cfg.n_threads or default_threads()
+        try:
+            with suppress_stdout_stderr(disable=False):  # llama.cpp logs from C even with verbose=False
+                self.llm = llama_cpp.Llama(
+                    model_path=str(model_path), n_ctx=cfg.n_ctx, n_batch=512, n_threads=self.n_threads,
+                    n_threads_batch=self.n_threads, n_gpu_layers=cfg.n_gpu_layers, logits_all=False, verbose=False)
+        except (ValueError, RuntimeError) as e:
+            raise UserError(f"{model_path}: llama.cpp cannot load this model ({e}); its architecture or "
+                            "quantization is not supported by this llama.cpp build") from None
+        self.n_ctx = self.llm.n_ctx()
+        self.n_vocab = self.llm.n_vocab()
+        self._vocab = llama_cpp.llama_model_get_vocab(self.llm._model.model)
+        meta = self.llm.metadata
+        self.architecture = meta.get("general.architecture", "unknown")
+        self.template = ChatTemplate(
+            source=meta.get("tokenizer.chat_template"),
+            bos_token=self._token_text(self.llm.token_bos()),
+            eos_token=self._token_text(self.llm.token_eos()))
+        self._kv: list[int] = []  # tokens whose keys/values sit in the cache, in order
+        self._adapters: dict[str, object] = {}
+        self.adapter: tuple[str, float] | None = None
+        self._embedder = None
+        self._letters: dict[int, list[int]] = {}
+
+    # --- tokens ---------------------------------------------------------------------------------
+    def _token_text(self, tok: int) -> str:
+        if tok < 0:
+            return ""
+        return self.llm.detokenize([tok], special=True).decode("utf-8", errors="replace")
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of a rendered prompt; chat markers parse as special tokens; BOS added if the model wants one."""
+        bos = self.template.bos_token
+        add_bos = bool(self.llm._model.add_bos_token()) if hasattr(self.llm._model, "add_bos_token") else True
+        add_bos = add_bos and not (bos and text.startswith(bos))
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return self.llm.detokenize(tokens).decode("utf-8", errors="replace")
+
+    def is_eog(self, tok: int) -> bool:
+        return bool(self._lc.llama_vocab_is_eog(self._vocab, tok))
+
+    def letter_tokens(self, n_options: int) -> list[int]:
+        """Token ids of ' A', ' B', ... as they follow `Answer:`; each must be a single token."""
+        if n_options not in self._letters:
+            base = self.llm.tokenize(ANSWER_PREFIX.encode(), add_bos=False, special=False)
+            ids = []
+            for letter in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[:n_options]:
+                full = self.llm.tokenize(f"{ANSWER_PREFIX} {letter}".encode(), add_bos=False, special=False)
+                if full[: len(base)] != base or len(full) != len(base) + 1:
+                    raise UserError(f"{self.model_path}: option letter '{letter}' is not one token after "
+                                    f"'{ANSWER_PREFIX}' in this model's vocabulary; use --mode sample")
+                ids.append(full[-1])
+            self._letters[n_options] = ids
+        return self._letters[n_options]
+
+    # --- adapters -------------------------------------------------------------------------------
+    def set_adapter(self, path: Path | None, scale: float | None = None) -> None:
+        """Apply a GGUF LoRA adapter (or none) to the live context; switching clears the KV cache."""
+        scale = self.cfg.adapter_scale if scale is None else scale
+        want = (str(path), float(scale)) if path else None
+        if want == self.adapter:
+            return
+        lc = self._lc
+        if path is None:
+            lc.llama_set_adapters_lora(self.llm._ctx.ctx, None, 0, None)
+        else:
+            key = str(Path(path).resolve())
+            if key not in self._adapters:
+                check_adapter(Path(path), self.architecture)
+                ad = lc.llama_adapter_lora_init(self.llm._model.model, key.encode())
+                if ad is None:
+                    raise UserError(f"{path}: llama.cpp cannot load this LoRA adapter; it must be a GGUF adapter "
+                                    f"made for this model ({self.architecture})")
+                self._adapters[key] = ad
+            adapters = (lc.llama_adapter_lora_p_ctypes * 1)(self._adapters[key])
+            scales = (ctypes.c_float * 1)(scale)
+            if lc.llama_set_adapters_lora(self.llm._ctx.ctx, adapters, 1, scales):
+                raise UserError(f"{path}: llama.cpp could not apply this adapter to {self.model_path}")
+        self.adapter = want
+        self._kv = []
+        self.llm._ctx.kv_cache_clear()
+
+    # --- forward passes -------------------------------------------------------------------------
+    def _check_fits(self, n: int) -> None:
+        if n >= self.n_ctx:
+            raise UserError(f"a prompt of {n} tokens does not fit the context of {self.n_ctx} tokens; "
+                            "raise --n-ctx or shorten the input")
+
+    def _decode(self, tokens: list[int], all_logits: bool = False) -> np.ndarray:
+        """Evaluate `tokens` after what is cached; return the last row of logits (V,) or all rows (T, V)."""
+        self._check_fits(len(self._kv) + len(tokens))
+        ctx, batch, n_batch = self.llm._ctx, self.llm._batch, self.llm.n_batch
+        rows = []
+        for i in range(0, len(tokens), n_batch):
+            chunk = tokens[i: i + n_batch]
+            batch.set_batch(batch=chunk, n_past=len(self._kv), logits_all=all_logits)
+            ctx.decode(batch)
+            n_out = len(chunk) if all_logits else 1
+            rows.append(np.ctypeslib.as_array(ctx.get_logits(), shape=(n_out, self.n_vocab)).copy())
+            self._kv.extend(chunk)
+        out = np.concatenate(rows)
+        return out if all_logits else out[-1]
+
+    def _prefill(self, tokens: list[int]) -> np.ndarray:
+        """Bring the cache to exactly `tokens`, reusing the longest cached prefix; the last logits (V,)."""
+        self._check_fits(len(tokens))
+        keep = 0
+        limit = min(len(self._kv), len(tokens) - 1)  # at least one token must be evaluated for logits
+        while keep < limit and self._kv[keep] == tokens[keep]:
+            keep += 1
+        self.llm._ctx.kv_cache_seq_rm(-1, keep, -1)
+        del self._kv[keep:]
+        return self._decode(tokens[keep:])
+
+    def logits(self, tokens: list[int]) -> np.ndarray:
+        """Full-vocabulary logits at every position (T, V), from a clean cache: for parity checks."""
+        self.llm._ctx.kv_cache_clear()
+        self._kv = []
+        return self._decode(list(tokens), all_logits=True)
+
+    def score(self, prompt: list[int], n_options: int) -> Score:
+        """The distribution over option letters after a prompt that ends in `Answer:`: one forward pass."""
+        ids = self.letter_tokens(n_options)
+        logp = log_softmax(self._prefill(prompt))  # (V,)
+        p = np.exp(logp[ids])
+        mass = float(p.sum())
+        probs = p / mass if mass > 0 else np.full(n_options, 1.0 / n_options)
+        return Score(probs=probs, entropy=entropy(probs), mass=mass)
+
+    def sample(self, prompt: list[int], seeds: list[int], *, temperature: float = 1.0,
+               max_tokens: int = 256) -> list[Sample]:
+        """One sample per seed, each from the same cached prompt; seeds must be explicit and non-zero."""
+        self._check_fits(len(prompt) + 1)
+        max_tokens = min(max_tokens, self.n_ctx - len(prompt) - 1)
+        first = self._prefill(prompt)
+        out = []
+        for seed in seeds:
+            rng = np.random.default_rng(seed)
+            self.llm._ctx.kv_cache_seq_rm(-1, len(prompt), -1)
+            del self._kv[len(prompt):]
+            logits, toks, lps = first, [], []
+            for _ in range(max_tokens):
+                logp = log_softmax(logits)
+                if temperature <= 0:
+                    tok = int(np.argmax(logp))
+                else:
+                    z = logp / temperature
+                    p = np.exp(z - z.max())
+                    tok = int(np.searchsorted(np.cumsum(p), rng.random() * p.sum()))
+                    tok = min(tok, self.n_vocab - 1)
+                if self.is_eog(tok):
+                    break
+                toks.append(tok)
+                lps.append(logp[tok])
+                logits = self._decode([tok])
+            out.append(Sample(text=self.detokenize(toks), tokens=toks, logprobs=np.array(lps, dtype=np.float64)))
+        return out
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """Mean-pooled, L2-normalized hidden states (N, dim): retrieval vectors (FACTS §8: MEAN beats LAST)."""
+        if self._embedder is None:
+            # A second context on the same mmap'ed weights, in embedding mode.
+            with suppress_stdout_stderr(disable=False):
+                self._embedder = self._lc.Llama(
+                    model_path=str(self.model_path), n_ctx=self.n_ctx, n_batch=self.n_ctx, n_ubatch=self.n_ctx,
+                    n_threads=self.n_threads, n_threads_batch=self.n_threads, n_gpu_layers=self.cfg.n_gpu_layers,
+                    embedding=True, pooling_type=self._lc.LLAMA_POOLING_TYPE_MEAN, verbose=False)
+        vecs = np.asarray([self._embedder.embed(t, truncate=True) for t in texts], dtype=np.float32)
+        norms = np.linalg.norm(vecs, axis=1, keepdims=True)
+        return vecs / np.maximum(norms, 1e-12)
+
+    def close(self) -> None:
+        for ad in self._adapters.values():
+            self._lc.llama_adapter_lora_free(ad)
+        self._adapters.clear()
+        self.llm.close()
+        if self._embedder is not None:
+            self._embedder.close()
+
+
+def check_adapter(path: Path, architecture: str) -> None:
+    """Refuse, with one line, a file llama.cpp would reject or crash on: it must be a GGUF LoRA for this arch."""
+    from .models import check_gguf
+
+    if not path.is_file():
+        raise UserError(f"{path}: adapter file not found")
+    reader = check_gguf(path)
+
+    def meta(key):
+        f = reader.fields.get(key)
+        return f.contents() if f is not None else None
+
+    if meta("general.type") != "adapter" or meta("adapter.type") != "lora":
+        raise UserError(f"{path}: not a LoRA adapter (general.type={meta('general.type')!r}); "
+                        "give the adapter.gguf that `semievol train` writes, not a model")
+    if meta("general.architecture") != architecture:
+        raise UserError(f"{path}: adapter is for architecture {meta('general.architecture')!r}, "
+                        f"the model is {architecture!r}")
+
+
+_LOADED: dict[tuple, Engine] = {}
+
+
+def load(model_path: Path, cfg: EngineConfig | None = None) -> Engine:
+    """The process's engine for a model (loaded once, reused)."""
+    cfg = cfg or EngineConfig()
+    key = (str(Path(model_path).resolve()), cfg.n_ctx, cfg.n_threads, cfg.n_gpu_layers)
+    if key not in _LOADED:
+        for other in list(_LOADED):  # one loaded model per process
+            _LOADED.pop(other).close()
+        _LOADED[key] = Engine(model_path, cfg)
+    return _LOADED[key]

@@ -1,0 +1,89 @@
+"""All terminal drawing: progress bars, tables, messages. Nothing else in the package imports rich."""
+from __future__ import annotations
+
+import contextlib
+import sys
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.table import Table
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+def error(message: str) -> None:
+    """One line on stderr, never wrapped, markup off (messages hold paths and brackets)."""
+    err.print(f"error: {message}", markup=False, soft_wrap=True, style="bold red" if err.is_terminal else None)
+
+
+def warn(message: str) -> None:
+    err.print(f"warning: {message}", markup=False, soft_wrap=True, style="yellow" if err.is_terminal else None)
+
+
+def info(message: str) -> None:
+    err.print(message, markup=False, soft_wrap=True)
+
+
+class _Rate(TextColumn):
+    """items/s (or any unit/s) from rich's own speed estimate."""
+
+    def __init__(self, unit: str):
+        super().__init__("")
+        self.unit = unit
+
+    def render(self, task):
+        from rich.text import Text
+
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:.2f} {self.unit}/s" if speed else f"- {self.unit}/s", style="progress.data.speed")
+
+
+@contextlib.contextmanager
+def progress(total: int, description: str, unit: str = "items"):
+    """A progress bar with count, rate and ETA; yields `advance(n=1, **fields)`."""
+    columns = [TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TaskProgressColumn(), _Rate(unit), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+               TextColumn("{task.fields[status]}")]
+    with Progress(*columns, console=err, transient=False, disable=not err.is_terminal and "pytest" in sys.modules) as p:
+        task = p.add_task(description, total=total, status="")
+
+        def advance(n: int = 1, status: str = "") -> None:
+            p.update(task, advance=n, status=status)
+
+        yield advance
+
+
+def table(title: str, columns: list[str], rows: list[list], *, to_stderr: bool = False) -> None:
+    from rich.text import Text
+
+    (err if to_stderr else out).print(Text(title, style="bold"), soft_wrap=True)
+    t = Table()
+    for i, c in enumerate(columns):
+        t.add_column(c, justify="left" if i == 0 else "right")
+    for r in rows:
+        t.add_row(*[_fmt(v) for v in r])
+    (err if to_stderr else out).print(t)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return "-" if v is None else str(v)
+
+
+def eval_report(result, model_label: str, split_label: str) -> None:
+    rows = [["accuracy", result.accuracy], [f"majority class ({result.majority_label})", result.majority_accuracy],
+            ["items", result.n], ["items/s", result.items_per_s], ["mode", result.mode]]
+    if result.truncated_prompts:
+        rows.append(["prompts shortened to fit", result.truncated_prompts])
+    table(f"{model_label} on {split_label}", ["", "value"], rows)
+    if result.per_category:
+        table("per category", ["category", "n", "accuracy"],
+              [[c, v["n"], v["accuracy"]] for c, v in result.per_category.items()])
+
+
+def kv_table(title: str, data: dict) -> None:
+    table(title, ["", "value"], [[k, v if not isinstance(v, dict) else ", ".join(f"{a}={b}" for a, b in v.items())]
+                                 for k, v in data.items()])

@@ -1,0 +1,36 @@
+"""The real default model (SmolLM2-135M from PyPI). Marked slow; CI runs these too."""
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from semievol_local import models
+from semievol_local.cli import app
+
+pytestmark = pytest.mark.slow
+
+
+def test_default_model_resolves_and_is_trainable(default_model):
+    info = models.inspect(default_model)
+    assert info.architecture == "llama" and info.block_count == 30 and info.chat_template
+    assert 130e6 < info.n_params < 140e6
+    assert info.quant_by_kind["attn_q"] == "Q4_1" and info.mlx_trainable.startswith("yes")
+
+
+def test_fpb_eval_is_reproducible(default_model, shared_task, tmp_path):
+    fpb = shared_task("fpb")
+    accs = []
+    for i in range(2):
+        out = tmp_path / f"fpb{i}.json"
+        res = CliRunner().invoke(app, ["eval", "--model", "smollm2-135m", "--data", str(fpb), "--limit", "20",
+                                       "--json", str(out)])
+        assert res.exit_code == 0, res.stderr
+        accs.append(json.loads(out.read_text())["accuracy"])
+    assert accs[0] == accs[1]
+    assert 0.0 < accs[0] < 1.0
+
+
+def test_demo_runs(default_model):
+    res = CliRunner().invoke(app, ["demo"])
+    assert res.exit_code == 0, res.stderr
+    assert "accuracy" in res.stdout and "majority class" in res.stdout
