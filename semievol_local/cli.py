@@ -9,21 +9,26 @@ import dataclasses
 import functools
 import inspect
 import logging
+import os
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from . import ui
-from .config import EngineConfig
+from .config import EngineConfig, RunConfig, TrainConfig
 from .errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Semi-supervised fine-tuning (SemiEvol) of GGUF models: MLX trains LoRA, llama.cpp serves it.")
 models_app = typer.Typer(no_args_is_help=True, help="List, fetch and inspect models.")
 data_app = typer.Typer(no_args_is_help=True, help="Check task data.")
+adapter_app = typer.Typer(no_args_is_help=True, help="Check trained adapters.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print figures.")
 app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
+app.add_typer(adapter_app, name="adapter")
+app.add_typer(bench_app, name="bench")
 
 
 def command(group: typer.Typer, name: str | None = None):
@@ -38,8 +43,15 @@ def command(group: typer.Typer, name: str | None = None):
                 ui.error(str(e))
                 raise typer.Exit(e.exit_code) from None
             except KeyboardInterrupt:
-                ui.error("interrupted")
+                ui.error("interrupted; run the same command again to resume")
                 raise typer.Exit(130) from None
+            except (typer.Exit, typer.Abort, SystemExit):
+                raise
+            except Exception as e:  # a bug, not the user's mistake: one line, the traceback on request
+                if os.environ.get("SEMIEVOL_DEBUG"):
+                    raise
+                ui.error(f"internal error: {type(e).__name__}: {e} (set SEMIEVOL_DEBUG=1 for the traceback)")
+                raise typer.Exit(1) from None
 
         return group.command(name)(run)
 
@@ -59,16 +71,18 @@ def options_from(*classes):
         for cls in classes:
             for f in dataclasses.fields(cls):
                 default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                flag = "--" + f.name.replace("_", "-")
-                params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=type(default),
+                flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+                params.append(inspect.Parameter(_param(flag), inspect.Parameter.KEYWORD_ONLY, annotation=type(default),
                                                 default=typer.Option(default, flag, help=f.metadata.get("help"),
                                                                      rich_help_panel=cls.__doc__.splitlines()[0])))
 
         @functools.wraps(fn)
         def run(**kwargs):
             for cls in classes:
-                names = [f.name for f in dataclasses.fields(cls)]
-                kwargs[_arg(cls)] = cls(**{n: kwargs.pop(n) for n in names})
+                values = {}
+                for f in dataclasses.fields(cls):
+                    values[f.name] = kwargs.pop(_param(f.metadata.get("flag") or "--" + f.name))
+                kwargs[_arg(cls)] = cls(**values)
             return fn(**kwargs)
 
         run.__signature__ = sig.replace(parameters=params)
@@ -76,6 +90,11 @@ def options_from(*classes):
         return run
 
     return deco
+
+
+def _param(flag: str) -> str:
+    """`--train-seed` -> `opt_train_seed`; `--iwp/--no-iwp` -> `opt_iwp` (prefixed: `--as` is a keyword)."""
+    return "opt_" + flag.split("/")[0].lstrip("-").replace("-", "_")
 
 
 def _arg(cls) -> str:
@@ -184,15 +203,132 @@ def run_eval(model, data, adapter, split, mode, limit, category_column, max_toke
         ui.info(f"wrote {json_out}")
 
 
-# --- demo -----------------------------------------------------------------------------------------
+# --- train / adapter check / bench -------------------------------------------------------------
+
+@command(app, "train")
+@options_from(TrainConfig, EngineConfig)
+def train_cmd(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Alias, .gguf path, or hf:owner/repo/file.gguf."),
+    data: Path = typer.Option(..., "--data", "-d", help="Task folder or split file (CSV/JSONL)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder for adapter.gguf, adapters.safetensors, logs, checkpoints."),
+    split: str = typer.Option("labeled", "--split", help="Which split of a task folder to train on."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
+    *, train_config: TrainConfig, engine_config: EngineConfig,
+):
+    """LoRA-train a GGUF model with MLX; writes a GGUF LoRA adapter that llama.cpp loads as it is."""
+    import time
+
+    from . import data as data_mod, llama_engine, models, training
+
+    items = data_mod.load_split(data_mod.find_split_file(data, split), split).items
+    engine = llama_engine.load(models.resolve(model), engine_config)
+    if out.exists() and any(out.iterdir()) and not resume and (out / "adapter_config.json").exists():
+        raise UserError(f"{out}: already holds a trained adapter; pass --resume to continue it or choose another --out")
+    reporter = ui.Reporter()
+    t0 = time.perf_counter()
+    summary = training.train_adapter(engine, items, train_config, out, resume=resume, on_step=reporter.train_step)
+    reporter._close_train()
+    summary["seconds"] = round(time.perf_counter() - t0, 1)
+    ui.kv_table(f"trained {out}", {k: v for k, v in summary.items() if not isinstance(v, (list, dict))})
+    if "parity" in summary:
+        ui.kv_table("MLX vs llama.cpp parity", summary["parity"])
+    ui.info(f"adapter for llama.cpp: {out / 'adapter.gguf'}")
+
+
+@command(adapter_app, "check")
+def adapter_check_cmd(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="The base model the adapter was trained on."),
+    adapter: Path = typer.Option(..., "--adapter", "-a", help="The training run folder (holds adapters.safetensors and adapter.gguf)."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Questions to compare on (default: the demo task)."),
+    n: int = typer.Option(8, "--n", min=1, help="How many questions."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write kl_mean and top1_agreement here."),
+):
+    """MLX (mlx-lm adapter) vs llama.cpp (adapter.gguf) on the same prompts: mean KL and top-1 agreement."""
+    from . import data as data_mod, llama_engine, models, training
+    from .demo_task import demo_folder
+    from .files import atomic_write_json
+
+    if adapter.is_file():
+        adapter = adapter.parent
+    for f in ("adapter.gguf", "adapters.safetensors", "adapter_config.json"):
+        if not (adapter / f).exists():
+            raise UserError(f"{adapter}: no {f}; give the folder `semievol train --out` wrote")
+    split = data_mod.load_split(data_mod.find_split_file(data or demo_folder(), "test"), "test")
+    engine = llama_engine.load(models.resolve(model))
+    seqs = [p + a for p, a in training.examples(engine, split.items[:n])]
+    try:
+        result = training.check_adapter(engine, adapter, seqs)
+        ok = True
+    except UserError as e:
+        ui.error(str(e))
+        ok, result = False, None
+    if result:
+        ui.kv_table(f"parity of {adapter}", result)
+        if json_out:
+            atomic_write_json(json_out, result)
+    if not ok:
+        raise typer.Exit(1)
+
+
+@command(bench_app, "train")
+def bench_train_cmd(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model to train."),
+    steps: int = typer.Option(8, "--steps", min=1, help="Timed optimizer steps."),
+    batch_size: int = typer.Option(4, "--batch-size", min=1),
+    seq_len: int = typer.Option(128, "--seq-len", min=8),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write tokens_per_s, gemm_gflops, roofline_fraction here."),
+):
+    """Training tokens/s beside the float32 GEMM roofline measured in the same run."""
+    from . import mlx_engine, models
+    from .files import atomic_write_json
+
+    result = mlx_engine.bench_train(models.resolve(model), steps, batch_size=batch_size, seq_len=seq_len)
+    ui.kv_table("bench train", result)
+    if json_out:
+        atomic_write_json(json_out, result)
+
+
+# --- run / report / demo --------------------------------------------------------------------------
+
+@command(app, "run")
+@options_from(RunConfig, TrainConfig, EngineConfig)
+def run_cmd(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Alias, .gguf path, or hf:owner/repo/file.gguf."),
+    data: Path = typer.Option(..., "--data", "-d", help="Task folder with labeled, unlabeled and test splits."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder (running again resumes it)."),
+    *, run_config: RunConfig, train_config: TrainConfig, engine_config: EngineConfig,
+):
+    """SemiEvol: warm-up, retrieval, collaboration, selection, final fine-tune, evaluation (and rounds)."""
+    run_pipeline(model, data, out, run_config, train_config, engine_config)
+
+
+def run_pipeline(model, data, out, run_config, train_config, engine_config):
+    from . import models, pipeline, report
+
+    pipeline.run_semievol(models.resolve(model), data, out, run_config, train_config, engine_config,
+                          reporter=ui.Reporter())
+    ui.run_report(report.build_report(out))
+    ui.info(f"report: {out / 'report.md'}")
+
+
+@command(app, "report")
+def report_cmd(run: Path = typer.Argument(..., help="A run folder written by `semievol run`.")):
+    """Print a run's accuracy table, pseudo-label statistics and stage timings (and rewrite report.md)."""
+    from . import report
+
+    ui.run_report(report.build_report(run))
+
 
 @command(app, "demo")
-def demo(model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model to run the demo with.")):
-    """Evaluate the default model on the demo task that ships with the project."""
-    from .demo_task import demo_folder
+def demo(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model to run the demo with."),
+    out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Run folder."),
+):
+    """The whole SemiEvol loop on the demo task that ships with the project (a few minutes on 2 cores)."""
+    from .demo_task import DEMO_RUN, DEMO_TRAIN, demo_folder
 
-    ui.info(f"demo task: {demo_folder()}")
-    run_eval(model, demo_folder(), None, "test", "auto", None, None, 256, None, EngineConfig())
+    ui.info(f"demo task: {demo_folder()}  run folder: {out}")
+    run_pipeline(model, demo_folder(), out, DEMO_RUN, DEMO_TRAIN, EngineConfig())
 
 
 def main() -> None:

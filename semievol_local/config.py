@@ -46,7 +46,30 @@ class TrainConfig:
     weight_decay: float = opt(0.0, "AdamW weight decay on the LoRA weights (0: plain Adam).")
     grad_clip: float = opt(0.0, "Clip the global gradient norm to this value (0: no clipping).")
     save_every: int = opt(50, "Write a resumable checkpoint (and the adapter so far) every N optimizer steps.")
-    seed: int = opt(0, "Random seed for initialization, data order and dropout.")
+    seed: int = opt(0, "Random seed for initialization, data order and dropout.", flag="--train-seed")
+
+
+@dataclass
+class RunConfig:
+    """The SemiEvol pipeline (`semievol run`)."""
+
+    mode: str = opt("auto", "score (option distributions), sample (the paper's generative recipe), or auto.")
+    learners: int = opt(4, "Learners that answer each unlabeled question (n).")
+    k: int = opt(3, "Labeled neighbours retrieved per unlabeled question (demonstrations).")
+    theta: float = opt(50.0, "Keep pseudo-labels whose entropy is at or below this percentile (0-100).")
+    rounds: int = opt(1, "Evolution rounds: labeled + selected become the next round's labeled set.")
+    seed: int = opt(0, "Seed for learner configurations and sampling.")
+    embedding: str = opt("model", "Retrieval embeddings: model (pooled hidden states, llama.cpp) or tfidf.")
+    iwp: bool = opt(True, "In-weight propagation: learners may use the warm adapter.", flag="--iwp/--no-iwp")
+    icp: bool = opt(True, "In-context propagation: retrieved demonstrations.", flag="--icp/--no-icp")
+    cl: bool = opt(True, "Collaborative learning: n learners + self-justification.", flag="--cl/--no-cl")
+    adaptive_selection: bool = opt(True, "Adaptive selection by entropy.", flag="--as/--no-as")
+    justified_only: bool = opt(False, "Apply the entropy threshold to self-justified pseudo-labels only (official code).")
+    final_from_warm: bool = opt(False, "Final fine-tune continues the warm adapter on the selected only (official code).")
+    temperature: float = opt(1.0, "Sampling temperature of the learners in sample mode.")
+    max_tokens: int = opt(256, "Longest learner response in sample mode.")
+    limit_unlabeled: int = opt(0, "Use only the first N unlabeled questions (0: all).")
+    limit_test: int = opt(0, "Evaluate on only the first N test questions (0: all).")
 
 
 def field_names(cls) -> list[str]:

@@ -68,3 +68,13 @@ def demo_folder() -> Path:
 
 if __name__ == "__main__":
     write(demo_folder())
+
+
+def _demo_configs():
+    """The demo's settings: the paper's recipe, sized to finish in a few minutes on 2 CPU cores."""
+    from .config import RunConfig, TrainConfig
+
+    return RunConfig(theta=50.0), TrainConfig(epochs=2.0, lr=3e-4, batch_size=8)
+
+
+DEMO_RUN, DEMO_TRAIN = _demo_configs()

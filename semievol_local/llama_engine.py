@@ -154,8 +154,7 @@ class Engine:
             if lc.llama_set_adapters_lora(self.llm._ctx.ctx, adapters, 1, scales):
                 raise UserError(f"{path}: llama.cpp could not apply this adapter to {self.model_path}")
         self.adapter = want
-        self._kv = []
-        self.llm._ctx.kv_cache_clear()
+        self.reset()
 
     # --- forward passes -------------------------------------------------------------------------
     def _check_fits(self, n: int) -> None:
@@ -189,10 +188,14 @@ class Engine:
         del self._kv[keep:]
         return self._decode(tokens[keep:])
 
-    def logits(self, tokens: list[int]) -> np.ndarray:
-        """Full-vocabulary logits at every position (T, V), from a clean cache: for parity checks."""
+    def reset(self) -> None:
+        """Empty the KV cache, so that what follows does not depend on what came before (bit for bit)."""
         self.llm._ctx.kv_cache_clear()
         self._kv = []
+
+    def logits(self, tokens: list[int]) -> np.ndarray:
+        """Full-vocabulary logits at every position (T, V), from a clean cache: for parity checks."""
+        self.reset()
         return self._decode(list(tokens), all_logits=True)
 
     def score(self, prompt: list[int], n_options: int) -> Score:

@@ -87,3 +87,58 @@ def eval_report(result, model_label: str, split_label: str) -> None:
 def kv_table(title: str, data: dict) -> None:
     table(title, ["", "value"], [[k, v if not isinstance(v, dict) else ", ".join(f"{a}={b}" for a, b in v.items())]
                                  for k, v in data.items()])
+
+
+class Reporter:
+    """Draws the pipeline's stages, progress bars and training steps (the pipeline's `Quiet`, made visible)."""
+
+    def __init__(self):
+        self._train = None
+
+    def stage(self, name: str, reused: bool) -> None:
+        self._close_train()
+        if reused:
+            err.print(f"  [dim]{name}: up to date, reused[/dim]")
+        else:
+            err.print(f"[bold cyan]▶ {name}[/bold cyan]")
+
+    def progress(self, total: int, description: str, unit: str = "items"):
+        return progress(total, description, unit)
+
+    def train_step(self, info: dict) -> None:
+        if self._train is None:
+            p = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
+                         TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("eta"),
+                         TimeRemainingColumn(), console=err)
+            p.start()
+            self._train = (p, p.add_task("train", total=info.get("total_steps"), status=""))
+        p, task = self._train
+        status = f"loss {info['loss']:.3f}  {info.get('tokens_per_s', 0):.0f} tok/s"
+        if info.get("val_loss") is not None:
+            status += f"  val {info['val_loss']:.3f}"
+        p.update(task, completed=info["step"], status=status)
+        if info["step"] >= (info.get("total_steps") or 0):
+            self._close_train()
+
+    def _close_train(self) -> None:
+        if self._train is not None:
+            self._train[0].stop()
+            self._train = None
+
+
+def run_report(report: dict) -> None:
+    a = report["accuracy"]
+    er = report["error_reduction"]
+    table("SemiEvol: test accuracy", ["majority", "vanilla", "SFT", "SemiEvol", "err. red. vs vanilla", "vs SFT"],
+          [[a["majority"], a["vanilla"], a["sft"], a["semievol"], er["semievol_vs_vanilla"], er["semievol_vs_sft"]]])
+    if len(report["accuracy_by_round"]) > 1:
+        table("by round", ["round", "accuracy"], [[k, v] for k, v in report["accuracy_by_round"].items()])
+    for name, st in report["pseudo_labels"].items():
+        if st:
+            table(f"pseudo-labels, {name} (vs held-back answers, reporting only)", ["", "value"], [
+                ["questions", st["n"]], ["consistency rate", st["consistency_rate"]],
+                ["accuracy, all", st["accuracy_all"]], ["accuracy, consistent", st["accuracy_consistent"]],
+                ["accuracy, self-justified", st["accuracy_justified"]],
+                ["accuracy, selected", st["accuracy_selected"]], ["selected", st["selected"]]])
+    table("stages", ["stage", "seconds", "peak RSS (MB)"],
+          [[n, f"{s['seconds']:.1f}", f"{s['peak_rss_mb']:.0f}"] for n, s in report["stages"].items()])

@@ -1,0 +1,493 @@
+"""MLX engine: read a GGUF into mlx-lm's llama module, train LoRA on its own weights, export for llama.cpp.
+
+One GGUF, two engines: MLX trains directly on the GGUF's tensors (no conversion, Q/K rows left in the
+GGUF's permuted layout with `rope_traditional=True`, FACTS §2), and the adapter is written twice: in
+mlx-lm's layout (`adapters.safetensors` + `adapter_config.json`) and as a llama.cpp GGUF LoRA adapter
+(`adapter.gguf`) that `Llama(lora_path=...)` loads as-is.
+
+What it does NOT do: no prompts, chat templates or tokenization (callers pass token ids, tokenized by
+llama.cpp so both engines see identical ids); no printing or progress drawing (it logs, and hands a
+dict to `on_step` every optimizer step); no llama.cpp inference (that lives in `parity`).
+"""
+from __future__ import annotations
+
+from .blas import ensure_fast_blas, gemm_gflops
+
+ensure_fast_blas()  # must run before the first `import mlx.core` (FACTS §3)
+
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import math  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from functools import partial  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Callable  # noqa: E402
+
+import gguf  # noqa: E402
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+import mlx.optimizers as optim  # noqa: E402
+import numpy as np  # noqa: E402
+from mlx.utils import tree_flatten, tree_map, tree_map_with_path  # noqa: E402
+from mlx_lm.models.llama import Model, ModelArgs  # noqa: E402
+from mlx_lm.tuner.lora import LoRALinear  # noqa: E402
+from mlx_lm.tuner.utils import linear_to_lora_layers, load_adapters  # noqa: E402
+
+from . import adapter_gguf as ag  # noqa: E402
+from .atomic import atomic_target  # noqa: E402
+from .files import atomic_write_text  # noqa: E402
+from .checkpoint import load_latest_checkpoint, save_checkpoint  # noqa: E402
+from .config import TrainConfig  # noqa: E402
+from .errors import UserError  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_ARCHS = ("llama",)  # GGUF llama files store Q/K permuted for rope_traditional (FACTS §2)
+READABLE_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0", "Q2_K", "Q4_K", "Q6_K")  # what mx.load reads
+GROUP_SIZE = 32  # every GGUF block quant MLX keeps quantized uses 32-weight groups
+PAD_SEQ, PAD_ANSWER = 32, 8  # batch shapes are rounded up to these: few distinct shapes, few recompiles
+SORT_CHUNK = 16  # batches per shuffled chunk that is sorted by length (small padding, still random order)
+ADAPTER_FILES = ("adapters.safetensors", "adapter_config.json", "adapter.gguf")
+
+Example = tuple[list[int], list[int]]  # (prompt_ids, answer_ids); the loss is on the answer only
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load_model(gguf_path, *, dequantize: bool | None = None) -> Model:
+    """An mlx-lm llama `Model` holding the GGUF's weights.
+
+    Q4_0/Q4_1/Q8_0 layers stay quantized (QLoRA) on a GPU; on the CPU they are dequantized to float32,
+    because quantized matmuls there do not use BLAS and train ~15x slower (FACTS §3).
+    `dequantize=None` picks by MLX's default device.
+    """
+    path = Path(gguf_path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such model file. Pass the path of a .gguf model.")
+    try:
+        weights, meta = mx.load(str(path), return_metadata=True)
+    except (RuntimeError, ValueError) as e:
+        raise UserError(_unreadable(path, e)) from None
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        raise UserError(f"{path}: architecture {arch!r} cannot be trained with MLX here (supported: "
+                        f"{', '.join(SUPPORTED_ARCHS)}, e.g. SmolLM2, Llama, Mistral). Pick a llama-architecture GGUF.")
+    if "rope_freqs.weight" in weights:
+        raise UserError(f"{path}: llama-3 style rope frequency scaling (rope_freqs) is not supported for MLX training. "
+                        "Pick a model without it (e.g. SmolLM2).")
+    if dequantize is None:
+        dequantize = mx.default_device().type != mx.DeviceType.gpu
+
+    params = {}
+    for name, arr in weights.items():
+        target = ag.gguf_to_mlx_name(name)
+        if target is None:
+            log.debug("%s: tensor %s is not used by MLX", path, name)
+            continue
+        params[target] = arr
+    # bits per layer differ inside one file (SmolLM2: 8-bit embedding, 4-bit blocks): derive from shapes.
+    qbits = {n[: -len(".scales")]: 32 * params[n[: -len(".scales")] + ".weight"].shape[1] // (GROUP_SIZE * s.shape[1])
+             for n, s in params.items() if n.endswith(".scales")}
+
+    model = Model(_model_args(path, meta, weights))
+    if dequantize:
+        for mod, bits in qbits.items():
+            w = mx.dequantize(params[mod + ".weight"], params.pop(mod + ".scales"), params.pop(mod + ".biases"),
+                              group_size=GROUP_SIZE, bits=bits)
+            params[mod + ".weight"] = w
+        params = {k: v.astype(mx.float32) for k, v in params.items()}
+    elif qbits:
+        nn.quantize(model, class_predicate=lambda p, m: {"group_size": GROUP_SIZE, "bits": qbits[p]} if p in qbits else False)
+    try:
+        model.load_weights(list(params.items()), strict=True)
+    except ValueError as e:
+        raise UserError(f"{path}: its tensors do not fit a llama model ({e}). The file may be damaged or not a llama model.") from None
+    mx.eval(model.parameters())
+    model.eval()
+    return model
+
+
+def _unreadable(path: Path, err: Exception) -> str:
+    try:
+        types = sorted({t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors} - set(READABLE_TYPES))
+    except Exception:  # not even a GGUF: say so rather than guess a type
+        return f"{path}: not a readable GGUF file ({err}). Check the path, or download the file again."
+    if types:
+        return (f"{path}: MLX cannot read tensor type(s) {', '.join(types)}. "
+                f"Use a GGUF quantized as Q4_0, Q4_1, Q8_0, a K-quant (Q4_K_M) or F16.")
+    return f"{path}: MLX could not read this GGUF ({err})."
+
+
+def _model_args(path: Path, meta: dict, weights: dict) -> ModelArgs:
+    arch = meta["general.architecture"]
+    missing = object()
+
+    def get(key, default=missing, cast=int):
+        v = meta.get(f"{arch}.{key}")
+        if v is None:
+            if default is missing:
+                raise UserError(f"{path}: metadata {arch}.{key} is missing; the file is not a complete {arch} GGUF.")
+            return default
+        return cast(v.item() if isinstance(v, mx.array) else v)
+
+    dim, n_head = get("embedding_length"), get("attention.head_count")
+    head_dim = get("attention.key_length", dim // n_head)
+    if get("rope.dimension_count", head_dim) != head_dim:
+        raise UserError(f"{path}: partial rotary embeddings ({arch}.rope.dimension_count) are not supported for MLX training.")
+    rope_scaling = None
+    kind = meta.get(f"{arch}.rope.scaling.type")
+    if kind == "linear":
+        rope_scaling = {"type": "linear", "factor": get("rope.scaling.factor", cast=float)}
+    elif kind not in (None, "none"):
+        raise UserError(f"{path}: rope scaling {kind!r} is not supported for MLX training (only linear).")
+    return ModelArgs(
+        model_type=arch, hidden_size=dim, num_hidden_layers=get("block_count"),
+        intermediate_size=get("feed_forward_length"), num_attention_heads=n_head,
+        num_key_value_heads=get("attention.head_count_kv", n_head),
+        rms_norm_eps=get("attention.layer_norm_rms_epsilon", cast=float),
+        vocab_size=weights["token_embd.weight"].shape[0], head_dim=head_dim,
+        max_position_embeddings=get("context_length", None), rope_theta=get("rope.freq_base", 10000.0, float),
+        rope_traditional=True,  # the GGUF's Q/K rows are permuted for exactly this rope (FACTS §2)
+        rope_scaling=rope_scaling, tie_word_embeddings="output.weight" not in weights)
+
+
+def logits(model: Model, token_ids: list[int]) -> np.ndarray:
+    """Next-token logits at every position, (T, vocab) float32."""
+    out = model(mx.array([list(token_ids)], dtype=mx.int32))[0]  # (T, vocab)
+    return np.array(out.astype(mx.float32))
+
+
+def _lm_head(model: Model, h: mx.array) -> mx.array:
+    return model.model.embed_tokens.as_linear(h) if model.args.tie_word_embeddings else model.lm_head(h)
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+def apply_lora(model: Model, cfg: TrainConfig) -> dict:
+    """Freeze the base and put mlx-lm LoRA layers on the chosen projections; return mlx-lm's adapter config."""
+    keys = [k.strip() for k in cfg.keys.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in ag.LORA_TARGETS]
+    if unknown or not keys:
+        raise UserError(f"LoRA keys {unknown or cfg.keys!r} are not projections of this model; "
+                        f"choose from {','.join(ag.LORA_TARGETS)}.")
+    n_blocks = len(model.layers)
+    num_layers = n_blocks if cfg.num_layers == -1 else cfg.num_layers
+    if not 1 <= num_layers <= n_blocks:
+        raise UserError(f"Requested LoRA on {cfg.num_layers} blocks but the model has {n_blocks}; "
+                        f"use 1..{n_blocks}, or -1 for all.")
+    lora = {"rank": cfg.rank, "scale": cfg.scale, "dropout": cfg.dropout, "keys": [ag.LORA_TARGETS[k] for k in keys]}
+    mx.random.seed(cfg.seed)  # LoRA A init
+    model.freeze()
+    linear_to_lora_layers(model, num_layers, lora)
+    return {"fine_tune_type": "lora", "num_layers": num_layers, "lora_parameters": lora}
+
+
+def _export(out_dir: Path, flat: dict[str, mx.array], adapter_cfg: dict, arch: str, cfg: TrainConfig) -> None:
+    """Write the adapter in both layouts from flat trainable params ('model.layers.3.self_attn.q_proj.lora_a')."""
+    with atomic_target(out_dir / "adapters.safetensors") as tmp:
+        mx.save_safetensors(str(tmp), flat)
+    atomic_write_text(out_dir / "adapter_config.json", json.dumps(adapter_cfg, indent=2))
+    pairs = {}
+    for name in flat:
+        if name.endswith(".lora_a"):
+            mod = name[: -len(".lora_a")]
+            pairs[mod] = (np.array(flat[name]), np.array(flat[mod + ".lora_b"]))  # (in, r), (r, out)
+    ag.write_lora_gguf(out_dir / "adapter.gguf", arch, pairs, scale=cfg.scale, rank=cfg.rank)
+
+
+# ----------------------------------------------------------------------------- data
+
+def _prepare(examples: list[Example], max_seq_len: int, what: str) -> list[tuple[np.ndarray, int]]:
+    """(tokens, first target index) per usable example. Long prompts are cut from the left, long answers
+    from the right, so every kept example has at least one trained answer token with context before it."""
+    if max_seq_len < 2:
+        raise UserError(f"max_seq_len is {max_seq_len}; it must be at least 2 tokens.")
+    out, skipped = [], 0
+    for prompt, answer in examples:
+        answer = list(answer)[: max_seq_len - 1]
+        prompt = list(prompt)[-(max_seq_len - len(answer)):] if prompt else []
+        tokens = np.array(prompt + answer, dtype=np.int32)
+        start = max(len(prompt), 1)  # tokens[start:] are targets; token 0 has nothing to be predicted from
+        if len(tokens) - start < 1:
+            skipped += 1
+            continue
+        out.append((tokens, start))
+    if skipped:
+        log.warning("%d %s example(s) have no answer tokens to train on and were skipped", skipped, what)
+    if examples and not out:
+        raise UserError(f"None of the {len(examples)} {what} examples has answer tokens to train on.")
+    return out
+
+
+def _epoch_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """Shuffle, sort by length inside chunks of SORT_CHUNK batches, cut batches, shuffle the batches.
+    A pure function of (seed, epoch): a resumed run rebuilds exactly the same order."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    batches = []
+    for c in range(0, len(order), batch_size * SORT_CHUNK):
+        chunk = order[c: c + batch_size * SORT_CHUNK]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches += [chunk[i: i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def _collate(seqs: list[tuple[np.ndarray, int]], idx) -> tuple[mx.array, ...]:
+    """inputs (B, L) int32, pos/targets (B, A) int32, mask (B, A) float32, L and A rounded up to buckets.
+    pos[b, j] is the input position whose logits predict targets[b, j]: logits are only computed there."""
+    rows = [seqs[i] for i in idx]
+    L = -(-max(len(t) - 1 for t, _ in rows) // PAD_SEQ) * PAD_SEQ
+    A = -(-max(len(t) - s for t, s in rows) // PAD_ANSWER) * PAD_ANSWER
+    inputs = np.zeros((len(rows), L), np.int32)  # right padding: causal attention never sees it
+    pos = np.zeros((len(rows), A), np.int32)
+    targets = np.zeros((len(rows), A), np.int32)
+    mask = np.zeros((len(rows), A), np.float32)
+    for r, (t, start) in enumerate(rows):
+        inputs[r, : len(t) - 1] = t[:-1]
+        k = len(t) - start
+        pos[r, :k] = np.arange(start - 1, len(t) - 1)
+        targets[r, :k] = t[start:]
+        mask[r, :k] = 1.0
+    return mx.array(inputs), mx.array(pos), mx.array(targets), mx.array(mask)
+
+
+def _loss(model: Model, inputs, pos, targets, mask, norm):
+    """Summed answer-token cross-entropy divided by `norm` (the optimizer step's answer-token count, so
+    micro-batch gradients add up to the token mean). Like mlx-lm's default_loss, but the vocab projection
+    runs only at answer positions: for short answers that skips most of the largest matmul."""
+    h = model.model(inputs)  # (B, L, D)
+    h = mx.take_along_axis(h, pos[..., None], axis=1)  # (B, A, D)
+    ce = nn.losses.cross_entropy(_lm_head(model, h), targets) * mask  # (B, A)
+    return ce.sum() / norm, mask.sum()
+
+
+def _schedule(cfg: TrainConfig, total_steps: int):
+    """Linear warm-up from lr/(w+1) (the first step is not wasted at 0), then cosine decay to 0."""
+    w = min(int(cfg.warmup * total_steps), total_steps - 1)
+    decay = optim.cosine_decay(cfg.lr, max(total_steps - w, 1))
+    if w == 0:
+        return decay
+    return optim.join_schedules([optim.linear_schedule(cfg.lr / (w + 1), cfg.lr, w), decay], [w])
+
+
+def _fingerprint(seqs) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    for t, s in seqs:
+        h.update(np.int64(s).tobytes() + t.tobytes() + b"|")
+    return h.hexdigest()
+
+
+def _split(examples: list[Example], cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
+    """Hold out cfg.val_fraction of the rows (seeded) when no validation set is given."""
+    n_val = int(round(cfg.val_fraction * len(examples)))
+    if n_val < 1 or len(examples) - n_val < 1:
+        return examples, []
+    perm = np.random.default_rng([cfg.seed, 7]).permutation(len(examples))
+    val = set(perm[:n_val].tolist())
+    return [e for i, e in enumerate(examples) if i not in val], [examples[i] for i in sorted(val)]
+
+
+# ----------------------------------------------------------------------------- training
+
+def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, *,
+          valid_examples: list[Example] | None = None, resume: bool = False,
+          on_step: Callable[[dict], None] | None = None) -> dict:
+    """LoRA-train on (prompt_ids, answer_ids) examples with the loss on answer tokens; write the adapter
+    (both layouts), `train_log.jsonl` and resumable checkpoints into `out_dir`.
+
+    `on_step(info)` runs after every optimizer step (and after that step's checkpoint, so stopping inside
+    it loses nothing) with step, total_steps, epoch, loss, lr, tokens_per_s and, when computed, val_loss.
+    With `resume=True` the newest checkpoint is verified and training continues exactly where it stopped.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    on_step = on_step or (lambda info: None)
+    if cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.save_every < 1 or not cfg.epochs > 0:
+        raise UserError(f"batch_size, grad_accum and save_every must be >= 1 and epochs > 0 (got {cfg.batch_size}, "
+                        f"{cfg.grad_accum}, {cfg.save_every}, {cfg.epochs}).")
+    if valid_examples is None:
+        train_examples, valid_examples = _split(list(train_examples), cfg)
+    seqs = _prepare(train_examples, cfg.max_seq_len, "training")
+    if not seqs:
+        raise UserError("There are no training examples.")
+    val_seqs = _prepare(valid_examples, cfg.max_seq_len, "validation")
+
+    # ---- model + LoRA
+    model = load_model(model_path)
+    adapter_cfg = apply_lora(model, cfg)
+    adapter_cfg.update(model=str(model_path), semievol_train_config=dataclasses.asdict(cfg))
+    arch = model.args.model_type
+
+    # ---- plan: every micro-batch of the run, a pure function of (data, seed), so resuming needs only a step
+    lengths = np.array([len(t) for t, _ in seqs])
+    batches_per_epoch = math.ceil(len(seqs) / cfg.batch_size)
+    total_steps = max(1, math.ceil(cfg.epochs * batches_per_epoch / cfg.grad_accum))
+    plan: list[np.ndarray] = []  # micro-batches (index arrays into seqs), epoch after epoch
+    while len(plan) < total_steps * cfg.grad_accum:
+        plan += _epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch=len(plan) // batches_per_epoch)
+
+    optimizer = optim.AdamW(learning_rate=_schedule(cfg, total_steps), weight_decay=cfg.weight_decay)
+    optimizer.init(model.trainable_parameters())  # before compiling: the state tree must not change shape later
+
+    # ---- resume
+    identity = {"config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "save_every"},
+                "data_sha256": _fingerprint(seqs), "val_sha256": _fingerprint(val_seqs)}
+    ckpt_root = out_dir / "checkpoints"
+    records: list[dict] = []
+    start = 0
+    if resume:
+        found = load_latest_checkpoint(ckpt_root)
+        if found is None:
+            log.info("no checkpoint in %s: training from step 0", ckpt_root)
+        else:
+            arrays, state = found
+            _check_same_run(state["identity"], identity, ckpt_root)
+            model.load_weights(list(arrays["adapters"].items()), strict=False)
+            saved = arrays["optimizer"]
+            optimizer.state.update(tree_map_with_path(lambda p, _: saved[p], optimizer.state))  # in place
+            records, start = state["log"], state["step"]
+            log.info("resuming from step %d of %d", start, total_steps)
+
+    # ---- one compiled step: forward + backward (+ optimizer update on the last micro-batch)
+    loss_and_grad = nn.value_and_grad(model, _loss)
+    state = [model.state, optimizer.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(inputs, pos, targets, mask, norm, prev_grad, do_update):
+        (loss, _), grad = loss_and_grad(model, inputs, pos, targets, mask, norm)
+        if prev_grad is not None:
+            grad = tree_map(mx.add, grad, prev_grad)
+        if do_update:
+            if cfg.grad_clip > 0:
+                grad, _ = optim.clip_grad_norm(grad, cfg.grad_clip)
+            optimizer.update(model, grad)
+            grad = None
+        return loss, grad
+
+    def write_log():
+        atomic_write_text(out_dir / "train_log.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+
+    model.train()
+    good = prev_good = dict(tree_flatten(model.trainable_parameters()))
+    t_run = time.perf_counter()
+    for s in range(start, total_steps):
+        tic = time.perf_counter()
+        # references, not copies (MLX arrays are immutable): the weights of the last two steps, for NaN recovery
+        prev_good, good = good, dict(tree_flatten(model.trainable_parameters()))
+        mx.random.seed(cfg.seed * 1_000_003 + s)  # dropout masks: a function of (seed, step), so resuming needs no RNG state
+        micro = [_collate(seqs, idx) for idx in plan[s * cfg.grad_accum: (s + 1) * cfg.grad_accum]]
+        n_answer = sum(float(b[3].sum()) for b in micro)
+        if n_answer == 0:
+            raise UserError(f"Training batch {s + 1} has no answer tokens to learn from; check that answers are not empty.")
+        n_input = sum(int(len(seqs[i][0]) - 1) for idx in plan[s * cfg.grad_accum: (s + 1) * cfg.grad_accum] for i in idx)
+        norm = mx.array(n_answer, dtype=mx.float32)
+        loss, grad = mx.array(0.0), None
+        for j, batch in enumerate(micro):
+            part, grad = step(*batch, norm, grad, j == len(micro) - 1)
+            loss = loss + part
+            mx.eval(state, loss, grad)
+        loss_v = loss.item()
+        lr = optimizer.learning_rate.item()  # the rate this step used
+        if not math.isfinite(loss_v):
+            _export(out_dir, prev_good, adapter_cfg, arch, cfg)
+            write_log()
+            raise UserError(f"Training loss became {loss_v} at step {s + 1} of {total_steps} (lr {lr:.2e}); the adapter "
+                            f"as it was after step {max(s - 1, 0)} (the last finite loss) is saved in {out_dir}. "
+                            f"Lower the learning rate (now {cfg.lr:g}) or set grad_clip.")
+        rec = {"step": s + 1, "total_steps": total_steps, "epoch": (s + 1) * cfg.grad_accum / batches_per_epoch,
+               "loss": loss_v, "lr": lr, "tokens_per_s": n_input / (time.perf_counter() - tic)}
+        if (s + 1) % cfg.save_every == 0 or s + 1 == total_steps:
+            if val_seqs:
+                rec["val_loss"] = _val_loss(model, val_seqs, cfg.batch_size)
+            records.append(rec)
+            adapters = dict(tree_flatten(model.trainable_parameters()))
+            _export(out_dir, adapters, adapter_cfg, arch, cfg)
+            write_log()
+            save_checkpoint(ckpt_root, s + 1, {"adapters": adapters, "optimizer": dict(tree_flatten(optimizer.state))},
+                            {"step": s + 1, "identity": identity, "log": records})
+        else:
+            records.append(rec)
+        on_step(dict(rec))
+    model.eval()
+
+    vals = [r["val_loss"] for r in records if "val_loss" in r]
+    steps_run = [r for r in records[start:]]
+    return {"steps": total_steps, "resumed_from": start, "final_loss": records[-1]["loss"],
+            "val_loss": vals[-1] if vals else None, "train_seconds": time.perf_counter() - t_run,
+            "tokens_per_s": float(np.mean([r["tokens_per_s"] for r in steps_run])) if steps_run else None,
+            "trainable_params": sum(v.size for _, v in tree_flatten(model.trainable_parameters())),
+            "out_dir": str(out_dir), "adapter_gguf": str(out_dir / "adapter.gguf")}
+
+
+def _val_loss(model: Model, seqs, batch_size: int) -> float:
+    """Token-mean answer loss over a validation set, batches of similar length, dropout off."""
+    model.eval()
+    order = np.argsort([len(t) for t, _ in seqs], kind="stable")
+    total, count = 0.0, 0.0
+    for i in range(0, len(order), batch_size):
+        inputs, pos, targets, mask = _collate(seqs, order[i: i + batch_size])
+        ce_sum, n = _loss(model, inputs, pos, targets, mask, mx.array(1.0))
+        total, count = total + ce_sum.item(), count + n.item()
+    model.train()
+    return total / count
+
+
+def _check_same_run(saved: dict, now: dict, root: Path) -> None:
+    diffs = [f"{k}: {saved['config'].get(k)!r} -> {v!r}" for k, v in now["config"].items() if saved["config"].get(k) != v]
+    if saved["data_sha256"] != now["data_sha256"]:
+        diffs.append("the training examples differ")
+    if saved["val_sha256"] != now["val_sha256"]:
+        diffs.append("the validation examples differ")
+    if diffs:
+        raise UserError(f"Cannot resume from {root}: the checkpoint was made by a different run ({'; '.join(diffs)}). "
+                        "Resume with the same settings and data, or use a new output directory.")
+
+
+# ----------------------------------------------------------------------------- checks and benchmarks
+
+def adapter_check(model_path, adapter_dir, token_sequences: list[list[int]]) -> dict:
+    """How closely llama.cpp with `adapter.gguf` reproduces MLX with the mlx-lm adapter, over all positions:
+    kl_mean / kl_max of KL(llama.cpp || MLX) on full-vocab softmax, and top-1 agreement."""
+    from .parity import compare_logits, llama_logits_many
+
+    adapter_dir = Path(adapter_dir)
+    model = load_model(model_path)
+    load_adapters(model, str(adapter_dir))  # mlx-lm's own loader: the layout really is mlx-lm's
+    mlx_out = np.concatenate([logits(model, s) for s in token_sequences])  # (sum T, vocab)
+    ref = np.concatenate(llama_logits_many(model_path, adapter_dir / "adapter.gguf", token_sequences))
+    return compare_logits(ref, mlx_out)
+
+
+def bench_train(model_path, steps: int = 8, *, batch_size: int = 4, seq_len: int = 128, rank: int = 8,
+                answer_len: int | None = None, skip_steps: int = 2, seed: int = 0) -> dict:
+    """Training speed on random tokens: (batch_size x seq_len) input tokens per step, LoRA on all 7
+    projections of all blocks, loss on the last `answer_len` tokens (default: all of them).
+
+    roofline_fraction = tokens_per_s * 4 * n_params / measured float32 GEMM FLOPS (FACTS §3's yardstick:
+    forward 2N + backward to activations 2N FLOP per token; frozen weights get no weight gradient)."""
+    gflops = gemm_gflops()
+    base = load_model(model_path)
+    n_params = sum(v.size for _, v in tree_flatten(base.parameters()))
+    vocab = base.args.vocab_size
+    del base
+    answer_len = seq_len if answer_len is None else answer_len
+    rng = np.random.default_rng(seed)
+    examples = []
+    for _ in range(batch_size * steps):
+        toks = rng.integers(0, vocab, size=seq_len + 1).tolist()  # seq_len inputs, seq_len targets at most
+        examples.append((toks[: seq_len + 1 - answer_len], toks[seq_len + 1 - answer_len:]))
+    cfg = TrainConfig(rank=rank, batch_size=batch_size, grad_accum=1, epochs=1.0, max_seq_len=seq_len + 1,
+                      warmup=0.0, lr=1e-4, val_fraction=0.0, save_every=10**9, seed=seed)
+    speeds: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        info = train(model_path, examples, cfg, tmp, valid_examples=[], on_step=lambda r: speeds.append(r["tokens_per_s"]))
+    timed = speeds[skip_steps:] or speeds  # the first steps include compilation
+    tps = float(np.median(timed))
+    return {"tokens_per_s": tps, "gemm_gflops": gflops, "n_params": int(n_params),
+            "roofline_tokens_per_s": gflops * 1e9 / (4 * n_params),
+            "roofline_fraction": tps * 4 * n_params / (gflops * 1e9), "seconds_per_step": batch_size * seq_len / tps,
+            "steps_timed": len(timed), "batch_size": batch_size, "seq_len": seq_len, "answer_len": answer_len,
+            "trainable_params": info["trainable_params"], "first_step_tokens_per_s": speeds[0] if speeds else None}

@@ -1,0 +1,348 @@
+"""SemiEvol, as a recipe: warm-up, retrieval, collaboration, selection, final fine-tune, evaluation, rounds.
+
+Each stage is a plain function that writes its outputs into its own sealed folder of the run folder
+(see `runfolder`), so a second invocation resumes after the last complete stage and a changed input
+re-runs only what depends on it. Prompts are built from question + options (+ labeled demonstrations)
+only; the unlabeled split is loaded without its answers and nothing here reads them (`report` does,
+for reporting alone).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import retrieval, selection
+from .config import EngineConfig, RunConfig, TrainConfig
+from .data import LETTERS, Item, Task, load_task
+from .errors import UserError
+from .evaluate import evaluate, resolve_mode
+from .files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from .llama_engine import Engine, load
+from .prompts import extract_answer, fit_prompt, justify_messages
+from .runfolder import RunFolder, StageResult, digest, file_digest
+from .training import train_adapter
+
+log = logging.getLogger(__name__)
+
+
+class Quiet:
+    """The do-nothing reporter: the pipeline calls it; `ui` supplies one that draws."""
+
+    def stage(self, name: str, reused: bool) -> None: ...
+
+    def progress(self, total: int, description: str, unit: str = "items"):
+        import contextlib
+
+        return contextlib.nullcontext(lambda n=1, status="": None)
+
+    def train_step(self, info: dict) -> None: ...
+
+
+@dataclass(frozen=True)
+class Learner:
+    warm: bool  # uses the warm adapter (else the base model)
+    n_demos: int
+
+    def label(self) -> str:
+        return f"{'warm' if self.warm else 'base'}+{self.n_demos}demo"
+
+
+def learner_configs(cfg: RunConfig) -> list[Learner]:
+    """n learners drawn from {base, warm} x {0..3 demonstrations} (App. B.1), distinct while they last."""
+    warm = [True, False] if cfg.iwp else [False]
+    demos = list(range(min(cfg.k, 3) + 1)) if cfg.icp else [0]
+    pool = [Learner(w, d) for w in warm for d in demos]
+    rng = random.Random(cfg.seed)
+    rng.shuffle(pool)
+    n = cfg.learners if cfg.cl else 1
+    return [pool[i % len(pool)] for i in range(n)]
+
+
+def item_seed(seed: int, index: int, learner: int) -> int:
+    """A non-zero sampling seed per (run seed, question, learner): llama.cpp treats 0 as 'default'."""
+    return 1 + (seed * 1_000_003 + index * 1009 + learner * 7919) % (2**31 - 2)
+
+
+def items_digest(items: list[Item], with_answers: bool) -> str:
+    """What of a split reaches the pipeline: questions and options (and answers where they are labels)."""
+    return digest([[it.question, list(it.options), it.answer if with_answers else None] for it in items])
+
+
+# --- stages -------------------------------------------------------------------------------------
+
+def stage_train(run: RunFolder, name: str, engine: Engine, items: list[Item], tcfg: TrainConfig, reporter,
+                *, init_adapter: StageResult | None = None) -> StageResult:
+    inputs = {"model": file_digest(engine.model_path), "items": items_digest(items, True),
+              "train": dataclasses.asdict(tcfg),
+              "init_adapter": init_adapter.outputs_digest if init_adapter else None}
+
+    def build(work: Path):
+        resume = (work / "checkpoints").exists()
+        summary = train_adapter(engine, items, tcfg, work, resume=resume, on_step=reporter.train_step,
+                                init_adapter=init_adapter.dir if init_adapter else None)
+        return {k: v for k, v in summary.items() if isinstance(v, (int, float, str, dict))}
+
+    return _stage(run, name, inputs, build, reporter)
+
+
+def stage_retrieval(run: RunFolder, name: str, engine: Engine, labeled: list[Item], unlabeled: list[Item],
+                    cfg: RunConfig, reporter) -> StageResult:
+    inputs = {"model": file_digest(engine.model_path) if cfg.embedding == "model" else None,
+              "labeled": items_digest(labeled, False), "unlabeled": items_digest(unlabeled, False),
+              "k": cfg.k, "embedding": cfg.embedding, "icp": cfg.icp}
+
+    def build(work: Path):
+        k = min(cfg.k, 3) if cfg.icp else 0
+        if k == 0:
+            ids = np.zeros((len(unlabeled), 0), dtype=np.int64)
+            sims = np.zeros((len(unlabeled), 0), dtype=np.float32)
+        else:
+            lab_text = [q.question for q in labeled]
+            unl_text = [q.question for q in unlabeled]
+            if cfg.embedding == "tfidf":
+                a, b = retrieval.tfidf_embed(lab_text, lab_text), retrieval.tfidf_embed(lab_text, unl_text)
+            elif cfg.embedding == "model":
+                with reporter.progress(len(lab_text) + len(unl_text), "embed", "texts") as advance:
+                    a = _embed(engine, lab_text, advance)
+                    b = _embed(engine, unl_text, advance)
+            else:
+                raise UserError(f"--embedding {cfg.embedding!r}: choose model or tfidf")
+            ids, sims = retrieval.knn(a, b, k)
+        np.save(work / "neighbours.npy", ids)
+        np.save(work / "similarities.npy", sims)
+        return {"k": int(ids.shape[1])}
+
+    return _stage(run, name, inputs, build, reporter)
+
+
+def _embed(engine: Engine, texts: list[str], advance, chunk: int = 32) -> np.ndarray:
+    out = []
+    for i in range(0, len(texts), chunk):
+        out.append(engine.embed(texts[i:i + chunk]))
+        advance(len(texts[i:i + chunk]))
+    return np.concatenate(out)
+
+
+def _ask(engine: Engine, item: Item, demos: list[Item], mode: str, cfg: RunConfig, seed: int,
+         adapter: Path | None, justify: list[str] | None = None) -> dict:
+    """One learner (or the justifier) on one question, from an empty cache so history cannot matter."""
+    engine.set_adapter(adapter)
+    engine.reset()
+    reserve = 1 if mode == "score" else cfg.max_tokens
+    if justify is not None:
+        text = engine.template.prompt(justify_messages(item, justify), answer_prefix=(mode == "score"))
+        if len(engine.tokenize(text)) > engine.n_ctx - reserve:  # too long with every candidate: the question alone
+            justify = None
+    if justify is None:
+        fit = fit_prompt(item, demos, engine.template, lambda t: len(engine.tokenize(t)), engine.n_ctx - reserve,
+                         answer_prefix=(mode == "score"))
+        text = fit.text
+    tokens = engine.tokenize(text)
+    if mode == "score":
+        s = engine.score(tokens, len(item.options))
+        return {"answer": LETTERS[int(np.argmax(s.probs))], "probs": [float(p) for p in s.probs]}
+    temp = 0.0 if justify is not None else cfg.temperature
+    smp = engine.sample(tokens, [seed], temperature=temp, max_tokens=cfg.max_tokens)[0]
+    return {"answer": extract_answer(smp.text, item), "text": smp.text, "nll": smp.mean_nll}
+
+
+def collaborate_one(engine: Engine, item: Item, demos_all: list[Item], learners: list[Learner], mode: str,
+                    cfg: RunConfig, warm: Path | None) -> dict:
+    """n learners answer; agreement is the label, else the warm model justifies among the candidates."""
+    answers = []
+    for m, ln in enumerate(learners):
+        a = _ask(engine, item, demos_all[:ln.n_demos], mode, cfg, item_seed(cfg.seed, item.index, m),
+                 warm if ln.warm else None)
+        answers.append({"learner": ln.label(), **a})
+    letters = [a["answer"] for a in answers]
+    consistent = bool(selection.agree([letters])[0])
+    rec = {"index": item.index, "learners": answers, "consistent": consistent}
+    if mode == "score":
+        avg = np.mean([a["probs"] for a in answers], axis=0)
+        rec["entropy"] = float(selection.entropy_rows(avg[None])[0])
+    else:
+        rec["entropy"] = float(np.mean([a["nll"] for a in answers]))
+    if consistent or len(learners) == 1 or not cfg.cl:
+        rec["pseudo_label"] = letters[0] if consistent or len(learners) == 1 else selection.vote(letters)
+        rec["justified"] = False
+        return rec
+    if mode == "score":
+        cands = [f"Answer: {a['answer']} ({item.options[LETTERS.index(a['answer'])]})" for a in answers]
+    else:
+        cands = [a["text"] for a in answers]
+    j = _ask(engine, item, [], mode, cfg, item_seed(cfg.seed, item.index, 999), warm, justify=cands)
+    rec.update(pseudo_label=j["answer"], justified=True, justification=j)
+    if mode == "sample":
+        rec["entropy"] = j["nll"]  # Eq. 6 on the justified response
+    return rec
+
+
+def stage_collaboration(run: RunFolder, name: str, engine: Engine, labeled: list[Item], unlabeled: list[Item],
+                        retrieved: StageResult, warm: StageResult | None, mode: str, cfg: RunConfig,
+                        reporter) -> StageResult:
+    learners = learner_configs(cfg)
+    inputs = {"model": file_digest(engine.model_path), "labeled": items_digest(labeled, True),
+              "unlabeled": items_digest(unlabeled, False), "retrieval": retrieved.outputs_digest,
+              "warm": warm.outputs_digest if warm else None, "mode": mode,
+              "learners": [ln.label() for ln in learners],
+              "options": {k: getattr(cfg, k) for k in ("seed", "cl", "temperature", "max_tokens")}}
+
+    def build(work: Path):
+        neighbours = np.load(retrieved.path("neighbours.npy"))
+        warm_path = warm.path("adapter.gguf") if warm else None
+        partial = work / "collaboration.partial.jsonl"
+        done = _read_complete_lines(partial)  # a killed run's finished questions, to resume from
+        with open(partial, "a", encoding="utf-8") as f, \
+                reporter.progress(len(unlabeled), "collaborate", "questions") as advance:
+            advance(len(done))
+            for pos in range(len(done), len(unlabeled)):
+                item = unlabeled[pos]
+                demos = [labeled[i] for i in neighbours[pos]]
+                rec = collaborate_one(engine, item, demos, learners, mode, cfg, warm_path)
+                rec["position"] = pos
+                f.write(json.dumps(rec) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+                done.append(rec)
+                advance(status="agree" if rec["consistent"] else "justified")
+        os.replace(partial, work / "collaboration.jsonl")
+        return {"questions": len(done), "consistent": int(sum(r["consistent"] for r in done))}
+
+    return _stage(run, name, inputs, build, reporter)
+
+
+def _read_complete_lines(path: Path) -> list[dict]:
+    """Records of a JSONL file written line by line; a torn last line (a kill mid-write) is dropped."""
+    if not path.exists():
+        return []
+    recs = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.endswith("\n"):
+                break
+            recs.append(json.loads(line))
+    with open(path, "r+", encoding="utf-8") as f:  # cut the torn tail so appends start on a clean line
+        f.truncate(sum(len(json.dumps(r)) + 1 for r in recs))
+    return recs
+
+
+def stage_selection(run: RunFolder, name: str, collab: StageResult, cfg: RunConfig, reporter) -> StageResult:
+    inputs = {"collaboration": collab.outputs_digest, "theta": cfg.theta, "as": cfg.adaptive_selection,
+              "justified_only": cfg.justified_only}
+
+    def build(work: Path):
+        recs = [json.loads(ln) for ln in collab.path("collaboration.jsonl").read_text().splitlines()]
+        ent = np.array([r["entropy"] for r in recs], dtype=np.float64)
+        has_label = np.array([r["pseudo_label"] is not None for r in recs])
+        if cfg.adaptive_selection:
+            only = np.array([r["justified"] for r in recs]) if cfg.justified_only else None
+            keep = selection.select(ent, cfg.theta, only=only)
+        else:
+            keep = np.ones(len(recs), dtype=bool)
+        keep &= has_label
+        lines = [json.dumps({"index": r["index"], "pseudo_label": r["pseudo_label"], "entropy": r["entropy"],
+                             "consistent": r["consistent"], "justified": r["justified"], "selected": bool(k)})
+                 for r, k in zip(recs, keep)]
+        atomic_write_text(work / "pseudo_labels.jsonl", "\n".join(lines) + "\n")
+        return {"selected": int(keep.sum()), "of": len(recs)}
+
+    return _stage(run, name, inputs, build, reporter)
+
+
+def stage_eval(run: RunFolder, name: str, engine: Engine, test: list[Item], test_split, adapter: StageResult | None,
+               mode: str, reporter) -> StageResult:
+    inputs = {"model": file_digest(engine.model_path), "test": items_digest(test, True),
+              "adapter": adapter.outputs_digest if adapter else None, "mode": mode}
+
+    def build(work: Path):
+        engine.set_adapter(adapter.path("adapter.gguf") if adapter else None)
+        split = dataclasses.replace(test_split, items=test)
+        with reporter.progress(len(test), name.split("/")[-1]) as advance:
+            res = evaluate(engine, split, mode=mode, on_item=lambda p: advance(status="ok" if p.correct else "miss"))
+        atomic_write_json(work / "eval.json", res.as_dict())
+        return {"accuracy": res.accuracy, "items_per_s": res.items_per_s}
+
+    return _stage(run, name, inputs, build, reporter)
+
+
+def _stage(run: RunFolder, name: str, inputs: dict, build, reporter) -> StageResult:
+    return run.stage(name, inputs, build, announce=lambda reused: reporter.stage(name, reused))
+
+
+# --- the recipe ---------------------------------------------------------------------------------
+
+def read_selected(sel: StageResult, unlabeled: list[Item]) -> tuple[list[Item], set[int]]:
+    """Selected pseudo-labeled items (answer = pseudo-label) and the indices of those selected."""
+    by_index = {it.index: it for it in unlabeled}
+    out, chosen = [], set()
+    for line in sel.path("pseudo_labels.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r["selected"]:
+            out.append(dataclasses.replace(by_index[r["index"]], answer=r["pseudo_label"]))
+            chosen.add(r["index"])
+    return out, chosen
+
+
+def run_semievol(model_path: Path, data: Path, out: Path, cfg: RunConfig, tcfg: TrainConfig,
+                 ecfg: EngineConfig | None = None, reporter=None) -> dict:
+    """The whole method; returns the stage results by name. Writes everything under `out`."""
+    reporter = reporter or Quiet()
+    task: Task = load_task(data)  # the unlabeled split arrives without answers
+    labeled, unlabeled, test = task["labeled"].items, task["unlabeled"].items, task["test"].items
+    if cfg.limit_unlabeled:
+        unlabeled = unlabeled[:cfg.limit_unlabeled]
+    if cfg.limit_test:
+        test = test[:cfg.limit_test]
+    if cfg.rounds < 1:
+        raise UserError(f"--rounds {cfg.rounds}: give at least 1")
+    if not 0 <= cfg.theta <= 100:
+        raise UserError(f"--theta {cfg.theta}: give a percentile between 0 and 100")
+    mode = resolve_mode(None if cfg.mode == "auto" else cfg.mode, labeled + unlabeled + test)
+    engine = load(model_path, ecfg or EngineConfig())
+    run = RunFolder(out)
+    atomic_write_json(out / "run.json", {"model": str(model_path), "data": str(data), "mode": mode,
+                                          "run": dataclasses.asdict(cfg), "train": dataclasses.asdict(tcfg)})
+    stages: dict[str, StageResult] = {}
+    # 1. in-weight propagation: M_warm = FT(M_base, labeled)
+    warm = stages["warmup"] = stage_train(run, "warmup", engine, labeled, tcfg, reporter)
+    # 6 (baselines). vanilla and SFT on the test split
+    stages["eval/vanilla"] = stage_eval(run, "eval/vanilla", engine, test, task["test"], None, mode, reporter)
+    stages["eval/sft"] = stage_eval(run, "eval/sft", engine, test, task["test"], warm, mode, reporter)
+    current_labeled, remaining, teacher = list(labeled), list(unlabeled), warm
+    for r in range(1, cfg.rounds + 1):
+        tag = f"round{r}"
+        # 2. in-context propagation: k nearest labeled questions per unlabeled question
+        ret = stages[f"{tag}/retrieval"] = stage_retrieval(run, f"{tag}/retrieval", engine, current_labeled,
+                                                           remaining, cfg, reporter)
+        # 3. collaborative learning: n learners, self-justification where they disagree
+        col = stages[f"{tag}/collaboration"] = stage_collaboration(
+            run, f"{tag}/collaboration", engine, current_labeled, remaining, ret,
+            teacher if cfg.iwp or cfg.cl else None, mode, cfg, reporter)
+        # 4. adaptive selection: entropy at or below the theta-percentile
+        sel = stages[f"{tag}/selection"] = stage_selection(run, f"{tag}/selection", col, cfg, reporter)
+        chosen_items, chosen = read_selected(sel, remaining)
+        # 5. final fine-tune: FT(M_base, labeled + selected), or continue M_warm on the selected
+        if cfg.final_from_warm:
+            final = stage_train(run, f"{tag}/final", engine, chosen_items, tcfg, reporter, init_adapter=teacher)
+        else:
+            final = stage_train(run, f"{tag}/final", engine, current_labeled + chosen_items, tcfg, reporter)
+        stages[f"{tag}/final"] = final
+        # 6. evaluation of the evolved model
+        stages[f"{tag}/eval"] = stage_eval(run, f"{tag}/eval", engine, test, task["test"], final, mode, reporter)
+        # 7. rounds: labeled + selected become the labeled set; the evolved model becomes the teacher
+        current_labeled = current_labeled + chosen_items
+        remaining = [it for it in remaining if it.index not in chosen]
+        teacher = final
+        if not remaining:
+            break
+    last = max(int(k.split("/")[0][5:]) for k in stages if k.startswith("round"))
+    atomic_write_bytes(out / "pseudo_labels.jsonl",
+                       stages[f"round{last}/selection"].path("pseudo_labels.jsonl").read_bytes())
+    return stages

@@ -1,0 +1,179 @@
+"""The run's report: accuracy table, pseudo-label statistics, time and memory per stage, plots.
+
+This is the one place that reads the unlabeled split's held-back answers, and only to *report* how good
+the pseudo-labels were; nothing computed here flows back into the pipeline.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .data import find_split_file, load_heldout_answers
+from .errors import UserError
+from .files import atomic_write_json, atomic_write_text
+
+
+def _json(path: Path):
+    return json.loads(path.read_text())
+
+
+def _stages(run: Path) -> dict[str, dict]:
+    out = {}
+    for m in sorted(run.rglob("manifest.json")):
+        if any(part.startswith(".") for part in m.relative_to(run).parts):
+            continue  # an unsealed stage
+        d = _json(m)
+        if "stage" in d and "inputs_digest" in d:  # training checkpoints keep manifests of their own
+            out[d["stage"]] = d
+    return dict(sorted(out.items(), key=lambda kv: kv[1].get("finished", "")))
+
+
+def error_reduction(base: float, new: float) -> float | None:
+    """Relative reduction of the error rate from `base` to `new` accuracy."""
+    return None if base >= 1 else (new - base) / (1 - base)
+
+
+def pseudo_label_stats(records: list[dict], answers: dict[int, str]) -> dict:
+    """Accuracy of pseudo-labels against held-back answers, by kind, by entropy decile, by coverage."""
+    recs = [r for r in records if r["index"] in answers]
+    if not recs:
+        return {}
+    ok = np.array([r["pseudo_label"] == answers[r["index"]] for r in recs])
+    cons = np.array([r["consistent"] for r in recs])
+    just = np.array([r.get("justified", False) for r in recs])
+    sel = np.array([r["selected"] for r in recs])
+    ent = np.array([r["entropy"] for r in recs], dtype=np.float64)
+
+    def acc(mask):
+        return float(ok[mask].mean()) if mask.any() else None
+
+    order = np.argsort(ent, kind="stable")
+    deciles = []
+    for d, chunk in enumerate(np.array_split(order, 10)):
+        if len(chunk):
+            deciles.append({"decile": d + 1, "max_entropy": float(ent[chunk].max()), "n": int(len(chunk)),
+                            "accuracy": float(ok[chunk].mean())})
+    coverage = []
+    for c in range(1, 11):
+        n = max(1, int(round(len(order) * c / 10)))
+        coverage.append({"coverage": c / 10, "accuracy": float(ok[order[:n]].mean())})
+    return {"n": len(recs), "consistency_rate": float(cons.mean()), "accuracy_all": acc(np.ones_like(ok)),
+            "accuracy_consistent": acc(cons), "accuracy_justified": acc(just), "accuracy_selected": acc(sel),
+            "selected": int(sel.sum()), "entropy_deciles": deciles, "coverage_accuracy": coverage}
+
+
+def build_report(run: Path) -> dict:
+    run = Path(run)
+    if not (run / "run.json").exists():
+        raise UserError(f"{run}: not a run folder (no run.json); run `semievol run --out {run}` first")
+    meta = _json(run / "run.json")
+    stages = _stages(run)
+    rounds = sorted({int(s.split("/")[0][5:]) for s in stages if s.startswith("round") and s.endswith("/eval")})
+    evals = {name: _json(run / name / "eval.json") for name in stages if name.startswith(("eval/", "round")) and
+             name.endswith(("vanilla", "sft", "/eval"))}
+    van, sft = evals.get("eval/vanilla"), evals.get("eval/sft")
+    last = evals.get(f"round{rounds[-1]}/eval") if rounds else None
+    acc = {"majority": van["majority_accuracy"] if van else None, "vanilla": van["accuracy"] if van else None,
+           "sft": sft["accuracy"] if sft else None, "semievol": last["accuracy"] if last else None}
+    report = {"model": meta["model"], "data": meta["data"], "mode": meta["mode"], "accuracy": acc,
+              "accuracy_by_round": {r: evals[f"round{r}/eval"]["accuracy"] for r in rounds},
+              "error_reduction": {
+                  "semievol_vs_vanilla": error_reduction(acc["vanilla"], acc["semievol"]) if last and van else None,
+                  "semievol_vs_sft": error_reduction(acc["sft"], acc["semievol"]) if last and sft else None},
+              "stages": {n: {"seconds": s["seconds"], "peak_rss_mb": s["peak_rss_mb"], "figures": s.get("figures", {})}
+                         for n, s in stages.items()}}
+    # pseudo-label quality, from the held-back answers (reporting only)
+    try:
+        path = find_split_file(Path(meta["data"]), "unlabeled")
+        held = dict(enumerate(load_heldout_answers(path)))
+    except UserError:
+        held = {}
+    report["pseudo_labels"] = {}
+    for r in rounds:
+        p = run / f"round{r}" / "selection" / "pseudo_labels.jsonl"
+        if p.exists() and held:
+            recs = [json.loads(ln) for ln in p.read_text().splitlines()]
+            report["pseudo_labels"][f"round{r}"] = pseudo_label_stats(recs, held)
+    report["plots"] = _plots(run, {"vanilla": van, "sft": sft, "semievol": last}, report["pseudo_labels"])
+    atomic_write_json(run / "report.json", report)
+    atomic_write_text(run / "report.md", to_markdown(report))
+    return report
+
+
+def _plots(run: Path, evals: dict, pseudo: dict) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    ents = {k: [p["entropy"] for p in v["predictions"] if p.get("entropy") is not None] for k, v in evals.items() if v}
+    if ents:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        hi = max((max(e) for e in ents.values() if e), default=1.0)
+        for name, e in ents.items():
+            ax.hist(e, bins=20, range=(0, hi), alpha=0.5, label=name)
+        ax.set_xlabel("entropy of the answer (nats)")
+        ax.set_ylabel("test questions")
+        ax.legend()
+        ax.set_title("Entropy on the test split")
+        fig.tight_layout()
+        _save(fig, run / "plots" / "entropy_test.png")
+        made.append("plots/entropy_test.png")
+    if pseudo:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for name, st in pseudo.items():
+            cov = st.get("coverage_accuracy", [])
+            ax.plot([c["coverage"] for c in cov], [c["accuracy"] for c in cov], marker="o", label=name)
+        ax.set_xlabel("coverage (lowest-entropy fraction kept)")
+        ax.set_ylabel("pseudo-label accuracy")
+        ax.legend()
+        ax.set_title("Coverage vs accuracy of pseudo-labels")
+        fig.tight_layout()
+        _save(fig, run / "plots" / "coverage_accuracy.png")
+        made.append("plots/coverage_accuracy.png")
+    plt.close("all")
+    return made
+
+
+def _save(fig, path: Path) -> None:
+    import io
+
+    from .files import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _f(v) -> str:
+    return "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+
+
+def to_markdown(r: dict) -> str:
+    a = r["accuracy"]
+    lines = [f"# SemiEvol run: {Path(r['data']).name}", "", f"Model: `{r['model']}`; mode: {r['mode']}.", "",
+             "| majority | vanilla | SFT | SemiEvol | error reduction vs vanilla | vs SFT |",
+             "| --- | --- | --- | --- | --- | --- |",
+             f"| {_f(a['majority'])} | {_f(a['vanilla'])} | {_f(a['sft'])} | {_f(a['semievol'])} | "
+             f"{_f(r['error_reduction']['semievol_vs_vanilla'])} | {_f(r['error_reduction']['semievol_vs_sft'])} |", ""]
+    if len(r["accuracy_by_round"]) > 1:
+        lines += ["| round | accuracy |", "| --- | --- |"]
+        lines += [f"| {k} | {_f(v)} |" for k, v in r["accuracy_by_round"].items()] + [""]
+    for name, st in r["pseudo_labels"].items():
+        if not st:
+            continue
+        lines += [f"## Pseudo-labels, {name} (checked against held-back answers, for reporting only)", "",
+                  f"- questions: {st['n']}; consistency rate: {_f(st['consistency_rate'])}",
+                  f"- accuracy: all {_f(st['accuracy_all'])}, consistent {_f(st['accuracy_consistent'])}, "
+                  f"self-justified {_f(st['accuracy_justified'])}, selected {_f(st['accuracy_selected'])} "
+                  f"({st['selected']} selected)", "",
+                  "| entropy decile | max entropy | n | accuracy |", "| --- | --- | --- | --- |"]
+        lines += [f"| {d['decile']} | {d['max_entropy']:.3f} | {d['n']} | {d['accuracy']:.3f} |" for d in st["entropy_deciles"]]
+        lines += [""]
+    lines += ["## Stages", "", "| stage | seconds | peak RSS (MB) |", "| --- | --- | --- |"]
+    lines += [f"| {n} | {s['seconds']:.1f} | {s['peak_rss_mb']:.0f} |" for n, s in r["stages"].items()]
+    lines += [""] + [f"![{p}]({p})" for p in r.get("plots", [])]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,150 @@
+"""The run folder: one sub-folder per stage, each sealed by a manifest, so a run resumes where it stopped.
+
+A stage is built in `.<name>.partial/` (which a killed run leaves behind for the stage to resume from),
+then sealed: a manifest records the digest of its inputs, the digests of its output files, its time and
+peak memory, and the folder is renamed into place. Running again reuses a sealed stage whose inputs
+digest still matches and whose outputs still hash the same; anything else is built again. Stages name
+their upstream stages' output digests among their inputs, so a change re-runs exactly what depends on it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .files import atomic_write_json, sha256_file
+
+MANIFEST = "manifest.json"
+INPUTS = "inputs.json"
+
+_file_digests: dict[tuple, str] = {}
+
+
+def digest(obj) -> str:
+    """A stable digest of a JSON-able object."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file, remembered per (path, size, mtime) so a large model is hashed once per process."""
+    st = Path(path).stat()
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _file_digests:
+        _file_digests[key] = sha256_file(path)
+    return _file_digests[key]
+
+
+def rss_mb() -> float:
+    """Resident memory of this process now, in MB."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+    except OSError:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 1e6 if sys.platform == "darwin" else peak / 1e3
+
+
+class PeakMemory:
+    """Samples resident memory in a background thread; `.peak_mb` is the highest seen inside the block."""
+
+    def __init__(self, interval: float = 0.2):
+        self.interval, self.peak_mb = interval, 0.0
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        self.peak_mb = rss_mb()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            self.peak_mb = max(self.peak_mb, rss_mb())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, rss_mb())
+
+
+@dataclass
+class StageResult:
+    name: str
+    dir: Path
+    reused: bool
+    manifest: dict
+
+    @property
+    def outputs_digest(self) -> str:
+        return self.manifest["outputs_digest"]
+
+    def path(self, name: str) -> Path:
+        return self.dir / name
+
+
+def _outputs(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name not in (MANIFEST, INPUTS) and not p.name.startswith(".")
+            and "checkpoints" not in p.relative_to(folder).parts}
+
+
+def _sealed(folder: Path, inputs_digest: str) -> dict | None:
+    try:
+        m = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if m.get("inputs_digest") != inputs_digest:
+        return None
+    if _outputs(folder) != m.get("outputs"):
+        return None  # an output was changed or lost since the stage was sealed
+    return m
+
+
+class RunFolder:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def stage(self, name: str, inputs: dict, build: Callable[[Path], dict | None],
+              announce: Callable[[bool], None] = lambda reused: None) -> StageResult:
+        """Reuse the sealed stage `name` if its inputs are unchanged, else build it with `build(work_dir)`.
+
+        `build` writes its outputs into `work_dir` (which may hold a killed run's partial work for the
+        same inputs, to resume from) and may return a dict of figures for the manifest.
+        """
+        final = self.root / name
+        key = digest(inputs)
+        m = _sealed(final, key)
+        announce(m is not None)
+        if m is not None:
+            return StageResult(name, final, True, m)
+        work = final.with_name(f".{final.name}.partial")
+        try:
+            same = json.loads((work / INPUTS).read_text()).get("digest") == key
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+            atomic_write_json(work / INPUTS, {"digest": key, "inputs": inputs})
+        t0 = time.perf_counter()
+        with PeakMemory() as mem:
+            figures = build(work) or {}
+        outputs = _outputs(work)
+        manifest = {"stage": name, "inputs_digest": key, "inputs": inputs, "outputs": outputs,
+                    "outputs_digest": digest(outputs), "seconds": round(time.perf_counter() - t0, 2),
+                    "peak_rss_mb": round(mem.peak_mb, 1), "figures": figures,
+                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        atomic_write_json(work / MANIFEST, manifest)
+        shutil.rmtree(final, ignore_errors=True)  # a crash here leaves no sealed stage: it is rebuilt
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(work, final)
+        return StageResult(name, final, False, manifest)

@@ -1,0 +1,58 @@
+"""Collaboration and adaptive selection, as pure NumPy: agreement, averaged distributions, entropy, thresholds.
+
+Inputs are the learners' answers (letters or texts) and their distributions or mean NLLs; outputs are
+pseudo-labels, entropies and keep-masks. Nothing here reads files, prompts or touches a model; in
+particular nothing here ever sees the unlabeled split's answers.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+
+def entropy_rows(p: np.ndarray) -> np.ndarray:
+    """Shannon entropy (nats) of each row of a (N, C) probability matrix."""
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-12, 1.0)
+    return -(p * np.log(p)).sum(axis=1)
+
+
+def agree(answers: list[list[str | None]]) -> np.ndarray:
+    """(N,) True where every learner gave the same, non-empty answer."""
+    return np.array([len(set(a)) == 1 and a[0] is not None for a in answers], dtype=bool)
+
+
+def vote(answers: list[str | None]) -> str | None:
+    """The most common non-empty answer; ties go to the answer seen first."""
+    counts = Counter(a for a in answers if a is not None)
+    if not counts:
+        return None
+    best = max(counts.values())
+    return next(a for a in answers if a is not None and counts[a] == best)
+
+
+def threshold(entropies: np.ndarray, theta: float) -> float:
+    """tau = the theta-percentile of the entropies (Eq. 7); theta in [0, 100]."""
+    e = np.asarray(entropies, dtype=np.float64)
+    e = e[np.isfinite(e)]
+    if len(e) == 0:
+        return float("-inf")
+    return float(np.percentile(e, theta))
+
+
+def select(entropies: np.ndarray, theta: float, *, only: np.ndarray | None = None) -> np.ndarray:
+    """Keep-mask (Eq. 8): entropy at or below the theta-percentile.
+
+    With `only` (a boolean mask), the threshold is computed over, and applied to, those items alone;
+    the rest are all kept (the official code filters only the self-justified pseudo-labels).
+    """
+    e = np.asarray(entropies, dtype=np.float64)
+    if theta >= 100:
+        return np.ones(len(e), dtype=bool)
+    if only is None:
+        return e <= threshold(e, theta)
+    keep = np.ones(len(e), dtype=bool)
+    if only.any():
+        tau = threshold(e[only], theta)
+        keep[only] = e[only] <= tau
+    return keep

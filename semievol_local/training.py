@@ -1,0 +1,63 @@
+"""From items to a trained adapter: token examples for the MLX trainer, then the llama.cpp parity gate.
+
+Both engines use llama.cpp's tokenizer and the GGUF's chat template, so the ids MLX trains on are the ids
+llama.cpp later scores. The training prompt is the plain question (no demonstrations) and the target is
+just `Answer: X` and the end-of-turn token, as the official SemiEvol code trains.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .config import TrainConfig
+from .data import Item
+from .errors import UserError
+from .llama_engine import Engine
+from .prompts import answer_text, question_messages
+
+log = logging.getLogger(__name__)
+
+# Parity bounds between MLX (mlx-lm adapter) and llama.cpp (adapter.gguf); beyond them training fails.
+MAX_KL = 0.1
+MIN_TOP1 = 0.9
+
+
+def examples(engine: Engine, items: Sequence[Item]) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, answer ids) per labeled item; the answer ends with the model's end-of-turn token."""
+    eot = engine.llm.token_eos()
+    out = []
+    for it in items:
+        if it.answer is None:
+            raise UserError(f"question {it.index + 1}: no answer to train on")
+        prompt = engine.tokenize(engine.template.prompt(question_messages(it)))
+        answer = engine.llm.tokenize(answer_text(it, it.answer).encode(), add_bos=False, special=False)
+        out.append((prompt, answer + ([eot] if eot >= 0 else [])))
+    return out
+
+
+def train_adapter(engine: Engine, items: Sequence[Item], cfg: TrainConfig, out_dir: Path, *,
+                  resume: bool = False, check: bool = True, init_adapter: Path | None = None,
+                  on_step: Callable[[dict], None] | None = None) -> dict:
+    """Train LoRA on `items` with MLX into `out_dir` (adapter.gguf among the outputs) and gate on parity."""
+    from . import mlx_engine
+
+    exs = examples(engine, items)
+    kwargs = {"init_adapter": init_adapter} if init_adapter is not None else {}
+    summary = mlx_engine.train(engine.model_path, exs, cfg, out_dir, resume=resume, on_step=on_step, **kwargs)
+    if check:
+        parity = check_adapter(engine, out_dir, [p + a for p, a in exs[:4]])
+        summary = {**summary, "parity": parity}
+    return summary
+
+
+def check_adapter(engine: Engine, adapter_dir: Path, sequences: list[list[int]]) -> dict:
+    """MLX vs llama.cpp on the same token sequences; raise when they disagree beyond the bounds."""
+    from . import mlx_engine
+
+    parity = mlx_engine.adapter_check(engine.model_path, adapter_dir, sequences)
+    if parity["kl_mean"] > MAX_KL or parity["top1_agreement"] < MIN_TOP1:
+        raise UserError(f"{adapter_dir}: adapter parity check failed: KL {parity['kl_mean']:.4f} (max {MAX_KL}), "
+                        f"top-1 agreement {parity['top1_agreement']:.3f} (min {MIN_TOP1}); "
+                        "llama.cpp does not reproduce the MLX adapter, do not use adapter.gguf")
+    return parity

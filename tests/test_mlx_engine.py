@@ -1,0 +1,232 @@
+"""MLX engine on tiny GGUFs written by the suite: loading, parity with llama.cpp, training, export, resume.
+
+Real engines only (no mocks): llama.cpp tokenizes and serves, MLX trains, on 2-block models in milliseconds.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from tinymodel import write_tiny_gguf
+
+from semievol_local import adapter_gguf as ag
+from semievol_local import mlx_engine as me
+from semievol_local.blas import ensure_fast_blas
+from semievol_local.config import TrainConfig
+from semievol_local.errors import UserError
+from semievol_local.parity import compare_logits, llama_logits, llama_logits_many
+
+CHAT = "<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\nAnswer:"
+
+
+def tokenizer(model_path):
+    import llama_cpp
+
+    tok = llama_cpp.Llama(model_path=str(model_path), vocab_only=True, verbose=False)
+    return lambda text: tok.tokenize(text.encode(), add_bos=False, special=True)
+
+
+@pytest.fixture(scope="module")
+def toy(tiny_q4):
+    """A memorizable toy set: 8 questions, each with a fixed option letter."""
+    tok = tokenizer(tiny_q4)
+    return [(tok(CHAT.format(q=f"Question {i}?")), tok(" " + "ABCD"[i % 4] + "<|im_end|>")) for i in range(8)]
+
+
+def toy_cfg(**kw) -> TrainConfig:
+    base = dict(lr=1e-3, epochs=8, batch_size=4, warmup=0.1, save_every=100, val_fraction=0.0, max_seq_len=64)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_q4, toy, tmp_path_factory):
+    """One training run shared by the export and parity tests: (out_dir, summary, per-step records)."""
+    out = tmp_path_factory.mktemp("trained")
+    steps: list[dict] = []
+    info = me.train(tiny_q4, toy, toy_cfg(), out, valid_examples=toy[:4], on_step=steps.append)
+    return out, info, steps
+
+
+# ---------------------------------------------------------------------------- loading and base parity
+
+@pytest.mark.parametrize("fixture,dequantize", [
+    ("tiny_model", None),   # float32 GGUF: exact up to float rounding
+    ("tiny_q4", None),      # Q4_1 dequantized to float32 (the CPU default)
+    ("tiny_q4", False),     # Q4_1 kept quantized (the GPU default, QLoRA)
+])
+def test_base_logits_match_llama_cpp(request, fixture, dequantize, toy):
+    path = request.getfixturevalue(fixture)
+    model = me.load_model(path, dequantize=dequantize)
+    ids = toy[0][0] + toy[0][1]
+    got = compare_logits(llama_logits(path, None, ids), me.logits(model, ids))
+    assert got["kl_mean"] < 0.02 and got["top1_agreement"] >= 0.9, got
+
+
+def test_load_model_layout(tiny_q4):
+    dense = me.load_model(tiny_q4)  # CPU: dequantized
+    assert dense.args.rope_traditional and dense.args.tie_word_embeddings
+    assert dense.layers[0].self_attn.q_proj.weight.dtype == mx.float32
+    quant = me.load_model(tiny_q4, dequantize=False)
+    q = quant.layers[0].self_attn.q_proj
+    assert q.bits == 4 and q.group_size == 32  # bits derived per layer from the tensor shapes
+
+
+def bad_model(tmp_path, kind):
+    if kind == "arch":
+        return write_tiny_gguf(tmp_path / "gpt2.gguf", arch="gpt2")
+    if kind == "qtype":
+        return write_tiny_gguf(tmp_path / "q5.gguf", qtype="Q5_0")
+    if kind == "truncated":
+        good = write_tiny_gguf(tmp_path / "good.gguf")
+        (tmp_path / "cut.gguf").write_bytes(good.read_bytes()[:3000])
+        return tmp_path / "cut.gguf"
+    return tmp_path / "absent.gguf"
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("arch", "architecture 'gpt2'"),        # a GGUF of another architecture
+    ("qtype", "Q5_0"),                      # a tensor type MLX cannot read: the message names it
+    ("truncated", "cut.gguf"),              # a damaged file: the message names the file
+    ("missing", "no such model file"),      # a path that does not exist
+])
+def test_unsupported_models_raise_user_error(tmp_path, kind, message):
+    with pytest.raises(UserError, match=message):
+        me.load_model(bad_model(tmp_path, kind))
+
+
+# ---------------------------------------------------------------------------- training and export
+
+def test_training_memorizes_toy_set(trained):
+    out, info, steps = trained
+    # the tied 0.1-scale embeddings of the tiny model cap how peaked it can get: ~1.8 nats is the floor
+    assert np.mean([s["loss"] for s in steps[-3:]]) < 0.5 * steps[0]["loss"]
+    assert {"step", "total_steps", "loss", "lr", "tokens_per_s"} <= set(steps[0])
+    assert "val_loss" in steps[-1] and info["val_loss"] < 5.0
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, info["steps"] + 1))
+
+
+def test_adapter_written_in_both_layouts(trained):
+    out, info, _ = trained
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["fine_tune_type"] == "lora" and cfg["num_layers"] == 2
+    assert cfg["lora_parameters"]["keys"] == list(ag.LORA_TARGETS.values())
+    mlx_w = mx.load(str(out / "adapters.safetensors"))
+    meta, tensors = ag.read_lora_gguf(out / "adapter.gguf")
+    assert meta == {"general.type": "adapter", "general.architecture": "llama", "adapter.type": "lora",
+                    "adapter.lora.alpha": 20.0 * 8}
+    assert len(tensors) == len(mlx_w) == 2 * 7 * 2
+    a = np.array(mlx_w["model.layers.1.mlp.down_proj.lora_a"])  # (in=128, r=8)
+    b = np.array(mlx_w["model.layers.1.mlp.down_proj.lora_b"])  # (r=8, out=64)
+    np.testing.assert_array_equal(tensors["blk.1.ffn_down.weight.lora_a"], a.T)  # (r, in)
+    np.testing.assert_array_equal(tensors["blk.1.ffn_down.weight.lora_b"], b.T)  # (out, r)
+
+
+def test_llama_cpp_applies_the_adapter_like_mlx(trained, tiny_q4, toy):
+    out, _, _ = trained
+    seqs = [p + a for p, a in toy]
+    got = me.adapter_check(tiny_q4, out, seqs)
+    assert got["kl_mean"] < 0.1 and got["top1_agreement"] >= 0.9, got
+    # and the adapter changes the model: llama.cpp with vs without it are far apart
+    with_adapter = np.concatenate(llama_logits_many(tiny_q4, out / "adapter.gguf", seqs))
+    base = np.concatenate(llama_logits_many(tiny_q4, None, seqs))
+    assert compare_logits(with_adapter, base)["kl_mean"] > 1.0
+
+
+# ---------------------------------------------------------------------------- resume and checkpoints
+
+class Interrupt(Exception):
+    pass
+
+
+def stop_at(step):
+    def on_step(info):
+        if info["step"] == step:
+            raise Interrupt
+    return on_step
+
+
+def test_resumed_run_equals_uninterrupted_run(tiny_q4, toy, tmp_path):
+    # dropout, gradient accumulation and validation all in play: every source of state must resume exactly
+    cfg = toy_cfg(epochs=3, batch_size=2, grad_accum=2, dropout=0.1, save_every=2)
+    whole = me.train(tiny_q4, toy, cfg, tmp_path / "whole", valid_examples=toy[:2])
+    with pytest.raises(Interrupt):  # dies after step 3, one step past the step-2 checkpoint
+        me.train(tiny_q4, toy, cfg, tmp_path / "cut", valid_examples=toy[:2], on_step=stop_at(3))
+    resumed = me.train(tiny_q4, toy, cfg, tmp_path / "cut", valid_examples=toy[:2], resume=True)
+    assert resumed["resumed_from"] == 2 and resumed["steps"] == whole["steps"] == 6
+    a = mx.load(str(tmp_path / "whole" / "adapters.safetensors"))
+    b = mx.load(str(tmp_path / "cut" / "adapters.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(np.array(a[k]), np.array(b[k]), err_msg=k)
+    losses = lambda d: [json.loads(x)["loss"] for x in (d / "train_log.jsonl").read_text().splitlines()]  # noqa: E731
+    assert losses(tmp_path / "whole") == losses(tmp_path / "cut")
+    assert (tmp_path / "whole" / "adapter.gguf").read_bytes() == (tmp_path / "cut" / "adapter.gguf").read_bytes()
+
+
+def flip_byte(ckpt):
+    p = ckpt / "optimizer.safetensors"
+    data = bytearray(p.read_bytes())
+    data[-5] ^= 0xFF
+    p.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage,message", [
+    (flip_byte, "corrupted: optimizer.safetensors"),                      # bit rot inside a file
+    (lambda c: (c / "state.json").unlink(), "state.json is missing"),      # a file lost after writing
+    (lambda c: (c / "manifest.json").unlink(), "no readable manifest"),    # the manifest itself gone
+])
+def test_damaged_checkpoint_is_refused(tiny_q4, toy, tmp_path, damage, message):
+    cfg = toy_cfg(epochs=1, save_every=1)
+    me.train(tiny_q4, toy, cfg, tmp_path)
+    latest = sorted((tmp_path / "checkpoints").iterdir())[-1]
+    damage(latest)
+    with pytest.raises(UserError, match=message):
+        me.train(tiny_q4, toy, cfg, tmp_path, resume=True)
+
+
+def test_half_written_checkpoint_is_ignored(tiny_q4, toy, tmp_path):
+    # a crash during a checkpoint write leaves only a .tmp directory: resume uses the last complete one
+    cfg = toy_cfg(epochs=1, save_every=1)
+    me.train(tiny_q4, toy, cfg, tmp_path)
+    shutil.copytree(tmp_path / "checkpoints" / "step-0000002", tmp_path / "checkpoints" / "step-0000003.tmp")
+    assert me.train(tiny_q4, toy, cfg, tmp_path, resume=True)["resumed_from"] == 2
+
+
+def test_resume_with_other_settings_is_refused(tiny_q4, toy, tmp_path):
+    me.train(tiny_q4, toy, toy_cfg(epochs=1, save_every=1), tmp_path)
+    with pytest.raises(UserError, match="lr: 0.001 -> 0.01"):
+        me.train(tiny_q4, toy, toy_cfg(epochs=1, save_every=1, lr=1e-2), tmp_path, resume=True)
+
+
+# ---------------------------------------------------------------------------- failures that stop training
+
+def test_nan_loss_stops_and_keeps_last_good_adapter(tiny_model, toy, tmp_path):
+    with pytest.raises(UserError, match="loss became nan"):
+        me.train(tiny_model, toy, toy_cfg(lr=1e30, warmup=0.0), tmp_path)
+    kept = mx.load(str(tmp_path / "adapters.safetensors"))
+    assert all(bool(mx.all(mx.isfinite(v))) for v in kept.values())
+    assert (tmp_path / "adapter.gguf").is_file()
+
+
+def test_examples_without_answers_are_refused(tiny_model, tmp_path):
+    with pytest.raises(UserError, match="has answer tokens"):
+        me.train(tiny_model, [([5, 6, 7], []), ([8, 9], [])], toy_cfg(), tmp_path)
+
+
+@pytest.mark.parametrize("prompt,answer,max_len,tokens,start", [
+    ([1, 2, 3], [4, 5], 8, [1, 2, 3, 4, 5], 3),   # fits: unchanged, targets start after the prompt
+    ([1, 2, 3, 4], [5, 6], 4, [3, 4, 5, 6], 2),   # too long: the prompt loses tokens on the left
+    ([1, 2], [3, 4, 5, 6], 3, [2, 3, 4], 1),      # answer longer than allowed: cut on the right, 1 prompt token kept
+    ([], [7, 8, 9], 8, [7, 8, 9], 1),             # no prompt: the first answer token has no context, not trained
+])
+def test_prepare_truncates_prompt_from_the_left(prompt, answer, max_len, tokens, start):
+    [(got, got_start)] = me._prepare([(prompt, answer)], max_len, "test")
+    assert got.tolist() == tokens and got_start == start
+
+
+def test_ensure_fast_blas_is_idempotent():
+    assert ensure_fast_blas() == ensure_fast_blas()

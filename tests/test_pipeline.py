@@ -1,0 +1,218 @@
+"""`semievol run` on tiny models: every stage, ablations, rounds, resume after kill -9, and no leakage."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import make_rows, write_split
+
+from semievol_local.config import RunConfig, TrainConfig
+from semievol_local.pipeline import learner_configs, run_semievol
+
+TRAIN = TrainConfig(epochs=1.0, batch_size=4, save_every=1)
+
+
+def pseudo(run: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (run / "pseudo_labels.jsonl").read_text().splitlines()]
+
+
+def report(run: Path) -> dict:
+    return json.loads((run / "report.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_q4, tmp_path_factory):
+    """One uninterrupted run (CLI), shared by the tests that only read it."""
+    from typer.testing import CliRunner
+
+    from semievol_local.cli import app
+
+    folder = tmp_path_factory.mktemp("task")
+    write_split(folder / "labeled.csv", make_rows(12, 1))
+    write_split(folder / "unlabeled.csv", make_rows(20, 2))
+    write_split(folder / "test.csv", make_rows(10, 3))
+    out = tmp_path_factory.mktemp("runs") / "full"
+    args = ["run", "--model", str(tiny_q4), "--data", str(folder), "--out", str(out), "--epochs", "1",
+            "--batch-size", "4", "--save-every", "1"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, (res.stdout, res.stderr)
+    return folder, out, args, res
+
+
+def test_every_stage_writes_sealed_outputs(full_run):
+    folder, out, _, res = full_run
+    for stage, files in [("warmup", ["adapter.gguf", "adapters.safetensors", "adapter_config.json", "train_log.jsonl"]),
+                         ("round1/retrieval", ["neighbours.npy"]), ("round1/collaboration", ["collaboration.jsonl"]),
+                         ("round1/selection", ["pseudo_labels.jsonl"]), ("round1/final", ["adapter.gguf"]),
+                         ("eval/vanilla", ["eval.json"]), ("eval/sft", ["eval.json"]), ("round1/eval", ["eval.json"])]:
+        m = json.loads((out / stage / "manifest.json").read_text())
+        assert m["seconds"] >= 0 and m["peak_rss_mb"] > 0
+        for f in files:
+            assert (out / stage / f).is_file(), (stage, f)
+    assert not list(out.rglob("*.partial*"))  # nothing half-written left behind
+    rows = pseudo(out)
+    assert len(rows) == 20 and {r["index"] for r in rows} == set(range(20))
+    assert set(rows[0]) >= {"index", "pseudo_label", "entropy", "consistent", "selected"}
+    assert all(r["pseudo_label"] in "ABC" for r in rows)
+    # theta = 50%: about half are kept, exactly those at or below the median entropy
+    ent = sorted(r["entropy"] for r in rows)
+    assert sum(r["selected"] for r in rows) == sum(e <= ent[9] + 1e-12 for e in ent)
+    rep = report(out)
+    assert set(rep["accuracy"]) == {"majority", "vanilla", "sft", "semievol"}
+    assert all(0 <= v <= 1 for v in rep["accuracy"].values())
+    st = rep["pseudo_labels"]["round1"]
+    assert st["n"] == 20 and 0 <= st["consistency_rate"] <= 1 and len(st["coverage_accuracy"]) == 10
+    assert (out / "report.md").read_text().startswith("# SemiEvol run")
+    assert (out / "plots" / "entropy_test.png").stat().st_size > 1000
+    assert "SemiEvol" in res.stdout and "consistency rate" in res.stdout
+
+
+def test_collaboration_records_learners_and_justifications(full_run):
+    _, out, _, _ = full_run
+    recs = [json.loads(ln) for ln in (out / "round1/collaboration/collaboration.jsonl").read_text().splitlines()]
+    assert all(len(r["learners"]) == 4 for r in recs)
+    for r in recs:
+        letters = [ln["answer"] for ln in r["learners"]]
+        assert r["consistent"] == (len(set(letters)) == 1)
+        assert r["justified"] == (not r["consistent"])  # disagreement -> self-justification
+        if r["consistent"]:
+            assert r["pseudo_label"] == letters[0]
+
+
+def test_running_again_reuses_every_stage(full_run, tiny_q4):
+    folder, out, _, _ = full_run
+    before = pseudo(out)
+    stages = run_semievol(tiny_q4, folder, out, RunConfig(), TRAIN)
+    assert all(s.reused for s in stages.values())
+    assert pseudo(out) == before
+
+
+def test_a_changed_option_reruns_only_what_depends_on_it(full_run, tiny_q4, tmp_path):
+    folder, out, _, _ = full_run
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    stages = run_semievol(tiny_q4, folder, copy, RunConfig(theta=30.0), TRAIN)
+    reused = {k for k, s in stages.items() if s.reused}
+    assert reused == {"warmup", "eval/vanilla", "eval/sft", "round1/retrieval", "round1/collaboration"}
+    assert sum(r["selected"] for r in pseudo(copy)) < sum(r["selected"] for r in pseudo(out))
+
+
+@pytest.mark.parametrize("flags,check", [
+    # without in-weight propagation every learner is the base model
+    (dict(iwp=False), lambda recs: all(ln["learner"].startswith("base") for r in recs for ln in r["learners"])),
+    # without in-context propagation no learner gets demonstrations
+    (dict(icp=False), lambda recs: all(ln["learner"].endswith("+0demo") for r in recs for ln in r["learners"])),
+    # without collaborative learning: one learner, never a justification
+    (dict(cl=False), lambda recs: all(len(r["learners"]) == 1 and not r["justified"] for r in recs)),
+])
+def test_ablation_flags(tiny_q4, tiny_task, tmp_path, flags, check):
+    out = tmp_path / "abl"
+    run_semievol(tiny_q4, tiny_task, out, RunConfig(**flags), TRAIN)
+    recs = [json.loads(ln) for ln in (out / "round1/collaboration/collaboration.jsonl").read_text().splitlines()]
+    assert check(recs)
+
+
+def test_no_adaptive_selection_keeps_everything(tiny_q4, tiny_task, tmp_path):
+    run_semievol(tiny_q4, tiny_task, tmp_path / "r", RunConfig(adaptive_selection=False), TRAIN)
+    assert all(r["selected"] for r in pseudo(tmp_path / "r"))
+
+
+def test_learner_configurations_are_drawn_from_the_paper_grid():
+    ls = learner_configs(RunConfig(learners=8))
+    assert len(set(ls)) == 8 and {ln.n_demos for ln in ls} == {0, 1, 2, 3} and {ln.warm for ln in ls} == {True, False}
+    assert learner_configs(RunConfig(seed=1)) == learner_configs(RunConfig(seed=1))
+
+
+def test_rounds_grow_the_labeled_set(tiny_q4, tiny_task, tmp_path):
+    out = tmp_path / "rounds"
+    stages = run_semievol(tiny_q4, tiny_task, out, RunConfig(rounds=2), TRAIN)
+    assert "round2/eval" in stages
+    r1 = [json.loads(ln) for ln in (out / "round1/selection/pseudo_labels.jsonl").read_text().splitlines()]
+    r2 = pseudo(out)  # the last round's
+    chosen = {r["index"] for r in r1 if r["selected"]}
+    assert {r["index"] for r in r2} == set(range(20)) - chosen  # round 2 works on what round 1 left
+    from semievol_local.report import build_report
+
+    assert len(build_report(out)["accuracy_by_round"]) == 2
+
+
+def _variant(src: Path, dst: Path, change) -> Path:
+    """A copy of a task whose unlabeled split is rewritten by `change(rows, header) -> (rows, header)`."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    with open(dst / "unlabeled.csv", newline="", encoding="utf-8") as f:
+        r = csv.DictReader(f)
+        rows, header = list(r), list(r.fieldnames)
+    rows, header = change(rows, header)
+    with open(dst / "unlabeled.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=header)
+        w.writeheader()
+        w.writerows([{k: row[k] for k in header} for row in rows])
+    return dst
+
+
+def test_unlabeled_answers_and_metadata_never_reach_pseudo_labeling(tiny_q4, tiny_task, tmp_path):
+    def drop_answers(rows, header):
+        return rows, [h for h in header if h != "answer"]
+
+    def shuffle_answers(rows, header):
+        answers = [r["answer"] for r in rows]
+        random.Random(7).shuffle(answers)
+        return [{**r, "answer": a} for r, a in zip(rows, answers)], header
+
+    def drop_metadata(rows, header):
+        return rows, [h for h in header if h != "category"]
+
+    base = tmp_path / "base"
+    run_semievol(tiny_q4, tiny_task, base, RunConfig(), TRAIN)
+    for name, change in [("no-answers", drop_answers), ("shuffled", shuffle_answers), ("no-meta", drop_metadata)]:
+        task = _variant(tiny_task, tmp_path / f"task-{name}", change)
+        out = tmp_path / name
+        run_semievol(tiny_q4, task, out, RunConfig(), TRAIN)
+        assert pseudo(out) == pseudo(base), name
+
+
+def _run_cli(args, env=None):
+    return subprocess.Popen([sys.executable, "-m", "semievol_local.cli", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})})
+
+
+def _kill_when(proc, predicate, timeout=120):
+    t0 = time.time()
+    while proc.poll() is None and time.time() - t0 < timeout:
+        if predicate():
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(0.005)
+    proc.wait()
+    return False
+
+
+def test_resume_after_kill_9_gives_the_same_result(full_run, tmp_path):
+    _, ref, args, _ = full_run
+    out = tmp_path / "killed"
+    args = [a if a != str(ref) else str(out) for a in args]
+    collab = out / "round1" / ".collaboration.partial" / "collaboration.partial.jsonl"
+    kills = [
+        lambda: (out / ".warmup.partial" / "checkpoints").exists(),  # inside the warm-up's training
+        lambda: collab.exists() and collab.read_text().count("\n") >= 5,  # halfway through collaboration
+        lambda: (out / "round1" / ".final.partial").exists(),  # inside the final fine-tune
+    ]
+    killed = sum(_kill_when(_run_cli(args), k) for k in kills)
+    assert killed >= 2  # the stages are quick on a tiny model; at least two kills must land mid-run
+    proc = _run_cli(args)
+    assert proc.wait() == 0
+    assert pseudo(out) == pseudo(ref)
+    assert report(out)["accuracy"] == report(ref)["accuracy"]
