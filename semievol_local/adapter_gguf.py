@@ -16,7 +16,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from .atomic import atomic_target
+from .files import atomic_target
 
 # ---- what llama.cpp reads from an adapter file (llama-adapter.cpp) ----
 KEY_GENERAL_TYPE = gguf.Keys.General.TYPE            # "general.type"

@@ -17,10 +17,14 @@ import re
 import shutil
 from pathlib import Path
 
-import mlx.core as mx
+from .blas import ensure_fast_blas
 
-from .files import sha256_file
-from .errors import UserError
+ensure_fast_blas()  # before the first `import mlx.core` (FACTS §3)
+
+import mlx.core as mx  # noqa: E402
+
+from .errors import UserError  # noqa: E402
+from .files import sha256_file  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +58,14 @@ def save_checkpoint(root: Path, step: int, arrays: dict[str, dict[str, mx.array]
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def discard_partial(root: Path) -> None:
+    """Delete `.tmp` checkpoint directories a killed run left behind (never a complete checkpoint)."""
+    root = Path(root)
+    if root.is_dir():
+        for p in root.glob("step-*.tmp"):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def list_checkpoints(root: Path) -> list[Path]:

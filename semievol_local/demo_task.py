@@ -28,7 +28,7 @@ OPENERS = ["", "Honestly, ", "So far, ", "After a month, ", "For the record, ", 
 ENDINGS = [".", "!", ". Would say the same again.", ". That is all.", ". Five stars from my partner.",
            ". One star from my partner."]
 QUESTION = "What is the sentiment of this product review?\n"
-SIZES = {"labeled": 60, "unlabeled": 180, "test": 60}
+SIZES = {"labeled": 48, "unlabeled": 120, "test": 60}
 # Class balance like many real tasks: neutral is the majority.
 WEIGHTS = {"negative": 0.3, "neutral": 0.4, "positive": 0.3}
 
@@ -74,7 +74,7 @@ def _demo_configs():
     """The demo's settings: the paper's recipe, sized to finish in a few minutes on 2 CPU cores."""
     from .config import RunConfig, TrainConfig
 
-    return RunConfig(theta=50.0), TrainConfig(epochs=2.0, lr=3e-4, batch_size=8)
+    return RunConfig(theta=50.0), TrainConfig(epochs=4.0, lr=5e-4, batch_size=8, grad_clip=1.0)
 
 
 DEMO_RUN, DEMO_TRAIN = _demo_configs()

@@ -95,6 +95,7 @@ def evaluate(engine: Engine, split: Split, *, mode: str | None = None, limit: in
     if category_column and category_column not in items[0].meta:
         cols = ", ".join(items[0].meta) or "none"
         raise UserError(f"{split.path}: no column {category_column!r} (metadata columns: {cols})")
+    engine.reset()  # results depend on this split alone, not on what the engine ran before
     t0 = time.perf_counter()
     preds, truncated = [], 0
     for item in items:

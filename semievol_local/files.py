@@ -1,6 +1,11 @@
-"""Writing files so that a crash never leaves one that looks complete but is not."""
+"""Writing files so that a crash never leaves one that looks complete but is not.
+
+The rule everywhere: write beside the target, fsync, `os.replace`. A reader sees the old file or the new one,
+never half of one. `atomic_target` serves writers that insist on a path (mx.save_safetensors, GGUFWriter).
+"""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -50,3 +55,19 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_target(path: str | os.PathLike):
+    """Yield a temporary path next to `path` with the same suffix (mx.save_safetensors appends one
+    otherwise); on success fsync it and move it over `path`, on failure delete it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -134,17 +134,18 @@ class Engine:
     def set_adapter(self, path: Path | None, scale: float | None = None) -> None:
         """Apply a GGUF LoRA adapter (or none) to the live context; switching clears the KV cache."""
         scale = self.cfg.adapter_scale if scale is None else scale
-        want = (str(path), float(scale)) if path else None
+        # the file's size and mtime are part of its identity: a stage rebuilt in place is a new adapter
+        want = (str(Path(path).resolve()), float(scale), _stat_key(Path(path))) if path else None
         if want == self.adapter:
             return
         lc = self._lc
         if path is None:
             lc.llama_set_adapters_lora(self.llm._ctx.ctx, None, 0, None)
         else:
-            key = str(Path(path).resolve())
+            key = want[0] + "@" + want[2]
             if key not in self._adapters:
                 check_adapter(Path(path), self.architecture)
-                ad = lc.llama_adapter_lora_init(self.llm._model.model, key.encode())
+                ad = lc.llama_adapter_lora_init(self.llm._model.model, want[0].encode())
                 if ad is None:
                     raise UserError(f"{path}: llama.cpp cannot load this LoRA adapter; it must be a GGUF adapter "
                                     f"made for this model ({self.architecture})")
@@ -256,6 +257,14 @@ class Engine:
         self.llm.close()
         if self._embedder is not None:
             self._embedder.close()
+
+
+def _stat_key(path: Path) -> str:
+    try:
+        st = path.stat()
+    except OSError:
+        return "missing"
+    return f"{st.st_size}:{st.st_mtime_ns}"
 
 
 def check_adapter(path: Path, architecture: str) -> None:

@@ -5,13 +5,17 @@ GGUF's permuted layout with `rope_traditional=True`, FACTS §2), and the adapter
 mlx-lm's layout (`adapters.safetensors` + `adapter_config.json`) and as a llama.cpp GGUF LoRA adapter
 (`adapter.gguf`) that `Llama(lora_path=...)` loads as-is.
 
+Helpers it leans on: `batching` (examples -> padded NumPy batches), `mlx_fast` (CPU-friendly SwiGLU and
+attention, swapped in on the CPU), `checkpoint` (verified resumable checkpoints), `adapter_gguf` (names
+and the llama.cpp adapter writer), `parity` (llama.cpp's logits, for `adapter_check`).
+
 What it does NOT do: no prompts, chat templates or tokenization (callers pass token ids, tokenized by
 llama.cpp so both engines see identical ids); no printing or progress drawing (it logs, and hands a
-dict to `on_step` every optimizer step); no llama.cpp inference (that lives in `parity`).
+dict to `on_step` every optimizer step); no llama.cpp inference of its own.
 """
 from __future__ import annotations
 
-from .blas import ensure_fast_blas, gemm_gflops
+from .blas import ensure_fast_blas, gemm_gflops, tune_malloc
 
 ensure_fast_blas()  # must run before the first `import mlx.core` (FACTS §3)
 
@@ -32,26 +36,22 @@ import mlx.optimizers as optim  # noqa: E402
 import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path  # noqa: E402
 from mlx_lm.models.llama import Model, ModelArgs  # noqa: E402
-from mlx_lm.tuner.lora import LoRALinear  # noqa: E402
 from mlx_lm.tuner.utils import linear_to_lora_layers, load_adapters  # noqa: E402
 
 from . import adapter_gguf as ag  # noqa: E402
-from .atomic import atomic_target  # noqa: E402
-from .files import atomic_write_text  # noqa: E402
-from .checkpoint import load_latest_checkpoint, save_checkpoint  # noqa: E402
+from . import batching, mlx_fast  # noqa: E402
+from .files import atomic_target  # noqa: E402
+from .batching import Example  # noqa: E402
+from .checkpoint import discard_partial, load_latest_checkpoint, save_checkpoint  # noqa: E402
 from .config import TrainConfig  # noqa: E402
 from .errors import UserError  # noqa: E402
+from .files import atomic_write_text, sha256_file  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 SUPPORTED_ARCHS = ("llama",)  # GGUF llama files store Q/K permuted for rope_traditional (FACTS §2)
 READABLE_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0", "Q2_K", "Q4_K", "Q6_K")  # what mx.load reads
 GROUP_SIZE = 32  # every GGUF block quant MLX keeps quantized uses 32-weight groups
-PAD_SEQ, PAD_ANSWER = 32, 8  # batch shapes are rounded up to these: few distinct shapes, few recompiles
-SORT_CHUNK = 16  # batches per shuffled chunk that is sorted by length (small padding, still random order)
-ADAPTER_FILES = ("adapters.safetensors", "adapter_config.json", "adapter.gguf")
-
-Example = tuple[list[int], list[int]]  # (prompt_ids, answer_ids); the loss is on the answer only
 
 
 # ----------------------------------------------------------------------------- loading
@@ -92,6 +92,8 @@ def load_model(gguf_path, *, dequantize: bool | None = None) -> Model:
              for n, s in params.items() if n.endswith(".scales")}
 
     model = Model(_model_args(path, meta, weights))
+    if mx.default_device().type != mx.DeviceType.gpu:
+        mlx_fast.speed_up(model)  # MLX's CPU exp is scalar: SwiGLU and attention softmax get a fast one
     if dequantize:
         for mod, bits in qbits.items():
             w = mx.dequantize(params[mod + ".weight"], params.pop(mod + ".scales"), params.pop(mod + ".biases"),
@@ -197,62 +199,6 @@ def _export(out_dir: Path, flat: dict[str, mx.array], adapter_cfg: dict, arch: s
     ag.write_lora_gguf(out_dir / "adapter.gguf", arch, pairs, scale=cfg.scale, rank=cfg.rank)
 
 
-# ----------------------------------------------------------------------------- data
-
-def _prepare(examples: list[Example], max_seq_len: int, what: str) -> list[tuple[np.ndarray, int]]:
-    """(tokens, first target index) per usable example. Long prompts are cut from the left, long answers
-    from the right, so every kept example has at least one trained answer token with context before it."""
-    if max_seq_len < 2:
-        raise UserError(f"max_seq_len is {max_seq_len}; it must be at least 2 tokens.")
-    out, skipped = [], 0
-    for prompt, answer in examples:
-        answer = list(answer)[: max_seq_len - 1]
-        prompt = list(prompt)[-(max_seq_len - len(answer)):] if prompt else []
-        tokens = np.array(prompt + answer, dtype=np.int32)
-        start = max(len(prompt), 1)  # tokens[start:] are targets; token 0 has nothing to be predicted from
-        if len(tokens) - start < 1:
-            skipped += 1
-            continue
-        out.append((tokens, start))
-    if skipped:
-        log.warning("%d %s example(s) have no answer tokens to train on and were skipped", skipped, what)
-    if examples and not out:
-        raise UserError(f"None of the {len(examples)} {what} examples has answer tokens to train on.")
-    return out
-
-
-def _epoch_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
-    """Shuffle, sort by length inside chunks of SORT_CHUNK batches, cut batches, shuffle the batches.
-    A pure function of (seed, epoch): a resumed run rebuilds exactly the same order."""
-    rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(len(lengths))
-    batches = []
-    for c in range(0, len(order), batch_size * SORT_CHUNK):
-        chunk = order[c: c + batch_size * SORT_CHUNK]
-        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
-        batches += [chunk[i: i + batch_size] for i in range(0, len(chunk), batch_size)]
-    return [batches[i] for i in rng.permutation(len(batches))]
-
-
-def _collate(seqs: list[tuple[np.ndarray, int]], idx) -> tuple[mx.array, ...]:
-    """inputs (B, L) int32, pos/targets (B, A) int32, mask (B, A) float32, L and A rounded up to buckets.
-    pos[b, j] is the input position whose logits predict targets[b, j]: logits are only computed there."""
-    rows = [seqs[i] for i in idx]
-    L = -(-max(len(t) - 1 for t, _ in rows) // PAD_SEQ) * PAD_SEQ
-    A = -(-max(len(t) - s for t, s in rows) // PAD_ANSWER) * PAD_ANSWER
-    inputs = np.zeros((len(rows), L), np.int32)  # right padding: causal attention never sees it
-    pos = np.zeros((len(rows), A), np.int32)
-    targets = np.zeros((len(rows), A), np.int32)
-    mask = np.zeros((len(rows), A), np.float32)
-    for r, (t, start) in enumerate(rows):
-        inputs[r, : len(t) - 1] = t[:-1]
-        k = len(t) - start
-        pos[r, :k] = np.arange(start - 1, len(t) - 1)
-        targets[r, :k] = t[start:]
-        mask[r, :k] = 1.0
-    return mx.array(inputs), mx.array(pos), mx.array(targets), mx.array(mask)
-
-
 def _loss(model: Model, inputs, pos, targets, mask, norm):
     """Summed answer-token cross-entropy divided by `norm` (the optimizer step's answer-token count, so
     micro-batch gradients add up to the token mean). Like mlx-lm's default_loss, but the vocab projection
@@ -272,28 +218,10 @@ def _schedule(cfg: TrainConfig, total_steps: int):
     return optim.join_schedules([optim.linear_schedule(cfg.lr / (w + 1), cfg.lr, w), decay], [w])
 
 
-def _fingerprint(seqs) -> str:
-    import hashlib
-    h = hashlib.sha256()
-    for t, s in seqs:
-        h.update(np.int64(s).tobytes() + t.tobytes() + b"|")
-    return h.hexdigest()
-
-
-def _split(examples: list[Example], cfg: TrainConfig) -> tuple[list[Example], list[Example]]:
-    """Hold out cfg.val_fraction of the rows (seeded) when no validation set is given."""
-    n_val = int(round(cfg.val_fraction * len(examples)))
-    if n_val < 1 or len(examples) - n_val < 1:
-        return examples, []
-    perm = np.random.default_rng([cfg.seed, 7]).permutation(len(examples))
-    val = set(perm[:n_val].tolist())
-    return [e for i, e in enumerate(examples) if i not in val], [examples[i] for i in sorted(val)]
-
-
 # ----------------------------------------------------------------------------- training
 
 def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, *,
-          valid_examples: list[Example] | None = None, resume: bool = False,
+          valid_examples: list[Example] | None = None, resume: bool = False, init_adapter=None,
           on_step: Callable[[dict], None] | None = None) -> dict:
     """LoRA-train on (prompt_ids, answer_ids) examples with the loss on answer tokens; write the adapter
     (both layouts), `train_log.jsonl` and resumable checkpoints into `out_dir`.
@@ -301,6 +229,8 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
     `on_step(info)` runs after every optimizer step (and after that step's checkpoint, so stopping inside
     it loses nothing) with step, total_steps, epoch, loss, lr, tokens_per_s and, when computed, val_loss.
     With `resume=True` the newest checkpoint is verified and training continues exactly where it stopped.
+    `init_adapter` (an adapter directory written by this function) starts from its LoRA weights instead of
+    a fresh initialization; the LoRA settings must match it.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -309,15 +239,17 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
         raise UserError(f"batch_size, grad_accum and save_every must be >= 1 and epochs > 0 (got {cfg.batch_size}, "
                         f"{cfg.grad_accum}, {cfg.save_every}, {cfg.epochs}).")
     if valid_examples is None:
-        train_examples, valid_examples = _split(list(train_examples), cfg)
-    seqs = _prepare(train_examples, cfg.max_seq_len, "training")
+        train_examples, valid_examples = batching.split_validation(list(train_examples), cfg.val_fraction, cfg.seed)
+    seqs = batching.prepare(train_examples, cfg.max_seq_len, "training")
     if not seqs:
         raise UserError("There are no training examples.")
-    val_seqs = _prepare(valid_examples, cfg.max_seq_len, "validation")
+    val_seqs = batching.prepare(valid_examples, cfg.max_seq_len, "validation")
 
     # ---- model + LoRA
+    tune_malloc()
     model = load_model(model_path)
     adapter_cfg = apply_lora(model, cfg)
+    init_sha = _load_init_adapter(model, Path(init_adapter)) if init_adapter is not None else None
     adapter_cfg.update(model=str(model_path), semievol_train_config=dataclasses.asdict(cfg))
     arch = model.args.model_type
 
@@ -327,15 +259,19 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
     total_steps = max(1, math.ceil(cfg.epochs * batches_per_epoch / cfg.grad_accum))
     plan: list[np.ndarray] = []  # micro-batches (index arrays into seqs), epoch after epoch
     while len(plan) < total_steps * cfg.grad_accum:
-        plan += _epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch=len(plan) // batches_per_epoch)
+        plan += batching.epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch=len(plan) // batches_per_epoch)
 
     optimizer = optim.AdamW(learning_rate=_schedule(cfg, total_steps), weight_decay=cfg.weight_decay)
     optimizer.init(model.trainable_parameters())  # before compiling: the state tree must not change shape later
 
     # ---- resume
     identity = {"config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "save_every"},
-                "data_sha256": _fingerprint(seqs), "val_sha256": _fingerprint(val_seqs)}
+                "data_sha256": batching.fingerprint(seqs), "val_sha256": batching.fingerprint(val_seqs),
+                "init_adapter_sha256": init_sha}
     ckpt_root = out_dir / "checkpoints"
+    discard_partial(ckpt_root)  # leftovers of a killed run: half-written checkpoints and temp files
+    for stale in out_dir.glob(".*.tmp-*"):
+        stale.unlink(missing_ok=True)
     records: list[dict] = []
     start = 0
     if resume:
@@ -378,15 +314,15 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
         # references, not copies (MLX arrays are immutable): the weights of the last two steps, for NaN recovery
         prev_good, good = good, dict(tree_flatten(model.trainable_parameters()))
         mx.random.seed(cfg.seed * 1_000_003 + s)  # dropout masks: a function of (seed, step), so resuming needs no RNG state
-        micro = [_collate(seqs, idx) for idx in plan[s * cfg.grad_accum: (s + 1) * cfg.grad_accum]]
-        n_answer = sum(float(b[3].sum()) for b in micro)
+        micro = [batching.collate(seqs, idx) for idx in plan[s * cfg.grad_accum: (s + 1) * cfg.grad_accum]]
+        n_answer = float(sum(b[3].sum() for b in micro))
         if n_answer == 0:
             raise UserError(f"Training batch {s + 1} has no answer tokens to learn from; check that answers are not empty.")
         n_input = sum(int(len(seqs[i][0]) - 1) for idx in plan[s * cfg.grad_accum: (s + 1) * cfg.grad_accum] for i in idx)
         norm = mx.array(n_answer, dtype=mx.float32)
         loss, grad = mx.array(0.0), None
         for j, batch in enumerate(micro):
-            part, grad = step(*batch, norm, grad, j == len(micro) - 1)
+            part, grad = step(*map(mx.array, batch), norm, grad, j == len(micro) - 1)
             loss = loss + part
             mx.eval(state, loss, grad)
         loss_v = loss.item()
@@ -422,14 +358,29 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
             "out_dir": str(out_dir), "adapter_gguf": str(out_dir / "adapter.gguf")}
 
 
+def _load_init_adapter(model: Model, adapter_dir: Path) -> str:
+    """Load LoRA weights written by `train` as the starting point; return the file's sha256 (for resume)."""
+    f = adapter_dir / "adapters.safetensors" if adapter_dir.is_dir() else adapter_dir
+    if not f.is_file():
+        raise UserError(f"{adapter_dir}: no adapters.safetensors to start training from.")
+    weights = mx.load(str(f))
+    params = dict(tree_flatten(model.trainable_parameters()))
+    misfit = sorted(set(params) ^ set(weights)) + [k for k in weights if k in params and weights[k].shape != params[k].shape]
+    if misfit:
+        raise UserError(f"{f}: this adapter does not fit this run's LoRA settings (rank, keys, num_layers), "
+                        f"e.g. {misfit[0]}. Train with the settings it was made with.")
+    model.load_weights(list(weights.items()), strict=False)
+    return sha256_file(f)
+
+
 def _val_loss(model: Model, seqs, batch_size: int) -> float:
     """Token-mean answer loss over a validation set, batches of similar length, dropout off."""
     model.eval()
     order = np.argsort([len(t) for t, _ in seqs], kind="stable")
     total, count = 0.0, 0.0
     for i in range(0, len(order), batch_size):
-        inputs, pos, targets, mask = _collate(seqs, order[i: i + batch_size])
-        ce_sum, n = _loss(model, inputs, pos, targets, mask, mx.array(1.0))
+        batch = map(mx.array, batching.collate(seqs, order[i: i + batch_size]))
+        ce_sum, n = _loss(model, *batch, mx.array(1.0))
         total, count = total + ce_sum.item(), count + n.item()
     model.train()
     return total / count
@@ -441,6 +392,8 @@ def _check_same_run(saved: dict, now: dict, root: Path) -> None:
         diffs.append("the training examples differ")
     if saved["val_sha256"] != now["val_sha256"]:
         diffs.append("the validation examples differ")
+    if saved.get("init_adapter_sha256") != now["init_adapter_sha256"]:
+        diffs.append("the starting adapter differs")
     if diffs:
         raise UserError(f"Cannot resume from {root}: the checkpoint was made by a different run ({'; '.join(diffs)}). "
                         "Resume with the same settings and data, or use a new output directory.")
@@ -468,7 +421,7 @@ def bench_train(model_path, steps: int = 8, *, batch_size: int = 4, seq_len: int
 
     roofline_fraction = tokens_per_s * 4 * n_params / measured float32 GEMM FLOPS (FACTS §3's yardstick:
     forward 2N + backward to activations 2N FLOP per token; frozen weights get no weight gradient)."""
-    gflops = gemm_gflops()
+    gflops_before = gemm_gflops()
     base = load_model(model_path)
     n_params = sum(v.size for _, v in tree_flatten(base.parameters()))
     vocab = base.args.vocab_size
@@ -486,7 +439,10 @@ def bench_train(model_path, steps: int = 8, *, batch_size: int = 4, seq_len: int
         info = train(model_path, examples, cfg, tmp, valid_examples=[], on_step=lambda r: speeds.append(r["tokens_per_s"]))
     timed = speeds[skip_steps:] or speeds  # the first steps include compilation
     tps = float(np.median(timed))
-    return {"tokens_per_s": tps, "gemm_gflops": gflops, "n_params": int(n_params),
+    gflops_after = gemm_gflops()  # on a shared machine the GEMM speed drifts: measure on both sides, average
+    gflops = (gflops_before + gflops_after) / 2
+    return {"tokens_per_s": tps, "gemm_gflops": gflops, "gemm_gflops_before": gflops_before,
+            "gemm_gflops_after": gflops_after, "n_params": int(n_params),
             "roofline_tokens_per_s": gflops * 1e9 / (4 * n_params),
             "roofline_fraction": tps * 4 * n_params / (gflops * 1e9), "seconds_per_step": batch_size * seq_len / tps,
             "steps_timed": len(timed), "batch_size": batch_size, "seq_len": seq_len, "answer_len": answer_len,

@@ -132,9 +132,8 @@ def _embed(engine: Engine, texts: list[str], advance, chunk: int = 32) -> np.nda
 
 def _ask(engine: Engine, item: Item, demos: list[Item], mode: str, cfg: RunConfig, seed: int,
          adapter: Path | None, justify: list[str] | None = None) -> dict:
-    """One learner (or the justifier) on one question, from an empty cache so history cannot matter."""
+    """One learner (or the justifier) on one question."""
     engine.set_adapter(adapter)
-    engine.reset()
     reserve = 1 if mode == "score" else cfg.max_tokens
     if justify is not None:
         text = engine.template.prompt(justify_messages(item, justify), answer_prefix=(mode == "score"))
@@ -155,12 +154,20 @@ def _ask(engine: Engine, item: Item, demos: list[Item], mode: str, cfg: RunConfi
 
 def collaborate_one(engine: Engine, item: Item, demos_all: list[Item], learners: list[Learner], mode: str,
                     cfg: RunConfig, warm: Path | None) -> dict:
-    """n learners answer; agreement is the label, else the warm model justifies among the candidates."""
-    answers = []
-    for m, ln in enumerate(learners):
+    """n learners answer; agreement is the label, else the warm model justifies among the candidates.
+
+    The cache starts empty for every question, so a question's result cannot depend on the questions
+    before it (a resumed run computes exactly what an uninterrupted one did). Within the question,
+    learners run grouped by adapter and by number of demonstrations, so that a learner's prompt reuses
+    the cached prefix (the shared demonstrations) of the one before it.
+    """
+    engine.reset()
+    answers: list[dict] = [{}] * len(learners)
+    for m in sorted(range(len(learners)), key=lambda m: (not learners[m].warm, learners[m].n_demos, m)):
+        ln = learners[m]
         a = _ask(engine, item, demos_all[:ln.n_demos], mode, cfg, item_seed(cfg.seed, item.index, m),
                  warm if ln.warm else None)
-        answers.append({"learner": ln.label(), **a})
+        answers[m] = {"learner": ln.label(), **a}
     letters = [a["answer"] for a in answers]
     consistent = bool(selection.agree([letters])[0])
     rec = {"index": item.index, "learners": answers, "consistent": consistent}

@@ -30,7 +30,9 @@ def test_fpb_eval_is_reproducible(default_model, shared_task, tmp_path):
     assert 0.0 < accs[0] < 1.0
 
 
-def test_demo_runs(default_model):
-    res = CliRunner().invoke(app, ["demo"])
+def test_demo_runs_the_whole_loop(default_model, tmp_path):
+    res = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "demo")])
     assert res.exit_code == 0, res.stderr
-    assert "accuracy" in res.stdout and "majority class" in res.stdout
+    assert "SemiEvol" in res.stdout and "majority" in res.stdout and "consistency rate" in res.stdout
+    rep = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert all(0 <= v <= 1 for v in rep["accuracy"].values())

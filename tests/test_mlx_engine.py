@@ -7,17 +7,19 @@ from __future__ import annotations
 import json
 import shutil
 
-import mlx.core as mx
 import numpy as np
 import pytest
 from tinymodel import write_tiny_gguf
 
+from semievol_local import mlx_engine as me  # first: it loads OpenBLAS before mlx.core (FACTS §3)
 from semievol_local import adapter_gguf as ag
-from semievol_local import mlx_engine as me
+from semievol_local import batching
 from semievol_local.blas import ensure_fast_blas
 from semievol_local.config import TrainConfig
 from semievol_local.errors import UserError
 from semievol_local.parity import compare_logits, llama_logits, llama_logits_many
+
+import mlx.core as mx  # noqa: E402, I001  only after mlx_engine, or MLX keeps its reference BLAS for good
 
 CHAT = "<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\nAnswer:"
 
@@ -193,7 +195,9 @@ def test_half_written_checkpoint_is_ignored(tiny_q4, toy, tmp_path):
     cfg = toy_cfg(epochs=1, save_every=1)
     me.train(tiny_q4, toy, cfg, tmp_path)
     shutil.copytree(tmp_path / "checkpoints" / "step-0000002", tmp_path / "checkpoints" / "step-0000003.tmp")
+    (tmp_path / ".adapter.tmp-99999.gguf").write_bytes(b"half")  # an atomic write cut short
     assert me.train(tiny_q4, toy, cfg, tmp_path, resume=True)["resumed_from"] == 2
+    assert not list(tmp_path.glob(".*tmp*")) and not list((tmp_path / "checkpoints").glob("*.tmp"))
 
 
 def test_resume_with_other_settings_is_refused(tiny_q4, toy, tmp_path):
@@ -224,9 +228,84 @@ def test_examples_without_answers_are_refused(tiny_model, tmp_path):
     ([], [7, 8, 9], 8, [7, 8, 9], 1),             # no prompt: the first answer token has no context, not trained
 ])
 def test_prepare_truncates_prompt_from_the_left(prompt, answer, max_len, tokens, start):
-    [(got, got_start)] = me._prepare([(prompt, answer)], max_len, "test")
+    [(got, got_start)] = batching.prepare([(prompt, answer)], max_len, "test")
     assert got.tolist() == tokens and got_start == start
 
 
 def test_ensure_fast_blas_is_idempotent():
     assert ensure_fast_blas() == ensure_fast_blas()
+
+
+def test_mlx_matmuls_use_the_optimized_blas():
+    """Regression: this file once imported mlx.core before semievol_local, which bound MLX to its reference
+    BLAS for the whole session (7 instead of ~200 GFLOPS) and made the slow test take 5x longer."""
+    import sys
+
+    from semievol_local.blas import gemm_gflops
+
+    if not sys.platform.startswith("linux") or ensure_fast_blas() is None:
+        pytest.skip("no optimized BLAS on this machine")
+    assert gemm_gflops(256, 1024, 1024, repeats=3) > 30  # reference BLAS: ~7; OpenBLAS, 2 busy cores: 50+
+
+
+# ---------------------------------------------------------------------------- CPU fast paths
+
+def test_fast_exp_is_accurate_over_float32_range():
+    from semievol_local.mlx_fast import fast_exp
+
+    x = np.linspace(-87, 88, 200_001, dtype=np.float32)
+    got = np.array(fast_exp(mx.array(x))).astype(np.float64)
+    want = np.exp(x.astype(np.float64))
+    assert np.max(np.abs(got - want) / want) < 5e-6
+
+
+def test_fast_layers_match_mlx_lm_values_and_gradients(tiny_model, toy):
+    """The CPU MLP/attention/softmax rewrites against mlx-lm's own modules: same loss, same LoRA gradients."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten, tree_map
+    from mlx_lm.models import llama
+
+    inputs, pos, targets, mask = map(mx.array, batching.collate(batching.prepare(toy, 64, "test"), range(4)))
+    results = []
+    for fast in (True, False):
+        model = me.load_model(tiny_model)
+        me.apply_lora(model, toy_cfg())
+        model.update(tree_map(lambda p: p + 0.05, model.trainable_parameters()))  # non-zero B: LoRA path live
+        if not fast:
+            for layer in model.layers:
+                layer.mlp.__class__, layer.self_attn.__class__ = llama.MLP, llama.Attention
+        loss, grads = nn.value_and_grad(model, me._loss)(model, inputs, pos, targets, mask, mx.array(1.0))
+        results.append((loss[0].item(), dict(tree_flatten(grads)), me.logits(model, toy[0][0])))
+    (l1, g1, z1), (l2, g2, z2) = results
+    assert l1 == pytest.approx(l2, rel=1e-5)
+    for k in g1:
+        a, b = np.array(g1[k], np.float64), np.array(g2[k], np.float64)
+        assert np.linalg.norm(a - b) <= 1e-4 * np.linalg.norm(b) + 1e-12, k  # floor: saturated softmax -> ~0
+    assert compare_logits(z2, z1)["kl_max"] < 1e-6
+
+
+def test_training_can_start_from_an_earlier_adapter(trained, tiny_q4, toy, tmp_path):
+    out, _, first_run = trained
+    steps: list[dict] = []
+    me.train(tiny_q4, toy, toy_cfg(epochs=1, lr=1e-6), tmp_path / "more", init_adapter=out, on_step=steps.append)
+    assert steps[0]["loss"] < 0.6 * first_run[0]["loss"]  # starts where the earlier run ended, not from scratch
+    with pytest.raises(UserError, match="does not fit this run's LoRA settings"):
+        me.train(tiny_q4, toy, toy_cfg(rank=4), tmp_path / "other", init_adapter=out)
+
+
+# ---------------------------------------------------------------------------- the real default model
+
+@pytest.mark.slow
+def test_default_model_trains_and_exports_with_parity(default_model, tmp_path):
+    """SmolLM2-135M Q4_1: MLX matches llama.cpp on the base model, and after 2 LoRA steps with the adapter."""
+    tok = tokenizer(default_model)
+    exs = [(tok(CHAT.format(q=f"Is {w} a colour?")), tok(" " + a + "<|im_end|>"))
+           for w, a in [("red", "A"), ("table", "B"), ("blue", "A"), ("river", "B")]]
+    seqs = [p + a for p, a in exs]
+    base = me.load_model(default_model)
+    got = compare_logits(llama_logits(default_model, None, seqs[0]), me.logits(base, seqs[0]))
+    assert got["kl_mean"] < 0.05 and got["top1_agreement"] >= 0.8, got
+    del base
+    me.train(default_model, exs, TrainConfig(lr=1e-3, epochs=2, batch_size=4, warmup=0.0, val_fraction=0.0), tmp_path)
+    parity = me.adapter_check(default_model, tmp_path, seqs)
+    assert parity["kl_mean"] < 0.1 and parity["top1_agreement"] >= 0.9, parity
