@@ -74,7 +74,7 @@ def _demo_configs():
     """The demo's settings: the paper's recipe, sized to finish in a few minutes on 2 CPU cores."""
     from .config import RunConfig, TrainConfig
 
-    return RunConfig(theta=50.0), TrainConfig(epochs=4.0, lr=5e-4, batch_size=8, grad_clip=1.0)
+    return RunConfig(theta=50.0), TrainConfig(epochs=4.0, lr=3e-4, batch_size=8, grad_clip=1.0)
 
 
 DEMO_RUN, DEMO_TRAIN = _demo_configs()
