@@ -71,7 +71,7 @@ def options_from(*classes):
         for cls in classes:
             for f in dataclasses.fields(cls):
                 default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+                flag = _flag(f)
                 params.append(inspect.Parameter(_param(flag), inspect.Parameter.KEYWORD_ONLY, annotation=type(default),
                                                 default=typer.Option(default, flag, help=f.metadata.get("help"),
                                                                      rich_help_panel=cls.__doc__.splitlines()[0])))
@@ -79,10 +79,7 @@ def options_from(*classes):
         @functools.wraps(fn)
         def run(**kwargs):
             for cls in classes:
-                values = {}
-                for f in dataclasses.fields(cls):
-                    values[f.name] = kwargs.pop(_param(f.metadata.get("flag") or "--" + f.name))
-                kwargs[_arg(cls)] = cls(**values)
+                kwargs[_arg(cls)] = cls(**{f.name: kwargs.pop(_param(_flag(f))) for f in dataclasses.fields(cls)})
             return fn(**kwargs)
 
         run.__signature__ = sig.replace(parameters=params)
@@ -90,6 +87,11 @@ def options_from(*classes):
         return run
 
     return deco
+
+
+def _flag(f: dataclasses.Field) -> str:
+    """A config field's flag: its own (`flag=` in its metadata) or `--field-name`."""
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
 def _param(flag: str) -> str:
@@ -220,14 +222,14 @@ def train_cmd(
 
     from . import data as data_mod, llama_engine, models, training
 
+    if not resume and (out / "adapter_config.json").exists():
+        raise UserError(f"{out}: already holds a trained adapter; pass --resume to continue it or choose another --out")
     items = data_mod.load_split(data_mod.find_split_file(data, split), split).items
     engine = llama_engine.load(models.resolve(model), engine_config)
-    if out.exists() and any(out.iterdir()) and not resume and (out / "adapter_config.json").exists():
-        raise UserError(f"{out}: already holds a trained adapter; pass --resume to continue it or choose another --out")
     reporter = ui.Reporter()
     t0 = time.perf_counter()
     summary = training.train_adapter(engine, items, train_config, out, resume=resume, on_step=reporter.train_step)
-    reporter._close_train()
+    reporter.close()
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     ui.kv_table(f"trained {out}", {k: v for k, v in summary.items() if not isinstance(v, (list, dict))})
     if "parity" in summary:

@@ -135,15 +135,15 @@ def _ask(engine: Engine, item: Item, demos: list[Item], mode: str, cfg: RunConfi
     """One learner (or the justifier) on one question."""
     engine.set_adapter(adapter)
     reserve = 1 if mode == "score" else cfg.max_tokens
+    tokens = None
     if justify is not None:
-        text = engine.template.prompt(justify_messages(item, justify), answer_prefix=(mode == "score"))
-        if len(engine.tokenize(text)) > engine.n_ctx - reserve:  # too long with every candidate: the question alone
-            justify = None
-    if justify is None:
+        tokens = engine.tokenize(engine.template.prompt(justify_messages(item, justify), answer_prefix=(mode == "score")))
+        if len(tokens) > engine.n_ctx - reserve:  # too long with every candidate: the question alone
+            justify, tokens = None, None
+    if tokens is None:
         fit = fit_prompt(item, demos, engine.template, lambda t: len(engine.tokenize(t)), engine.n_ctx - reserve,
                          answer_prefix=(mode == "score"))
-        text = fit.text
-    tokens = engine.tokenize(text)
+        tokens = engine.tokenize(fit.text)
     if mode == "score":
         s = engine.score(tokens, len(item.options))
         return {"answer": LETTERS[int(np.argmax(s.probs))], "probs": [float(p) for p in s.probs]}

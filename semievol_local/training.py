@@ -43,8 +43,8 @@ def train_adapter(engine: Engine, items: Sequence[Item], cfg: TrainConfig, out_d
     from . import mlx_engine
 
     exs = examples(engine, items)
-    kwargs = {"init_adapter": init_adapter} if init_adapter is not None else {}
-    summary = mlx_engine.train(engine.model_path, exs, cfg, out_dir, resume=resume, on_step=on_step, **kwargs)
+    summary = mlx_engine.train(engine.model_path, exs, cfg, out_dir, resume=resume, init_adapter=init_adapter,
+                               on_step=on_step)
     if check:
         parity = check_adapter(engine, out_dir, [p + a for p, a in exs[:4]])
         summary = {**summary, "parity": parity}

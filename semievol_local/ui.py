@@ -96,7 +96,7 @@ class Reporter:
         self._train = None
 
     def stage(self, name: str, reused: bool) -> None:
-        self._close_train()
+        self.close()
         if reused:
             err.print(f"  [dim]{name}: up to date, reused[/dim]")
         else:
@@ -118,9 +118,9 @@ class Reporter:
             status += f"  val {info['val_loss']:.3f}"
         p.update(task, completed=info["step"], status=status)
         if info["step"] >= (info.get("total_steps") or 0):
-            self._close_train()
+            self.close()
 
-    def _close_train(self) -> None:
+    def close(self) -> None:
         if self._train is not None:
             self._train[0].stop()
             self._train = None
