@@ -105,6 +105,29 @@ def _arg(cls) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__).lower()
 
 
+def invocation(ctx: typer.Context) -> str:
+    """The command being run, as a user would type it again: its path and every non-default option."""
+    import shlex
+
+    parts = ["semievol", *ctx.command_path.split()[1:]]
+    for p in ctx.command.params:
+        v = ctx.params.get(p.name)
+        if isinstance(v, tuple):
+            v = list(v)
+        default = list(p.default) if isinstance(p.default, (list, tuple)) else p.default
+        if v is None or v == default:
+            continue
+        values = v if isinstance(v, list) else [v]
+        if p.param_type_name == "argument":
+            parts += [str(x) for x in values]
+        elif getattr(p, "is_flag", False) and p.secondary_opts:
+            parts.append(p.opts[0] if v else p.secondary_opts[0])
+        else:
+            for x in values:
+                parts += [p.opts[0], str(x)]
+    return shlex.join(parts)
+
+
 # --- models ---------------------------------------------------------------------------------------
 
 @command(models_app, "list")
@@ -288,6 +311,87 @@ def bench_train_cmd(
     ui.kv_table("bench train", result)
     if json_out:
         atomic_write_json(json_out, result)
+
+
+@command(bench_app, "quality")
+@options_from(RunConfig, TrainConfig, EngineConfig)
+def bench_quality_cmd(
+    ctx: typer.Context,
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Alias, .gguf path, or hf:owner/repo/file.gguf."),
+    data: list[Path] = typer.Option(..., "--data", "-d", help="Task folder; repeat for more tasks (ablations, "
+                                    "sensitivity and rounds use the first)."),
+    out: Path = typer.Option(Path("runs/bench"), "--out", "-o", help="Folder for the runs (one per task and variant)."),
+    suite: list[str] = typer.Option(list(("main", "ablation", "sensitivity", "rounds")), "--suite",
+                                    help="Tables to build: main, ablation, sensitivity, rounds (repeat the flag)."),
+    reuse: list[Path] = typer.Option([], "--reuse", help="Finished run folders whose identical stages may be copied "
+                                     "(e.g. an earlier `semievol run` on the same task)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the tables, machine and command here."),
+    *, run_config: RunConfig, train_config: TrainConfig, engine_config: EngineConfig,
+):
+    """The paper's tables at laptop scale: main, ablations, sensitivity to n and theta, rounds."""
+    from . import bench, models
+    from .files import atomic_write_json
+
+    for p in reuse:
+        if not (p / "run.json").exists():
+            raise UserError(f"--reuse {p}: not a run folder (no run.json)")
+    result = bench.quality(models.resolve(model), data, out, suite, run_config, train_config, engine_config,
+                           reporter=ui.Reporter(), share_extra=tuple(reuse), command=invocation(ctx),
+                           on_run=lambda folder: ui.info(f"run: {folder}"))
+    ui.bench_tables(result)
+    if json_out:
+        atomic_write_json(json_out, result)
+
+
+@command(bench_app, "pseudo-label")
+@options_from(RunConfig, TrainConfig, EngineConfig)
+def bench_pseudo_label_cmd(
+    ctx: typer.Context,
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Alias, .gguf path, or hf:owner/repo/file.gguf."),
+    data: Path = typer.Option(..., "--data", "-d", help="Task folder with labeled and unlabeled splits (with options)."),
+    n_items: int = typer.Option(20, "--n-items", "-n", help="Unlabeled questions to pseudo-label with each recipe."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="Warm-up adapter.gguf (default: train one on the "
+                                           "labeled split into --out)."),
+    sample_tokens: int = typer.Option(1024, "--sample-tokens", min=1, help="Longest response of the paper's recipe."),
+    out: Path = typer.Option(Path("runs/bench-pseudo-label"), "--out", "-o", help="Folder for the warm-up, "
+                             "retrieval and each recipe's pseudo-labels."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write questions/s, accuracy and the ratio here."),
+    *, run_config: RunConfig, train_config: TrainConfig, engine_config: EngineConfig,
+):
+    """Pseudo-labeling speed: the paper's sampling recipe vs score mode on the same questions."""
+    from . import bench, models
+    from .files import atomic_write_json
+
+    result = bench.pseudo_label(models.resolve(model), data, n_items, out, run_config, train_config, engine_config,
+                                reporter=ui.Reporter(), adapter=adapter, sample_tokens=sample_tokens,
+                                command=invocation(ctx))
+    ui.bench_tables(result)
+    if json_out:
+        atomic_write_json(json_out, result)
+
+
+@command(bench_app, "publish")
+def bench_publish_cmd(
+    results: list[Path] = typer.Argument(..., help="JSON files written by `semievol bench ... --json`."),
+    readme: Path = typer.Option(Path("README.md"), "--readme", help="File whose results section is rewritten."),
+):
+    """Rewrite the README's Results section from measured benchmark JSON (never typed in by hand)."""
+    import json
+
+    from . import bench
+
+    loaded = []
+    for p in results:
+        try:
+            loaded.append(json.loads(p.read_text()))
+        except FileNotFoundError:
+            raise UserError(f"{p}: no such file; write it with `semievol bench quality|pseudo-label --json {p}`") from None
+        except ValueError as e:
+            raise UserError(f"{p}: not JSON ({e}); give a file written by `semievol bench ... --json`") from None
+        if loaded[-1].get("benchmark") not in ("quality", "pseudo-label"):
+            raise UserError(f"{p}: not a benchmark result (no 'benchmark' key)")
+    bench.publish(readme, loaded)
+    ui.info(f"{readme}: results section rewritten from {len(loaded)} file(s)")
 
 
 # --- run / report / demo --------------------------------------------------------------------------

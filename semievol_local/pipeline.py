@@ -149,7 +149,7 @@ def _ask(engine: Engine, item: Item, demos: list[Item], mode: str, cfg: RunConfi
         return {"answer": LETTERS[int(np.argmax(s.probs))], "probs": [float(p) for p in s.probs]}
     temp = 0.0 if justify is not None else cfg.temperature
     smp = engine.sample(tokens, [seed], temperature=temp, max_tokens=cfg.max_tokens)[0]
-    return {"answer": extract_answer(smp.text, item), "text": smp.text, "nll": smp.mean_nll}
+    return {"answer": extract_answer(smp.text, item), "text": smp.text, "nll": smp.mean_nll, "n_tokens": len(smp.tokens)}
 
 
 def collaborate_one(engine: Engine, item: Item, demos_all: list[Item], learners: list[Learner], mode: str,
@@ -298,8 +298,10 @@ def read_selected(sel: StageResult, unlabeled: list[Item]) -> tuple[list[Item], 
 
 
 def run_semievol(model_path: Path, data: Path, out: Path, cfg: RunConfig, tcfg: TrainConfig,
-                 ecfg: EngineConfig | None = None, reporter=None) -> dict:
-    """The whole method; returns the stage results by name. Writes everything under `out`."""
+                 ecfg: EngineConfig | None = None, reporter=None, share: tuple[Path, ...] = ()) -> dict:
+    """The whole method; returns the stage results by name. Writes everything under `out`.
+
+    `share`: sibling run folders whose stages may be reused where their inputs are identical."""
     reporter = reporter or Quiet()
     task: Task = load_task(data)  # the unlabeled split arrives without answers
     labeled, unlabeled, test = task["labeled"].items, task["unlabeled"].items, task["test"].items
@@ -313,7 +315,7 @@ def run_semievol(model_path: Path, data: Path, out: Path, cfg: RunConfig, tcfg: 
         raise UserError(f"--theta {cfg.theta}: give a percentile between 0 and 100")
     mode = resolve_mode(None if cfg.mode == "auto" else cfg.mode, labeled + unlabeled + test)
     engine = load(model_path, ecfg or EngineConfig())
-    run = RunFolder(out)
+    run = RunFolder(out, share)
     atomic_write_json(out / "run.json", {"model": str(model_path), "data": str(data), "mode": mode,
                                           "run": dataclasses.asdict(cfg), "train": dataclasses.asdict(tcfg)})
     stages: dict[str, StageResult] = {}

@@ -27,7 +27,18 @@ def _stages(run: Path) -> dict[str, dict]:
         d = _json(m)
         if "stage" in d and "inputs_digest" in d:  # training checkpoints keep manifests of their own
             out[d["stage"]] = d
-    return dict(sorted(out.items(), key=lambda kv: kv[1].get("finished", "")))
+    return dict(sorted(out.items(), key=lambda kv: stage_order(kv[0])))
+
+
+ORDER = ["warmup", "eval/vanilla", "eval/sft", "retrieval", "collaboration", "selection", "final", "eval"]
+
+
+def stage_order(name: str) -> tuple:
+    """Stages in the order the pipeline runs them: warm-up and baselines, then each round's stages."""
+    head, _, tail = name.partition("/")
+    if head.startswith("round") and head[5:].isdigit():
+        return (int(head[5:]), ORDER.index(tail) if tail in ORDER else len(ORDER), name)
+    return (0, ORDER.index(name) if name in ORDER else len(ORDER), name)
 
 
 def error_reduction(base: float, new: float) -> float | None:

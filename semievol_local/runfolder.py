@@ -109,9 +109,30 @@ def _sealed(folder: Path, inputs_digest: str) -> dict | None:
 
 
 class RunFolder:
-    def __init__(self, root: Path):
+    """A run's folder. `share` names sibling run folders whose sealed stages may be copied when their
+    inputs are identical (benchmarks that vary one option reuse everything upstream of it)."""
+
+    def __init__(self, root: Path, share: tuple[Path, ...] = ()):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.share = [Path(p) for p in share if Path(p).resolve() != self.root.resolve()]
+
+    def _copy_twin(self, name: str, key: str, final: Path) -> dict | None:
+        """Copy a sibling's sealed stage with the same inputs into place (never its checkpoints)."""
+        for other in self.share:
+            src = other / name
+            if _sealed(src, key) is None:
+                continue
+            tmp = final.with_name(f".{final.name}.copy")
+            final.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("checkpoints", ".*"))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            m = _sealed(final, key)
+            if m is not None:
+                return m
+        return None
 
     def stage(self, name: str, inputs: dict, build: Callable[[Path], dict | None],
               announce: Callable[[bool], None] = lambda reused: None) -> StageResult:
@@ -122,7 +143,7 @@ class RunFolder:
         """
         final = self.root / name
         key = digest(inputs)
-        m = _sealed(final, key)
+        m = _sealed(final, key) or self._copy_twin(name, key, final)
         announce(m is not None)
         if m is not None:
             return StageResult(name, final, True, m)

@@ -142,3 +142,23 @@ def run_report(report: dict) -> None:
                 ["accuracy, selected", st["accuracy_selected"]], ["selected", st["selected"]]])
     table("stages", ["stage", "seconds", "peak RSS (MB)"],
           [[n, f"{s['seconds']:.1f}", f"{s['peak_rss_mb']:.0f}"] for n, s in report["stages"].items()])
+
+
+def bench_tables(result: dict) -> None:
+    """A benchmark's tables (from `bench.quality` or `bench.pseudo_label`) and where it ran."""
+    m = result.get("machine", {})
+    info(f"{m.get('date')}: {m.get('cores')} cores, {m.get('cpu')}, {m.get('os')}, commit {m.get('commit')}")
+    if result.get("benchmark") == "pseudo-label":
+        cols = ["questions_per_s", "accuracy", "consistency_rate", "justified_rate", "seconds"]
+        table(f"pseudo-labeling, {result['n_items']} questions", ["recipe"] + cols,
+              [[mode] + [result[mode].get(c) for c in cols] for mode in ("sample", "score")])
+        kv_table("score mode vs the paper's recipe", {"ratio": result["ratio"], **result["goal"]})
+        return
+    from .bench import TITLES, heading
+
+    for name, rows in result.get("tables", {}).items():
+        if rows:
+            table(TITLES.get(name, name), [heading(k) for k in rows[0]], [list(r.values()) for r in rows])
+    w = result.get("whole_run")
+    if w:
+        kv_table("whole run", w)

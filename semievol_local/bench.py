@@ -1,0 +1,295 @@
+"""Benchmarks that print figures: the paper's tables at laptop scale, and pseudo-labeling speed.
+
+`quality` runs the pipeline once per variant (main table per task; ablations, sensitivity and rounds on
+the first task). Variants of one task are sibling run folders that share every stage whose inputs are
+identical, so an ablation re-runs only what its flag changes. `pseudo_label` times the paper's generative
+recipe against score mode on the same questions, demonstrations, learners and warm adapter. Both read
+the unlabeled split's held-back answers, for reporting pseudo-label accuracy only. `markdown` renders
+measured results for the README; nothing there is typed in by hand.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import pipeline
+from .config import EngineConfig, RunConfig, TrainConfig
+from .data import find_split_file, load_heldout_answers, load_task
+from .errors import UserError
+from .files import atomic_write_text
+from .llama_engine import load
+from .prompts import answers_match
+from .report import build_report, error_reduction
+from .runfolder import RunFolder
+
+SUITES = ("main", "ablation", "sensitivity", "rounds")
+ABLATIONS = [("full", {}), ("w/o IWP", {"iwp": False}), ("w/o ICP", {"icp": False}),
+             ("w/o CL", {"cl": False}), ("w/o AS", {"adaptive_selection": False})]
+LEARNERS = (1, 2, 4)  # paper Fig. 3
+THETAS = (30.0, 50.0, 80.0, 100.0)
+ROUNDS = 2  # paper Fig. 7: rounds 0 (SFT) to 2
+
+
+# --- where and what ---------------------------------------------------------------------------------
+
+def machine() -> dict:
+    """The facts a reader needs to compare figures: date, cores, CPU, OS, versions, commit."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for pkg in ("semievol-local", "llama_cpp_python", "mlx", "mlx-lm"):
+        try:
+            versions[pkg] = version(pkg)
+        except PackageNotFoundError:
+            versions[pkg] = None
+    return {"date": time.strftime("%Y-%m-%d"), "cores": os.cpu_count(), "cpu": cpu,
+            "os": platform.platform(terse=True), "python": platform.python_version(), "versions": versions,
+            "commit": _commit()}
+
+
+def _commit() -> str | None:
+    here = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (sha + ("+changes" if dirty else "")) if sha else None
+
+
+# --- quality ----------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    table: str
+    row: str
+    data: Path
+    overrides: tuple  # ((field, value), ...) that differ from the base RunConfig
+
+    @property
+    def folder(self) -> str:
+        return "full" if not self.overrides else "_".join(f"{k}-{v}" for k, v in self.overrides)
+
+
+def quality_plan(datas: list[Path], suites: list[str], cfg: RunConfig) -> list[Variant]:
+    """Every (table, row) with its task and options; rows with the same options share one run."""
+    bad = [s for s in suites if s not in SUITES]
+    if bad:
+        raise UserError(f"--suite {bad[0]!r}: choose from {', '.join(SUITES)}")
+    if not datas:
+        raise UserError("give at least one --data task folder")
+
+    def v(table, row, data, **over):
+        return Variant(table, row, Path(data), tuple(sorted((k, val) for k, val in over.items() if getattr(cfg, k) != val)))
+
+    first, plan = datas[0], []
+    if "main" in suites:
+        plan += [v("main", Path(d).name, d) for d in datas]
+    if "ablation" in suites:
+        plan += [v("ablation", name, first, **over) for name, over in ABLATIONS]
+    if "sensitivity" in suites:
+        plan += [v("sensitivity", f"n={n}", first, learners=n) for n in LEARNERS]
+        plan += [v("sensitivity", f"theta={t:g}%", first, theta=t) for t in THETAS]
+    if "rounds" in suites:
+        plan += [v("rounds", "rounds", first, rounds=max(ROUNDS, cfg.rounds))]
+    return plan
+
+
+def quality(model_path: Path, datas: list[Path], out: Path, suites: list[str], cfg: RunConfig, tcfg: TrainConfig,
+            ecfg: EngineConfig, reporter=None, share_extra: tuple[Path, ...] = (), on_run=lambda folder: None,
+            command: str = "") -> dict:
+    """Run every variant of the plan (shared stages reused) and gather the paper-style tables."""
+    plan = quality_plan([Path(d) for d in datas], suites, cfg)
+    runs: dict[tuple[Path, str], dict] = {}
+    for var in plan:
+        key = (var.data, var.folder)
+        if key in runs:
+            continue
+        task_dir = Path(out) / var.data.name
+        folder = task_dir / var.folder
+        siblings = tuple(p for p in task_dir.glob("*") if p.is_dir() and p != folder) if task_dir.exists() else ()
+        siblings += tuple(Path(p) for p in share_extra)
+        on_run(folder)
+        pipeline.run_semievol(model_path, var.data, folder, dataclasses.replace(cfg, **dict(var.overrides)), tcfg,
+                              ecfg, reporter, share=siblings)
+        runs[key] = build_report(folder)
+    tables: dict[str, list[dict]] = {}
+    for var in plan:
+        rep = runs[(var.data, var.folder)]
+        a = rep["accuracy"]
+        if var.table == "main":
+            row = {"task": var.row, "majority": a["majority"], "vanilla": a["vanilla"], "sft": a["sft"],
+                   "semievol": a["semievol"], "err_red_vs_vanilla": error_reduction(a["vanilla"], a["semievol"]),
+                   "err_red_vs_sft": error_reduction(a["sft"], a["semievol"])}
+            tables.setdefault("main", []).append(row)
+        elif var.table in ("ablation", "sensitivity"):
+            st = _last_pseudo(rep)
+            row = {"variant": var.row, "accuracy": a["semievol"], "selected": st.get("selected"),
+                   "pseudo_label_accuracy_selected": st.get("accuracy_selected")}
+            tables.setdefault(var.table, []).append(row)
+        elif var.table == "rounds":
+            rows = [{"round": 0, "accuracy": a["sft"]}]
+            rows += [{"round": int(r), "accuracy": acc} for r, acc in rep["accuracy_by_round"].items()]
+            tables["rounds"] = rows
+    first = plan[0]
+    whole = runs[(first.data, first.folder)]["stages"]
+    tables["whole_run"] = [{"stage": n, "seconds": round(s["seconds"], 1), "peak_rss_mb": round(s["peak_rss_mb"])}
+                           for n, s in whole.items()]
+    return {"benchmark": "quality", "machine": machine(), "command": command, "model": str(model_path),
+            "tasks": [str(d) for d in datas], "suites": list(suites),
+            "run": dataclasses.asdict(cfg), "train": dataclasses.asdict(tcfg),
+            "whole_run": {"task": first.data.name, "seconds": round(sum(s["seconds"] for s in whole.values()), 1),
+                          "peak_rss_mb": max((s["peak_rss_mb"] for s in whole.values()), default=None)},
+            "tables": tables}
+
+
+def _last_pseudo(rep: dict) -> dict:
+    stats = rep.get("pseudo_labels") or {}
+    return stats[sorted(stats)[-1]] if stats else {}
+
+
+# --- pseudo-labeling speed --------------------------------------------------------------------------
+
+def pseudo_label(model_path: Path, data: Path, n_items: int, out: Path, cfg: RunConfig, tcfg: TrainConfig,
+                 ecfg: EngineConfig, reporter=None, adapter: Path | None = None, sample_tokens: int = 1024,
+                 command: str = "") -> dict:
+    """The paper's recipe (n samples at temperature 1, self-justification, mean NLL) vs score mode, on the
+    same N unlabeled questions, demonstrations, learners and warm adapter."""
+    reporter = reporter or pipeline.Quiet()
+    if n_items < 1:
+        raise UserError(f"--n-items {n_items}: give at least 1")
+    task = load_task(data)
+    labeled, unlabeled = task["labeled"].items, task["unlabeled"].items[:n_items]
+    if not all(it.closed for it in labeled + unlabeled):
+        raise UserError(f"{data}: score mode needs options on every row; this benchmark compares it with sampling")
+    held = load_heldout_answers(find_split_file(Path(data), "unlabeled"))  # reporting only
+    if adapter is not None and not Path(adapter).is_file():
+        raise UserError(f"--adapter {adapter}: no such file; give a warm-up adapter.gguf or leave it out to train one")
+    # room for the learners' long responses and a justification prompt that lists them all
+    need = (cfg.learners + 1) * sample_tokens + 1024
+    engine = load(model_path, dataclasses.replace(ecfg, n_ctx=max(ecfg.n_ctx, need)))
+    run = RunFolder(out)
+    if adapter is None:
+        warm_path = pipeline.stage_train(run, "warmup", engine, labeled, tcfg, reporter).path("adapter.gguf")
+    else:
+        warm_path = Path(adapter)
+    ret = pipeline.stage_retrieval(run, "retrieval", engine, labeled, unlabeled, cfg, reporter)
+    neighbours = np.load(ret.path("neighbours.npy"))
+    learners = pipeline.learner_configs(cfg)
+    result = {"benchmark": "pseudo-label", "machine": machine(), "command": command, "model": str(model_path),
+              "task": str(data), "n_items": len(unlabeled), "learners": [ln.label() for ln in learners],
+              "adapter": str(warm_path), "sample_max_tokens": sample_tokens, "temperature": cfg.temperature}
+    for mode in ("score", "sample"):
+        mcfg = dataclasses.replace(cfg, max_tokens=sample_tokens)
+        recs = []
+        t0 = time.perf_counter()
+        with reporter.progress(len(unlabeled), f"{mode} mode", "questions") as advance:
+            for pos, item in enumerate(unlabeled):
+                demos = [labeled[i] for i in neighbours[pos]]
+                recs.append(pipeline.collaborate_one(engine, item, demos, learners, mode, mcfg, warm_path))
+                advance()
+        seconds = time.perf_counter() - t0
+        ok = [answers_match(r["pseudo_label"], held[r["index"]], closed=True) for r in recs]
+        figures = {"questions_per_s": len(recs) / seconds, "seconds": seconds, "accuracy": float(np.mean(ok)),
+                   "consistency_rate": float(np.mean([r["consistent"] for r in recs])),
+                   "justified_rate": float(np.mean([r["justified"] for r in recs]))}
+        if mode == "sample":
+            toks = [a["n_tokens"] for r in recs for a in r["learners"]]
+            figures["mean_response_tokens"] = float(np.mean(toks))
+            figures["no_answer_rate"] = float(np.mean([r["pseudo_label"] is None for r in recs]))
+        result[mode] = figures
+        atomic_write_text(Path(out) / f"{mode}.jsonl", "".join(json.dumps(r) + "\n" for r in recs))
+    result["ratio"] = result["score"]["questions_per_s"] / result["sample"]["questions_per_s"]
+    result["goal"] = {"ratio_at_least_10": result["ratio"] >= 10,
+                      "score_accuracy_at_least_sample": result["score"]["accuracy"] >= result["sample"]["accuracy"]}
+    return result
+
+
+# --- README -----------------------------------------------------------------------------------------
+
+def _cell(v) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return "-" if v is None else str(v)
+
+
+def _md_table(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    cols = list(rows[0])
+    return (["| " + " | ".join(heading(c) for c in cols) + " |", "|" + " --- |" * len(cols)]
+            + ["| " + " | ".join(_cell(r.get(c)) for c in cols) + " |" for r in rows] + [""])
+
+
+HEADINGS = {"majority": "majority", "vanilla": "vanilla", "sft": "SFT", "semievol": "SemiEvol",
+            "err_red_vs_vanilla": "err. red. vs vanilla", "err_red_vs_sft": "err. red. vs SFT",
+            "pseudo_label_accuracy_selected": "pseudo-label acc. (selected)", "peak_rss_mb": "peak RSS (MB)"}
+
+
+def heading(key: str) -> str:
+    return HEADINGS.get(key, key.replace("_", " "))
+
+
+TITLES = {"main": "Main table (test accuracy; error reduction is relative)",
+          "ablation": "Ablations (paper Table 2)", "sensitivity": "Sensitivity to n and theta (paper Fig. 3)",
+          "rounds": "Rounds (paper Fig. 7; round 0 is SFT)", "whole_run": "Whole run, per stage"}
+
+
+def markdown(results: list[dict]) -> str:
+    """The README's Results section from benchmark JSON files, each with its machine, commit and command."""
+    lines = []
+    for r in results:
+        m = r.get("machine", {})
+        lines += [f"### {r.get('benchmark', '?')}: {Path(r.get('task') or ', '.join(r.get('tasks', []))).name or '?'}", "",
+                  f"Measured {m.get('date')} on {m.get('cores')} cores ({m.get('cpu')}), {m.get('os')}, "
+                  f"commit `{m.get('commit')}`, model `{Path(r.get('model', '?')).name}`:", "",
+                  "```", r.get("command", "?"), "```", ""]
+        if r.get("benchmark") == "pseudo-label":
+            rows = [{"recipe": mode, "questions/s": r[mode]["questions_per_s"], "accuracy": r[mode]["accuracy"],
+                     "consistency": r[mode]["consistency_rate"], "justified": r[mode]["justified_rate"]}
+                    for mode in ("sample", "score")]
+            lines += _md_table(rows)
+            lines += [f"{r['n_items']} questions; learners {', '.join(r['learners'])}; sample mode up to "
+                      f"{r['sample_max_tokens']} new tokens (mean {r['sample'].get('mean_response_tokens', 0):.0f}). "
+                      f"Speed ratio score/sample: **{r['ratio']:.1f}x** (goal 10x).", ""]
+        else:
+            for name, rows in r.get("tables", {}).items():
+                lines += [f"**{TITLES.get(name, name)}**", ""] + _md_table(rows)
+            w = r.get("whole_run")
+            if w:
+                lines += [f"Whole run on {w['task']} (sum of stage times): {w['seconds'] / 60:.1f} min, "
+                          f"peak {w['peak_rss_mb']:.0f} MB "
+                          f"(goal: 30 min, 3 GB).", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def publish(readme: Path, results: list[dict]) -> None:
+    """Replace the README's section between the results markers with `markdown(results)`."""
+    text = Path(readme).read_text(encoding="utf-8")
+    if START not in text or END not in text:
+        raise UserError(f"{readme}: no '{START}' ... '{END}' markers; add them where the results should go")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    atomic_write_text(Path(readme), head + START + "\n" + markdown(results) + END + tail)

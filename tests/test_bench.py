@@ -1,0 +1,132 @@
+"""Benchmarks at tiny size: `bench quality` (shared stages), `bench pseudo-label`, `bench publish`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import make_rows, write_split
+from typer.testing import CliRunner
+
+from semievol_local import bench
+from semievol_local.cli import app
+from semievol_local.config import RunConfig
+from semievol_local.errors import UserError
+
+TINY_TRAIN = ["--epochs", "1", "--batch-size", "4", "--save-every", "100"]
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("bench") / "colours"
+    write_split(folder / "labeled.csv", make_rows(12, 1))
+    write_split(folder / "unlabeled.csv", make_rows(10, 2))
+    write_split(folder / "test.csv", make_rows(8, 3))
+    return folder
+
+
+def test_plan_shares_identical_variants():
+    plan = bench.quality_plan([Path("a"), Path("b")], list(bench.SUITES), RunConfig())
+    folders = {(v.table, v.row): (v.data.name, v.folder) for v in plan}
+    # the full method, n = 4 and theta = 50% are one and the same run of the first task
+    assert folders[("ablation", "full")] == folders[("sensitivity", "n=4")] == folders[("sensitivity", "theta=50%")] \
+        == folders[("main", "a")] == ("a", "full")
+    assert folders[("main", "b")] == ("b", "full")
+    assert folders[("ablation", "w/o IWP")] == ("a", "iwp-False")
+    assert folders[("sensitivity", "theta=30%")] == ("a", "theta-30.0")
+    assert folders[("rounds", "rounds")] == ("a", "rounds-2")
+    assert len(set(folders.values())) == 12
+    with pytest.raises(UserError, match="--suite 'tables'"):
+        bench.quality_plan([Path("a")], ["tables"], RunConfig())
+
+
+@pytest.fixture(scope="module")
+def quality(tiny_q4, task, tmp_path_factory):
+    out = tmp_path_factory.mktemp("qruns")
+    js = out / "quality.json"
+    res = CliRunner().invoke(app, ["bench", "quality", "--model", str(tiny_q4), "--data", str(task), "--out", str(out),
+                                   "--suite", "main", "--suite", "ablation", "--suite", "rounds",
+                                   "--json", str(js), *TINY_TRAIN])
+    assert res.exit_code == 0, (res.stdout, res.stderr)
+    return out / task.name, json.loads(js.read_text()), res
+
+
+def test_quality_tables(quality):
+    _, r, res = quality
+    t = r["tables"]
+    assert [row["task"] for row in t["main"]] == ["colours"]
+    assert [row["variant"] for row in t["ablation"]] == [name for name, _ in bench.ABLATIONS]
+    assert [row["round"] for row in t["rounds"]] == [0, 1, 2]
+    assert t["rounds"][0]["accuracy"] == t["main"][0]["sft"]
+    for row in t["main"] + t["ablation"]:
+        for k in ("majority", "vanilla", "sft", "semievol", "accuracy"):
+            if k in row:
+                assert 0.0 <= row[k] <= 1.0
+    # without adaptive selection every pseudo-label is kept; with it, about half (theta = 50%)
+    sel = {row["variant"]: row["selected"] for row in t["ablation"]}
+    assert sel["w/o AS"] == 10 and sel["full"] < 10
+    assert {s["stage"] for s in t["whole_run"]} >= {"warmup", "round1/collaboration", "round1/final"}
+    assert r["whole_run"]["seconds"] > 0 and r["whole_run"]["peak_rss_mb"] > 0
+    assert r["machine"]["cores"] >= 1 and r["command"].startswith("semievol bench quality")
+    assert "Ablations" in res.stdout and "w/o ICP" in res.stdout
+
+
+def test_quality_variants_reuse_shared_stages(quality):
+    runs, _, _ = quality
+
+    def manifest(folder, stage):
+        return json.loads((runs / folder / stage / "manifest.json").read_text())
+
+    # a stage whose inputs a flag does not touch is copied from the full run, not trained or run again
+    for folder in ("iwp-False", "icp-False", "cl-False", "adaptive_selection-False", "rounds-2"):
+        assert manifest(folder, "warmup") == manifest("full", "warmup"), folder
+        assert manifest(folder, "eval/vanilla") == manifest("full", "eval/vanilla"), folder
+    # w/o AS changes selection only: its collaboration is the full run's; w/o ICP re-runs retrieval
+    assert manifest("adaptive_selection-False", "round1/collaboration") == manifest("full", "round1/collaboration")
+    assert manifest("adaptive_selection-False", "round1/selection") != manifest("full", "round1/selection")
+    assert manifest("icp-False", "round1/retrieval") != manifest("full", "round1/retrieval")
+    assert manifest("rounds-2", "round1/final") == manifest("full", "round1/final")
+    assert not list(runs.rglob(".*.copy"))
+
+
+def test_pseudo_label_bench(tiny_q4, task, tmp_path):
+    js = tmp_path / "pl.json"
+    res = CliRunner().invoke(app, ["bench", "pseudo-label", "--model", str(tiny_q4), "--data", str(task), "--n-items", "4",
+                                   "--sample-tokens", "6", "--out", str(tmp_path / "pl"), "--json", str(js), *TINY_TRAIN])
+    assert res.exit_code == 0, (res.stdout, res.stderr)
+    r = json.loads(js.read_text())
+    for mode in ("sample", "score"):
+        assert r[mode]["questions_per_s"] > 0 and 0.0 <= r[mode]["accuracy"] <= 1.0
+        assert len((tmp_path / "pl" / f"{mode}.jsonl").read_text().splitlines()) == 4
+    assert r["ratio"] == pytest.approx(r["score"]["questions_per_s"] / r["sample"]["questions_per_s"])
+    assert 0 < r["sample"]["mean_response_tokens"] <= 6
+    # the same warm-up adapter, given explicitly, is used as it is (no training in the new folder)
+    res = CliRunner().invoke(app, ["bench", "pseudo-label", "--model", str(tiny_q4), "--data", str(task), "--n-items", "2",
+                                   "--sample-tokens", "4", "--adapter", str(tmp_path / "pl" / "warmup" / "adapter.gguf"),
+                                   "--out", str(tmp_path / "pl2")])
+    assert res.exit_code == 0, (res.stdout, res.stderr)
+    assert not (tmp_path / "pl2" / "warmup").exists()
+
+
+def test_publish_rewrites_only_the_results_section(quality, tmp_path):
+    _, r, _ = quality
+    js = tmp_path / "q.json"
+    js.write_text(json.dumps(r))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\n## Results\n{bench.START}\nold\n{bench.END}\n\n## After\n")
+    res = CliRunner().invoke(app, ["bench", "publish", str(js), "--readme", str(readme)])
+    assert res.exit_code == 0, res.stderr
+    text = readme.read_text()
+    assert text.startswith("# title\n") and text.endswith("## After\n") and "\nold\n" not in text
+    assert r["command"] in text and r["machine"]["commit"] in text
+    main = r["tables"]["main"][0]
+    assert f"| colours | {main['majority']:.3f} | {main['vanilla']:.3f} |" in text
+    # bad inputs: one line, exit 2, README untouched
+    for args, msg in [([str(tmp_path / "none.json")], "no such file"), ([str(readme)], "not JSON")]:
+        before = readme.read_text()
+        res = CliRunner().invoke(app, ["bench", "publish", *args, "--readme", str(readme)])
+        assert res.exit_code == 2 and msg in res.stderr and len(res.stderr.strip().splitlines()) == 1
+        assert readme.read_text() == before
+    readme.write_text("# no markers\n")
+    res = CliRunner().invoke(app, ["bench", "publish", str(js), "--readme", str(readme)])
+    assert res.exit_code == 2 and "markers" in res.stderr
