@@ -28,7 +28,7 @@ OPENERS = ["", "Honestly, ", "So far, ", "After a month, ", "For the record, ", 
 ENDINGS = [".", "!", ". Would say the same again.", ". That is all.", ". Five stars from my partner.",
            ". One star from my partner."]
 QUESTION = "What is the sentiment of this product review?\n"
-SIZES = {"labeled": 48, "unlabeled": 120, "test": 60}
+SIZES = {"labeled": 64, "unlabeled": 64, "test": 48}
 # Class balance like many real tasks: neutral is the majority.
 WEIGHTS = {"negative": 0.3, "neutral": 0.4, "positive": 0.3}
 
@@ -71,10 +71,15 @@ if __name__ == "__main__":
 
 
 def _demo_configs():
-    """The demo's settings: the paper's recipe, sized to finish in a few minutes on 2 CPU cores."""
+    """The demo's settings: the paper's recipe, sized to finish within 10 minutes on 2 CPU cores.
+
+    The 135M model needs about 50 optimizer steps before it answers more than the label prior, so the
+    warm-up takes 7 epochs of the 64 labeled reviews (56 steps). The final fine-tune continues the warm
+    adapter on the selected pseudo-labels (the official code's choice, `--final-from-warm`): retraining
+    from the base on labeled + selected would cost more steps than the 10-minute budget has."""
     from .config import RunConfig, TrainConfig
 
-    return RunConfig(theta=50.0), TrainConfig(epochs=4.0, lr=3e-4, batch_size=8, grad_clip=1.0)
+    return RunConfig(theta=50.0, final_from_warm=True), TrainConfig(epochs=7.0, lr=3e-4, batch_size=8, grad_clip=1.0)
 
 
 DEMO_RUN, DEMO_TRAIN = _demo_configs()

@@ -220,6 +220,24 @@ def _schedule(cfg: TrainConfig, total_steps: int):
 
 # ----------------------------------------------------------------------------- training
 
+def _releasing(fn):
+    """Hand MLX's buffer cache back to the system when `fn` returns: the pipeline trains, then runs
+    llama.cpp for a long time, then trains again, and a kept cache would sit in its resident memory."""
+    import functools
+    import gc
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            gc.collect()
+            mx.clear_cache()
+
+    return run
+
+
+@_releasing
 def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, *,
           valid_examples: list[Example] | None = None, resume: bool = False, init_adapter=None,
           on_step: Callable[[dict], None] | None = None) -> dict:
@@ -401,17 +419,23 @@ def _check_same_run(saved: dict, now: dict, root: Path) -> None:
 
 # ----------------------------------------------------------------------------- checks and benchmarks
 
+@_releasing
 def adapter_check(model_path, adapter_dir, token_sequences: list[list[int]]) -> dict:
     """How closely llama.cpp with `adapter.gguf` reproduces MLX with the mlx-lm adapter, over all positions:
     kl_mean / kl_max of KL(llama.cpp || MLX) on full-vocab softmax, and top-1 agreement."""
     from .parity import compare_logits, llama_logits_many
 
-    adapter_dir = Path(adapter_dir)
-    model = load_model(model_path)
-    load_adapters(model, str(adapter_dir))  # mlx-lm's own loader: the layout really is mlx-lm's
-    mlx_out = np.concatenate([logits(model, s) for s in token_sequences])  # (sum T, vocab)
-    ref = np.concatenate(llama_logits_many(model_path, adapter_dir / "adapter.gguf", token_sequences))
+    mlx_out = adapter_logits(model_path, adapter_dir, token_sequences)
+    ref = np.concatenate(llama_logits_many(model_path, Path(adapter_dir) / "adapter.gguf", token_sequences))
     return compare_logits(ref, mlx_out)
+
+
+@_releasing
+def adapter_logits(model_path, adapter_dir, token_sequences: list[list[int]]) -> np.ndarray:
+    """MLX's logits (sum T, vocab) with the mlx-lm adapter of `adapter_dir`, loaded by mlx-lm's own loader."""
+    model = load_model(model_path)
+    load_adapters(model, str(adapter_dir))  # the layout really is mlx-lm's
+    return np.concatenate([logits(model, s) for s in token_sequences])
 
 
 def bench_train(model_path, steps: int = 8, *, batch_size: int = 4, seq_len: int = 128, rank: int = 8,

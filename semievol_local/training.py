@@ -10,6 +10,8 @@ import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
+
 from .config import TrainConfig
 from .data import Item
 from .errors import UserError
@@ -54,8 +56,16 @@ def train_adapter(engine: Engine, items: Sequence[Item], cfg: TrainConfig, out_d
 def check_adapter(engine: Engine, adapter_dir: Path, sequences: list[list[int]]) -> dict:
     """MLX vs llama.cpp on the same token sequences; raise when they disagree beyond the bounds."""
     from . import mlx_engine
+    from .parity import compare_logits
 
-    parity = mlx_engine.adapter_check(engine.model_path, adapter_dir, sequences)
+    # llama.cpp's side on the engine this process already holds (no second model load), adapter at scale 1
+    previous = engine.adapter
+    engine.set_adapter(Path(adapter_dir) / "adapter.gguf", 1.0)
+    try:
+        ref = np.concatenate([engine.logits(s) for s in sequences])
+    finally:
+        engine.set_adapter(Path(previous[0]) if previous else None, previous[1] if previous else None)
+    parity = compare_logits(ref, mlx_engine.adapter_logits(engine.model_path, adapter_dir, sequences))
     if parity["kl_mean"] > MAX_KL or parity["top1_agreement"] < MIN_TOP1:
         raise UserError(f"{adapter_dir}: adapter parity check failed: KL {parity['kl_mean']:.4f} (max {MAX_KL}), "
                         f"top-1 agreement {parity['top1_agreement']:.3f} (min {MIN_TOP1}); "

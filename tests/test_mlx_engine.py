@@ -309,3 +309,28 @@ def test_default_model_trains_and_exports_with_parity(default_model, tmp_path):
     me.train(default_model, exs, TrainConfig(lr=1e-3, epochs=2, batch_size=4, warmup=0.0, val_fraction=0.0), tmp_path)
     parity = me.adapter_check(default_model, tmp_path, seqs)
     assert parity["kl_mean"] < 0.1 and parity["top1_agreement"] >= 0.9, parity
+
+
+def test_parity_gate_uses_the_live_engine(tiny_q4, toy, trained, tmp_path):
+    """training.check_adapter: llama.cpp's side on the process's engine (no second load), MLX's from the
+    mlx-lm files; a true export passes, an MLX adapter that differs fails loudly, the engine is restored."""
+    import shutil
+
+    from semievol_local import llama_engine, training
+    from semievol_local.config import EngineConfig
+    from semievol_local.errors import UserError
+
+    out, _, _ = trained
+    engine = llama_engine.Engine(tiny_q4, EngineConfig(n_ctx=256))
+    seqs = [p + a for p, a in toy[:3]]
+    ok = training.check_adapter(engine, out, seqs)
+    assert ok["kl_mean"] < 0.1 and ok["top1_agreement"] >= 0.9, ok
+    assert engine.adapter is None
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad, ignore=shutil.ignore_patterns("checkpoints"))
+    weights = mx.load(str(bad / "adapters.safetensors"))
+    mx.save_safetensors(str(bad / "adapters.safetensors"),
+                        {k: (v * -3 if k.endswith("lora_b") else v) for k, v in weights.items()})
+    with pytest.raises(UserError, match="parity check failed"):
+        training.check_adapter(engine, bad, seqs)
+    assert engine.adapter is None
