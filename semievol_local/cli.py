@@ -29,6 +29,7 @@ app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
 app.add_typer(adapter_app, name="adapter")
 app.add_typer(bench_app, name="bench")
+MODEL_HELP = "Alias, .gguf path, or hf:owner/repo/file.gguf."
 
 
 def command(group: typer.Typer, name: str | None = None):
@@ -187,7 +188,7 @@ def data_check(path: Path = typer.Argument(..., help="A task folder (labeled/unl
 @command(app, "eval")
 @options_from(EngineConfig)
 def eval_cmd(
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Alias, .gguf path, or hf:owner/repo/file.gguf."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
     data: Path = typer.Option(..., "--data", "-d", help="Task folder or split file (CSV/JSONL)."),
     adapter: Optional[Path] = typer.Option(None, "--adapter", "-a", help="GGUF LoRA adapter (e.g. RUN/adapter.gguf)."),
     split: str = typer.Option("test", "--split", help="Which split of a task folder."),
@@ -233,7 +234,7 @@ def run_eval(model, data, adapter, split, mode, limit, category_column, max_toke
 @command(app, "train")
 @options_from(TrainConfig, EngineConfig)
 def train_cmd(
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Alias, .gguf path, or hf:owner/repo/file.gguf."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
     data: Path = typer.Option(..., "--data", "-d", help="Task folder or split file (CSV/JSONL)."),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder for adapter.gguf, adapters.safetensors, logs, checkpoints."),
     split: str = typer.Option("labeled", "--split", help="Which split of a task folder to train on."),
@@ -305,10 +306,16 @@ def bench_train_cmd(
 ):
     """Training tokens/s beside the float32 GEMM roofline measured in the same run."""
     from . import mlx_engine, models
-    from .files import atomic_write_json
 
     result = mlx_engine.bench_train(models.resolve(model), steps, batch_size=batch_size, seq_len=seq_len)
-    ui.kv_table("bench train", result)
+    _publish(result, json_out, lambda r: ui.kv_table("bench train", r))
+
+
+def _publish(result: dict, json_out: Path | None, show=ui.bench_tables) -> None:
+    """A benchmark's figures: drawn on the terminal, and written to `--json` when given."""
+    from .files import atomic_write_json
+
+    show(result)
     if json_out:
         atomic_write_json(json_out, result)
 
@@ -317,7 +324,7 @@ def bench_train_cmd(
 @options_from(RunConfig, TrainConfig, EngineConfig)
 def bench_quality_cmd(
     ctx: typer.Context,
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Alias, .gguf path, or hf:owner/repo/file.gguf."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
     data: list[Path] = typer.Option(..., "--data", "-d", help="Task folder; repeat for more tasks (ablations, "
                                     "sensitivity and rounds use the first)."),
     out: Path = typer.Option(Path("runs/bench"), "--out", "-o", help="Folder for the runs (one per task and variant)."),
@@ -330,7 +337,6 @@ def bench_quality_cmd(
 ):
     """The paper's tables at laptop scale: main, ablations, sensitivity to n and theta, rounds."""
     from . import bench, models
-    from .files import atomic_write_json
 
     for p in reuse:
         if not (p / "run.json").exists():
@@ -338,16 +344,14 @@ def bench_quality_cmd(
     result = bench.quality(models.resolve(model), data, out, suite, run_config, train_config, engine_config,
                            reporter=ui.Reporter(), share_extra=tuple(reuse), command=invocation(ctx),
                            on_run=lambda folder: ui.info(f"run: {folder}"))
-    ui.bench_tables(result)
-    if json_out:
-        atomic_write_json(json_out, result)
+    _publish(result, json_out)
 
 
 @command(bench_app, "pseudo-label")
 @options_from(RunConfig, TrainConfig, EngineConfig)
 def bench_pseudo_label_cmd(
     ctx: typer.Context,
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Alias, .gguf path, or hf:owner/repo/file.gguf."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
     data: Path = typer.Option(..., "--data", "-d", help="Task folder with labeled and unlabeled splits (with options)."),
     n_items: int = typer.Option(20, "--n-items", "-n", help="Unlabeled questions to pseudo-label with each recipe."),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="Warm-up adapter.gguf (default: train one on the "
@@ -360,14 +364,11 @@ def bench_pseudo_label_cmd(
 ):
     """Pseudo-labeling speed: the paper's sampling recipe vs score mode on the same questions."""
     from . import bench, models
-    from .files import atomic_write_json
 
     result = bench.pseudo_label(models.resolve(model), data, n_items, out, run_config, train_config, engine_config,
                                 reporter=ui.Reporter(), adapter=adapter, sample_tokens=sample_tokens,
                                 command=invocation(ctx))
-    ui.bench_tables(result)
-    if json_out:
-        atomic_write_json(json_out, result)
+    _publish(result, json_out)
 
 
 @command(bench_app, "publish")
@@ -399,7 +400,7 @@ def bench_publish_cmd(
 @command(app, "run")
 @options_from(RunConfig, TrainConfig, EngineConfig)
 def run_cmd(
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Alias, .gguf path, or hf:owner/repo/file.gguf."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
     data: Path = typer.Option(..., "--data", "-d", help="Task folder with labeled, unlabeled and test splits."),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder (running again resumes it)."),
     *, run_config: RunConfig, train_config: TrainConfig, engine_config: EngineConfig,
