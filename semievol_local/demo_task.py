@@ -17,18 +17,33 @@ PRODUCTS = ["headphones", "kettle", "backpack", "desk lamp", "phone case", "blen
             "toaster", "rain jacket", "bike light", "frying pan", "charger", "suitcase"]
 POSITIVE = ["works perfectly", "exceeded my expectations", "is sturdy and well made", "was worth every penny",
             "arrived early and works great", "is the best I have owned", "feels premium", "made my mornings easier",
-            "has held up beautifully", "does exactly what I wanted"]
+            "has held up beautifully", "does exactly what I wanted", "is a joy to use", "is brilliant",
+            "works like a charm", "is excellent value", "impressed the whole family", "is beautifully designed",
+            "runs quietly and reliably", "is comfortable all day", "is the perfect gift",
+            "outperforms the expensive brands", "is fantastic", "still looks brand new", "is wonderfully simple",
+            "does the job brilliantly", "made a real difference", "is solid and reliable", "has been flawless",
+            "is lovely to hold", "is a great buy", "delighted me"]
 NEGATIVE = ["broke after two days", "stopped working within a week", "feels cheap and flimsy",
             "was a waste of money", "arrived damaged", "is worse than the old one", "keeps overheating",
-            "fell apart on first use", "smells of burnt plastic", "was returned for a refund"]
+            "fell apart on first use", "smells of burnt plastic", "was returned for a refund",
+            "is a total disappointment", "leaks everywhere", "is badly made", "broke the first time I used it",
+            "is useless", "rattles and squeaks", "died after a month", "is far too flimsy", "scratched within a day",
+            "is overpriced junk", "gave me nothing but trouble", "stopped charging", "cracked in the cold", "is awful",
+            "was missing parts", "is painfully slow", "tore at the seams", "is the worst purchase this year",
+            "let me down", "started peeling"]
 NEUTRAL = ["arrived on Tuesday", "comes in a grey box", "is the same size as described", "has a two-year warranty",
            "was bought for my brother", "is available in three colours", "came with a manual", "weighs about a kilo",
-           "was delivered by courier", "replaced an older model"]
+           "was delivered by courier", "replaced an older model", "is made of plastic", "was ordered on Monday",
+           "has a black handle", "comes with two cables", "fits in a drawer", "was shipped from Germany",
+           "has a serial number on the back", "is the 2023 model", "uses a standard plug", "is sold in pairs",
+           "came in a cardboard box", "has three settings", "is twenty centimetres tall", "was a birthday present",
+           "is the medium size", "has a matte finish", "was bought in a shop", "needs four batteries",
+           "is also sold in blue", "arrived with the receipt"]
 OPENERS = ["", "Honestly, ", "So far, ", "After a month, ", "For the record, ", "Overall, "]
 ENDINGS = [".", "!", ". Would say the same again.", ". That is all.", ". Five stars from my partner.",
            ". One star from my partner."]
 QUESTION = "What is the sentiment of this product review?\n"
-SIZES = {"labeled": 64, "unlabeled": 64, "test": 48}
+SIZES = {"labeled": 64, "unlabeled": 48, "test": 48}
 # Class balance like many real tasks: neutral is the majority.
 WEIGHTS = {"negative": 0.3, "neutral": 0.4, "positive": 0.3}
 
@@ -73,13 +88,15 @@ if __name__ == "__main__":
 def _demo_configs():
     """The demo's settings: the paper's recipe, sized to finish within 10 minutes on 2 CPU cores.
 
-    The 135M model needs about 50 optimizer steps before it answers more than the label prior, so the
-    warm-up takes 7 epochs of the 64 labeled reviews (56 steps). The final fine-tune continues the warm
-    adapter on the selected pseudo-labels (the official code's choice, `--final-from-warm`): retraining
-    from the base on labeled + selected would cost more steps than the 10-minute budget has."""
+    On 57 training reviews the default lr (3e-4) spikes and settles on the label prior; lr 1e-4 with
+    batches of 4 learns the task after about 80 steps. The demo takes 6 epochs at 1.5e-4 (90 steps).
+    Each class has 30 phrasings, so the 64 labeled reviews leave some unseen: the unlabeled reviews
+    are where the others come from. The final fine-tune continues the warm adapter on the selected
+    pseudo-labels (the official code's choice, `--final-from-warm`): retraining from the base on
+    labeled + selected would cost more steps than the 10-minute budget has."""
     from .config import RunConfig, TrainConfig
 
-    return RunConfig(theta=50.0, final_from_warm=True), TrainConfig(epochs=7.0, lr=3e-4, batch_size=8, grad_clip=1.0)
+    return RunConfig(theta=50.0, final_from_warm=True), TrainConfig(epochs=6.0, lr=1.5e-4, batch_size=4, grad_clip=1.0)
 
 
 DEMO_RUN, DEMO_TRAIN = _demo_configs()
