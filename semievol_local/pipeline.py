@@ -186,9 +186,25 @@ def collaborate_one(engine: Engine, item: Item, demos_all: list[Item], learners:
         cands = [a["text"] for a in answers]
     j = _ask(engine, item, [], mode, cfg, item_seed(cfg.seed, item.index, 999), warm, justify=cands)
     rec.update(pseudo_label=j["answer"], justified=True, justification=j)
-    if mode == "sample":
-        rec["entropy"] = j["nll"]  # Eq. 6 on the justified response
+    rec["entropy"] = label_entropy(rec)
     return rec
+
+
+def label_entropy(rec: dict) -> float:
+    """The uncertainty of the answer that became the pseudo-label (Eq. 6 is taken on the final response).
+
+    Where the learners disagreed, that answer is the justifier's: the entropy of its option distribution
+    (score mode) or the mean NLL of its response (sample mode). Where they agreed, the learners': the
+    entropy of their averaged distribution, or their mean NLL. (On fpb the averaged distribution of
+    disagreeing learners ranked the labels backwards: the low-entropy half was less accurate than the rest.)
+    """
+    j = rec.get("justification")
+    if rec.get("justified") and j:
+        if j.get("probs") is not None:
+            return float(selection.entropy_rows(np.asarray(j["probs"], dtype=np.float64)[None])[0])
+        if j.get("nll") is not None:
+            return float(j["nll"])
+    return float(rec["entropy"])
 
 
 def stage_collaboration(run: RunFolder, name: str, engine: Engine, labeled: list[Item], unlabeled: list[Item],
@@ -242,11 +258,11 @@ def _read_complete_lines(path: Path) -> list[dict]:
 
 def stage_selection(run: RunFolder, name: str, collab: StageResult, cfg: RunConfig, reporter) -> StageResult:
     inputs = {"collaboration": collab.outputs_digest, "theta": cfg.theta, "as": cfg.adaptive_selection,
-              "justified_only": cfg.justified_only}
+              "justified_only": cfg.justified_only, "entropy": "of the final answer"}
 
     def build(work: Path):
         recs = [json.loads(ln) for ln in collab.path("collaboration.jsonl").read_text().splitlines()]
-        ent = np.array([r["entropy"] for r in recs], dtype=np.float64)
+        ent = np.array([label_entropy(r) for r in recs], dtype=np.float64)
         has_label = np.array([r["pseudo_label"] is not None for r in recs])
         if cfg.adaptive_selection:
             only = np.array([r["justified"] for r in recs]) if cfg.justified_only else None
@@ -254,9 +270,9 @@ def stage_selection(run: RunFolder, name: str, collab: StageResult, cfg: RunConf
         else:
             keep = np.ones(len(recs), dtype=bool)
         keep &= has_label
-        lines = [json.dumps({"index": r["index"], "pseudo_label": r["pseudo_label"], "entropy": r["entropy"],
+        lines = [json.dumps({"index": r["index"], "pseudo_label": r["pseudo_label"], "entropy": float(e),
                              "consistent": r["consistent"], "justified": r["justified"], "selected": bool(k)})
-                 for r, k in zip(recs, keep)]
+                 for r, k, e in zip(recs, keep, ent)]
         atomic_write_text(work / "pseudo_labels.jsonl", "\n".join(lines) + "\n")
         return {"selected": int(keep.sum()), "of": len(recs)}
 

@@ -216,3 +216,18 @@ def test_resume_after_kill_9_gives_the_same_result(full_run, tmp_path):
     assert proc.wait() == 0
     assert pseudo(out) == pseudo(ref)
     assert report(out)["accuracy"] == report(ref)["accuracy"]
+
+
+def test_entropy_is_that_of_the_final_answer():
+    """Selection ranks a pseudo-label by the uncertainty of the answer that became it: the justifier's
+    where the learners disagreed (score: its option distribution; sample: its mean NLL), else the learners'."""
+    import math
+
+    from semievol_local.pipeline import label_entropy
+
+    agreed = {"justified": False, "entropy": 0.3}
+    assert label_entropy(agreed) == 0.3
+    sure = {"justified": True, "entropy": 1.0, "justification": {"probs": [1.0, 0.0, 0.0]}}
+    unsure = {"justified": True, "entropy": 0.2, "justification": {"probs": [1 / 3, 1 / 3, 1 / 3]}}
+    assert label_entropy(sure) < 1e-6 and math.isclose(label_entropy(unsure), math.log(3))
+    assert label_entropy({"justified": True, "entropy": 9.0, "justification": {"nll": 0.7, "text": "Answer: B"}}) == 0.7
