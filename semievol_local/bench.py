@@ -196,8 +196,8 @@ def pseudo_label(model_path: Path, data: Path, n_items: int, out: Path, cfg: Run
     result = {"benchmark": "pseudo-label", "machine": machine(), "command": command, "model": str(model_path),
               "task": str(data), "n_items": len(unlabeled), "learners": [ln.label() for ln in learners],
               "adapter": str(warm_path), "sample_max_tokens": sample_tokens, "temperature": cfg.temperature}
+    mcfg = dataclasses.replace(cfg, max_tokens=sample_tokens)
     for mode in ("score", "sample"):
-        mcfg = dataclasses.replace(cfg, max_tokens=sample_tokens)
         recs = []
         t0 = time.perf_counter()
         with reporter.progress(len(unlabeled), f"{mode} mode", "questions") as advance:

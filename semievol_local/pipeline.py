@@ -186,12 +186,12 @@ def collaborate_one(engine: Engine, item: Item, demos_all: list[Item], learners:
         cands = [a["text"] for a in answers]
     j = _ask(engine, item, [], mode, cfg, item_seed(cfg.seed, item.index, 999), warm, justify=cands)
     rec.update(pseudo_label=j["answer"], justified=True, justification=j)
-    rec["entropy"] = label_entropy(rec)
     return rec
 
 
 def label_entropy(rec: dict) -> float:
-    """The uncertainty of the answer that became the pseudo-label (Eq. 6 is taken on the final response).
+    """The uncertainty of the answer that became the pseudo-label (Eq. 6 is taken on the final response),
+    derived by selection from a collaboration record (whose own `entropy` is always the learners').
 
     Where the learners disagreed, that answer is the justifier's: the entropy of its option distribution
     (score mode) or the mean NLL of its response (sample mode). Where they agreed, the learners': the
