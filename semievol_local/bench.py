@@ -117,6 +117,8 @@ def quality(model_path: Path, datas: list[Path], out: Path, suites: list[str], c
             command: str = "") -> dict:
     """Run every variant of the plan (shared stages reused) and gather the paper-style tables."""
     plan = quality_plan([Path(d) for d in datas], suites, cfg)
+    for d in datas:  # every task is checked before hours go into the first one
+        load_task(Path(d))
     runs: dict[tuple[Path, str], dict] = {}
     for var in plan:
         key = (var.data, var.folder)
