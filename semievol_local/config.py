@@ -64,8 +64,12 @@ class RunConfig:
     icp: bool = opt(True, "In-context propagation: retrieved demonstrations.", flag="--icp/--no-icp")
     cl: bool = opt(True, "Collaborative learning: n learners + self-justification.", flag="--cl/--no-cl")
     adaptive_selection: bool = opt(True, "Adaptive selection by entropy.", flag="--as/--no-as")
+    threshold: str = opt("global", "Entropy percentile over all pseudo-labels (global: the paper's Eq. 7) or per "
+                         "pseudo-label class (per-class: no class is dropped whole); open answers use global.")
     justified_only: bool = opt(False, "Apply the entropy threshold to self-justified pseudo-labels only (official code).")
     final_from_warm: bool = opt(False, "Final fine-tune continues the warm adapter on the selected only (official code).")
+    final_lr: float = opt(0.0, "Peak lr of the final fine-tune (0: --lr); the official code continues M_warm at 1e-6.")
+    final_epochs: float = opt(0.0, "Epochs of the final fine-tune (0: --epochs).")
     temperature: float = opt(1.0, "Sampling temperature of the learners in sample mode.")
     max_tokens: int = opt(256, "Longest learner response in sample mode.")
     limit_unlabeled: int = opt(0, "Use only the first N unlabeled questions (0: all).")

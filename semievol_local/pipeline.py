@@ -29,6 +29,8 @@ from .prompts import extract_answer, fit_prompt, justify_messages
 from .runfolder import RunFolder, StageResult, digest, file_digest
 from .training import train_adapter
 
+THRESHOLDS = ("global", "per-class")
+
 log = logging.getLogger(__name__)
 
 
@@ -256,9 +258,13 @@ def _read_complete_lines(path: Path) -> list[dict]:
     return recs
 
 
-def stage_selection(run: RunFolder, name: str, collab: StageResult, cfg: RunConfig, reporter) -> StageResult:
+def stage_selection(run: RunFolder, name: str, collab: StageResult, cfg: RunConfig, reporter,
+                    closed: bool = True) -> StageResult:
+    """Entropy per pseudo-label and the theta-percentile keep-mask; `closed` (every question has options)
+    lets `--threshold per-class` group by the pseudo-label's option (open answers use one threshold)."""
     inputs = {"collaboration": collab.outputs_digest, "theta": cfg.theta, "as": cfg.adaptive_selection,
-              "justified_only": cfg.justified_only, "entropy": "of the final answer"}
+              "justified_only": cfg.justified_only, "entropy": "of the final answer",
+              "threshold": cfg.threshold if closed else "global"}
 
     def build(work: Path):
         recs = [json.loads(ln) for ln in collab.path("collaboration.jsonl").read_text().splitlines()]
@@ -266,7 +272,8 @@ def stage_selection(run: RunFolder, name: str, collab: StageResult, cfg: RunConf
         has_label = np.array([r["pseudo_label"] is not None for r in recs])
         if cfg.adaptive_selection:
             only = np.array([r["justified"] for r in recs]) if cfg.justified_only else None
-            keep = selection.select(ent, cfg.theta, only=only)
+            groups = [str(r["pseudo_label"]) for r in recs] if cfg.threshold == "per-class" and closed else None
+            keep = selection.select(ent, cfg.theta, only=only, groups=groups)
         else:
             keep = np.ones(len(recs), dtype=bool)
         keep &= has_label
@@ -329,12 +336,17 @@ def run_semievol(model_path: Path, data: Path, out: Path, cfg: RunConfig, tcfg: 
         raise UserError(f"--rounds {cfg.rounds}: give at least 1")
     if not 0 <= cfg.theta <= 100:
         raise UserError(f"--theta {cfg.theta}: give a percentile between 0 and 100")
+    if cfg.final_lr < 0 or cfg.final_epochs < 0:
+        raise UserError(f"--final-lr {cfg.final_lr} / --final-epochs {cfg.final_epochs}: give 0 (as the warm-up) or more")
+    if cfg.threshold not in THRESHOLDS:
+        raise UserError(f"--threshold {cfg.threshold!r}: choose from {', '.join(THRESHOLDS)}")
     mode = resolve_mode(None if cfg.mode == "auto" else cfg.mode, labeled + unlabeled + test)
     engine = load(model_path, ecfg or EngineConfig())
     run = RunFolder(out, share)
     atomic_write_json(out / "run.json", {"model": str(model_path), "data": str(data), "mode": mode,
                                           "run": dataclasses.asdict(cfg), "train": dataclasses.asdict(tcfg)})
     stages: dict[str, StageResult] = {}
+    ftcfg = dataclasses.replace(tcfg, lr=cfg.final_lr or tcfg.lr, epochs=cfg.final_epochs or tcfg.epochs)
     # 1. in-weight propagation: M_warm = FT(M_base, labeled)
     warm = stages["warmup"] = stage_train(run, "warmup", engine, labeled, tcfg, reporter)
     # 6 (baselines). vanilla and SFT on the test split
@@ -351,13 +363,14 @@ def run_semievol(model_path: Path, data: Path, out: Path, cfg: RunConfig, tcfg: 
             run, f"{tag}/collaboration", engine, current_labeled, remaining, ret,
             teacher if cfg.iwp or cfg.cl else None, mode, cfg, reporter)
         # 4. adaptive selection: entropy at or below the theta-percentile
-        sel = stages[f"{tag}/selection"] = stage_selection(run, f"{tag}/selection", col, cfg, reporter)
+        sel = stages[f"{tag}/selection"] = stage_selection(run, f"{tag}/selection", col, cfg, reporter,
+                                                                     closed=all(it.closed for it in remaining))
         chosen_items, chosen = read_selected(sel, remaining)
         # 5. final fine-tune: FT(M_base, labeled + selected), or continue M_warm on the selected
         if cfg.final_from_warm:
-            final = stage_train(run, f"{tag}/final", engine, chosen_items, tcfg, reporter, init_adapter=teacher)
+            final = stage_train(run, f"{tag}/final", engine, chosen_items, ftcfg, reporter, init_adapter=teacher)
         else:
-            final = stage_train(run, f"{tag}/final", engine, current_labeled + chosen_items, tcfg, reporter)
+            final = stage_train(run, f"{tag}/final", engine, current_labeled + chosen_items, ftcfg, reporter)
         stages[f"{tag}/final"] = final
         # 6. evaluation of the evolved model
         stages[f"{tag}/eval"] = stage_eval(run, f"{tag}/eval", engine, test, task["test"], final, mode, reporter)

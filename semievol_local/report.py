@@ -93,7 +93,8 @@ def build_report(run: Path) -> dict:
               "error_reduction": {
                   "semievol_vs_vanilla": error_reduction(acc["vanilla"], acc["semievol"]) if last and van else None,
                   "semievol_vs_sft": error_reduction(acc["sft"], acc["semievol"]) if last and sft else None},
-              "stages": {n: {"seconds": s["seconds"], "peak_rss_mb": s["peak_rss_mb"], "figures": s.get("figures", {})}
+              "stages": {n: {"seconds": s["seconds"], "peak_rss_mb": s["peak_rss_mb"], "figures": s.get("figures", {}),
+                             "attempts": s.get("attempts", 1), "untimed_attempts": s.get("untimed_attempts", False)}
                          for n, s in stages.items()}}
     # pseudo-label quality, from the held-back answers (reporting only)
     try:
@@ -185,6 +186,17 @@ def to_markdown(r: dict) -> str:
         lines += [f"| {d['decile']} | {d['max_entropy']:.3f} | {d['n']} | {d['accuracy']:.3f} |" for d in st["entropy_deciles"]]
         lines += [""]
     lines += ["## Stages", "", "| stage | seconds | peak RSS (MB) |", "| --- | --- | --- |"]
-    lines += [f"| {n} | {s['seconds']:.1f} | {s['peak_rss_mb']:.0f} |" for n, s in r["stages"].items()]
+    lines += [f"| {stage_label(n, s)} | {stage_seconds(s)} | {s['peak_rss_mb']:.0f} |" for n, s in r["stages"].items()]
     lines += [""] + [f"![{p}]({p})" for p in r.get("plots", [])]
     return "\n".join(lines) + "\n"
+
+
+def stage_label(name: str, s: dict) -> str:
+    """A stage's name, with its attempts when a killed attempt was resumed."""
+    n = s.get("attempts", 1)
+    return f"{name} ({n} attempts)" if n > 1 else name
+
+
+def stage_seconds(s: dict) -> str:
+    """Seconds over every attempt; '>' where an earlier attempt kept no clock (older version)."""
+    return (">" if s.get("untimed_attempts") else "") + f"{s['seconds']:.1f}"

@@ -2,7 +2,7 @@
 
 A stage is built in `.<name>.partial/` (which a killed run leaves behind for the stage to resume from),
 then sealed: a manifest records the digest of its inputs, the digests of its output files, its time and
-peak memory, and the folder is renamed into place. Running again reuses a sealed stage whose inputs
+peak memory (summed over every attempt when a killed stage was resumed), and the folder is renamed into place. Running again reuses a sealed stage whose inputs
 digest still matches and whose outputs still hash the same; anything else is built again. Stages name
 their upstream stages' output digests among their inputs, so a change re-runs exactly what depends on it.
 """
@@ -24,6 +24,8 @@ from .files import atomic_write_json, sha256_file
 
 MANIFEST = "manifest.json"
 INPUTS = "inputs.json"
+CLOCK = ".clock.json"  # a partial stage's time and peak memory so far, over every attempt
+CLOCK_EVERY = 5.0  # seconds between writes of the clock (a kill -9 loses at most this much)
 
 _file_digests: dict[tuple, str] = {}
 
@@ -55,8 +57,9 @@ def rss_mb() -> float:
 class PeakMemory:
     """Samples resident memory in a background thread; `.peak_mb` is the highest seen inside the block."""
 
-    def __init__(self, interval: float = 0.2):
+    def __init__(self, interval: float = 0.2, on_tick: Callable[[float], None] | None = None, every: float = 5.0):
         self.interval, self.peak_mb = interval, 0.0
+        self.on_tick, self.every = on_tick, every  # on_tick(peak_mb) every `every` seconds
         self._stop = threading.Event()
 
     def __enter__(self):
@@ -66,8 +69,12 @@ class PeakMemory:
         return self
 
     def _run(self):
+        last = time.perf_counter()
         while not self._stop.wait(self.interval):
             self.peak_mb = max(self.peak_mb, rss_mb())
+            if self.on_tick is not None and time.perf_counter() - last >= self.every:
+                last = time.perf_counter()
+                self.on_tick(self.peak_mb)
 
     def __exit__(self, *exc):
         self._stop.set()
@@ -156,14 +163,33 @@ class RunFolder:
             shutil.rmtree(work, ignore_errors=True)
             work.mkdir(parents=True)
             atomic_write_json(work / INPUTS, {"digest": key, "inputs": inputs})
+            before = {"seconds": 0.0, "peak_rss_mb": 0.0, "attempts": 0}
+        else:  # resuming a killed attempt: its time counts (an attempt killed before its first tick does not)
+            try:
+                before = json.loads((work / CLOCK).read_text())
+            except (OSError, ValueError):
+                before = {"seconds": 0.0, "peak_rss_mb": 0.0, "attempts": 1, "untimed_attempts": True}
         t0 = time.perf_counter()
-        with PeakMemory() as mem:
-            figures = build(work) or {}
+
+        def clock(peak_mb: float) -> dict:
+            return {**before, "seconds": before["seconds"] + time.perf_counter() - t0,
+                    "peak_rss_mb": max(before["peak_rss_mb"], peak_mb), "attempts": before["attempts"] + 1}
+
+        with PeakMemory(on_tick=lambda peak: atomic_write_json(work / CLOCK, clock(peak)), every=CLOCK_EVERY) as mem:
+            try:
+                figures = build(work) or {}
+            except BaseException:
+                atomic_write_json(work / CLOCK, clock(mem.peak_mb))
+                raise
+        total = clock(mem.peak_mb)
+        (work / CLOCK).unlink(missing_ok=True)
         outputs = _outputs(work)
         manifest = {"stage": name, "inputs_digest": key, "inputs": inputs, "outputs": outputs,
-                    "outputs_digest": digest(outputs), "seconds": round(time.perf_counter() - t0, 2),
-                    "peak_rss_mb": round(mem.peak_mb, 1), "figures": figures,
-                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                    "outputs_digest": digest(outputs), "seconds": round(total["seconds"], 2),
+                    "peak_rss_mb": round(total["peak_rss_mb"], 1), "attempts": total["attempts"],
+                    "figures": figures, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        if total.get("untimed_attempts"):
+            manifest["untimed_attempts"] = True  # resumed from a partial stage that kept no clock
         atomic_write_json(work / MANIFEST, manifest)
         shutil.rmtree(final, ignore_errors=True)  # a crash here leaves no sealed stage: it is rebuilt
         final.parent.mkdir(parents=True, exist_ok=True)

@@ -40,19 +40,23 @@ def threshold(entropies: np.ndarray, theta: float) -> float:
     return float(np.percentile(e, theta))
 
 
-def select(entropies: np.ndarray, theta: float, *, only: np.ndarray | None = None) -> np.ndarray:
+def select(entropies: np.ndarray, theta: float, *, only: np.ndarray | None = None,
+           groups: np.ndarray | None = None) -> np.ndarray:
     """Keep-mask (Eq. 8): entropy at or below the theta-percentile.
 
     With `only` (a boolean mask), the threshold is computed over, and applied to, those items alone;
     the rest are all kept (the official code filters only the self-justified pseudo-labels).
+    With `groups` (one key per item, e.g. the pseudo-label's class), each group gets its own
+    theta-percentile, so a class whose labels are all less certain than another's is not dropped whole.
     """
     e = np.asarray(entropies, dtype=np.float64)
     if theta >= 100:
         return np.ones(len(e), dtype=bool)
-    if only is None:
-        return e <= threshold(e, theta)
-    keep = np.ones(len(e), dtype=bool)
-    if only.any():
-        tau = threshold(e[only], theta)
-        keep[only] = e[only] <= tau
+    considered = np.ones(len(e), dtype=bool) if only is None else np.asarray(only, dtype=bool)
+    keep = ~considered
+    keys = np.zeros(len(e), dtype=int) if groups is None else np.unique(np.asarray(groups, dtype=str),
+                                                                          return_inverse=True)[1]
+    for g in np.unique(keys[considered]):
+        m = considered & (keys == g)
+        keep[m] = e[m] <= threshold(e[m], theta)
     return keep

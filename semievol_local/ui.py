@@ -9,6 +9,8 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgress
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.table import Table
 
+from .report import stage_label, stage_seconds
+
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
@@ -141,7 +143,7 @@ def run_report(report: dict) -> None:
                 ["accuracy, self-justified", st["accuracy_justified"]],
                 ["accuracy, selected", st["accuracy_selected"]], ["selected", st["selected"]]])
     table("stages", ["stage", "seconds", "peak RSS (MB)"],
-          [[n, f"{s['seconds']:.1f}", f"{s['peak_rss_mb']:.0f}"] for n, s in report["stages"].items()])
+          [[stage_label(n, s), stage_seconds(s), f"{s['peak_rss_mb']:.0f}"] for n, s in report["stages"].items()])
 
 
 def bench_tables(result: dict) -> None:

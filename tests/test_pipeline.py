@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import make_rows, write_split
 
@@ -127,6 +128,53 @@ def test_no_adaptive_selection_keeps_everything(tiny_q4, tiny_task, tmp_path):
     assert all(r["selected"] for r in pseudo(tmp_path / "r"))
 
 
+def test_per_class_threshold_keeps_every_class():
+    """fpb: every positive pseudo-label was less certain than the neutral ones, so one global percentile
+    kept none of them; a percentile per pseudo-label class keeps theta% of each."""
+    from semievol_local.selection import select
+
+    labels = np.array(["B"] * 6 + ["C"] * 4)
+    ent = np.array([0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.5, 0.6, 0.7, 0.8])
+    assert not select(ent, 50, groups=None)[labels == "C"].any()
+    keep = select(ent, 50, groups=labels)
+    assert keep.tolist() == [True] * 3 + [False] * 3 + [True] * 2 + [False] * 2
+    only = np.array([True] * 3 + [False] * 3 + [True] * 4)  # justified only: the rest are all kept
+    assert select(ent, 50, only=only, groups=labels).tolist() == [True, True, False] + [True] * 3 + [True] * 2 + [False] * 2
+    assert select(ent, 100, groups=labels).all()
+
+
+def test_threshold_option_changes_selection_only(full_run, tiny_q4, tmp_path):
+    import shutil
+
+    folder, out = full_run[0], full_run[1]
+    copy = tmp_path / "per-class"
+    shutil.copytree(out, copy)
+    stages = run_semievol(tiny_q4, folder, copy, RunConfig(threshold="per-class"), TRAIN)
+    assert {k for k, s in stages.items() if s.reused} == {
+        "warmup", "eval/vanilla", "eval/sft", "round1/retrieval", "round1/collaboration"}
+    rows = pseudo(copy)  # theta = 50% per pseudo-label class: in each, those at or below its median entropy
+    for c in {r["pseudo_label"] for r in rows}:
+        mine = [r for r in rows if r["pseudo_label"] == c]
+        tau = np.percentile([r["entropy"] for r in mine], 50)
+        assert [r["selected"] for r in mine] == [bool(r["entropy"] <= tau) for r in mine]
+    with pytest.raises(Exception, match="--threshold 'both'"):
+        run_semievol(tiny_q4, folder, tmp_path / "bad", RunConfig(threshold="both"), TRAIN)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_final_fine_tune_has_its_own_lr_and_epochs(full_run, tiny_q4, tmp_path):
+    import shutil
+
+    folder, out = full_run[0], full_run[1]
+    copy = tmp_path / "final-lr"
+    shutil.copytree(out, copy)
+    stages = run_semievol(tiny_q4, folder, copy, RunConfig(final_lr=1e-5, final_epochs=2.0), TRAIN)
+    assert {k for k, s in stages.items() if not s.reused} == {"round1/final", "round1/eval"}
+    train = stages["round1/final"].manifest["inputs"]["train"]
+    assert (train["lr"], train["epochs"]) == (1e-5, 2.0)
+    assert stages["warmup"].manifest["inputs"]["train"]["lr"] == TRAIN.lr
+
+
 def test_learner_configurations_are_drawn_from_the_paper_grid():
     ls = learner_configs(RunConfig(learners=8))
     assert len(set(ls)) == 8 and {ln.n_demos for ln in ls} == {0, 1, 2, 3} and {ln.warm for ln in ls} == {True, False}
@@ -210,12 +258,38 @@ def test_resume_after_kill_9_gives_the_same_result(full_run, tmp_path):
         lambda: collab.exists() and collab.read_text().count("\n") >= 5,  # halfway through collaboration
         lambda: (out / "round1" / ".final.partial").exists(),  # inside the final fine-tune
     ]
-    killed = sum(_kill_when(_run_cli(args), k) for k in kills)
-    assert killed >= 2  # the stages are quick on a tiny model; at least two kills must land mid-run
+    landed = [_kill_when(_run_cli(args), k) for k in kills]
+    assert sum(landed) >= 2  # the stages are quick on a tiny model; at least two kills must land mid-run
     proc = _run_cli(args)
     assert proc.wait() == 0
     assert pseudo(out) == pseudo(ref)
     assert report(out)["accuracy"] == report(ref)["accuracy"]
+    stages = report(out)["stages"]  # a killed stage's time covers its attempts
+    for hit, name in zip(landed, ["warmup", "round1/collaboration", "round1/final"]):
+        assert (stages[name]["attempts"] >= 2) == hit, name
+
+
+def test_a_resumed_stage_counts_the_time_of_every_attempt(tmp_path, monkeypatch):
+    from semievol_local import runfolder
+
+    monkeypatch.setattr(runfolder, "CLOCK_EVERY", 0.05)
+    run = runfolder.RunFolder(tmp_path)
+
+    def crash(work):
+        time.sleep(0.4)
+        raise RuntimeError("killed")
+
+    def finish(work):
+        time.sleep(0.2)
+        (work / "out.txt").write_text("done")
+
+    with pytest.raises(RuntimeError):
+        run.stage("s", {"a": 1}, crash)
+    m = run.stage("s", {"a": 1}, finish).manifest
+    assert m["attempts"] == 2 and 0.6 <= m["seconds"] < 5 and "untimed_attempts" not in m
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["inputs.json", "manifest.json", "out.txt"]
+    m = run.stage("t", {"a": 2}, finish).manifest  # a stage built in one go
+    assert m["attempts"] == 1 and 0.2 <= m["seconds"] < 0.6
 
 
 def test_entropy_is_that_of_the_final_answer():
