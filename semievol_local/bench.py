@@ -279,10 +279,14 @@ def markdown(results: list[dict]) -> str:
                 lines += [f"**{TITLES.get(name, name)}**", ""] + _md_table(rows)
             w = r.get("whole_run")
             if w:
-                lines += [f"Whole run on {w['task']} (sum of stage times): {'more than ' if w.get('untimed_attempts') else ''}"
+                lines += [f"Whole run on {w['task']} (sum of stage times): {'at least ' if w.get('untimed_attempts') else ''}"
                           f"{w['seconds'] / 60:.1f} min, "
                           f"peak {w['peak_rss_mb']:.0f} MB "
-                          f"(goal: 30 min, 3 GB).", ""]
+                          f"(goal: 30 min, 3 GB)."]
+                if w.get("untimed_attempts"):
+                    lines[-1] += (" Stages marked >= were resumed after an interruption, or timed by a version "
+                                  "that did not count earlier attempts: their figure is a lower bound.")
+                lines += [""]
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -94,7 +94,8 @@ def build_report(run: Path) -> dict:
                   "semievol_vs_vanilla": error_reduction(acc["vanilla"], acc["semievol"]) if last and van else None,
                   "semievol_vs_sft": error_reduction(acc["sft"], acc["semievol"]) if last and sft else None},
               "stages": {n: {"seconds": s["seconds"], "peak_rss_mb": s["peak_rss_mb"], "figures": s.get("figures", {}),
-                             "attempts": s.get("attempts", 1), "untimed_attempts": s.get("untimed_attempts", False)}
+                             # manifests written before attempts were counted time only their last attempt
+                             "attempts": s.get("attempts"), "untimed_attempts": s.get("untimed_attempts", "attempts" not in s)}
                          for n, s in stages.items()}}
     # pseudo-label quality, from the held-back answers (reporting only)
     try:
@@ -193,10 +194,10 @@ def to_markdown(r: dict) -> str:
 
 def stage_label(name: str, s: dict) -> str:
     """A stage's name, with its attempts when a killed attempt was resumed."""
-    n = s.get("attempts", 1)
+    n = s.get("attempts") or 1
     return f"{name} ({n} attempts)" if n > 1 else name
 
 
 def stage_seconds(s: dict) -> str:
-    """Seconds over every attempt; '>' where an earlier attempt kept no clock (older version)."""
-    return (">" if s.get("untimed_attempts") else "") + f"{s['seconds']:.1f}"
+    """Seconds over every attempt; '>=' where an earlier attempt may have gone untimed (a lower bound)."""
+    return (">=" if s.get("untimed_attempts") else "") + f"{s['seconds']:.1f}"
