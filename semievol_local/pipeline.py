@@ -336,8 +336,9 @@ def run_semievol(model_path: Path, data: Path, out: Path, cfg: RunConfig, tcfg: 
         raise UserError(f"--rounds {cfg.rounds}: give at least 1")
     if not 0 <= cfg.theta <= 100:
         raise UserError(f"--theta {cfg.theta}: give a percentile between 0 and 100")
-    if cfg.final_lr < 0 or cfg.final_epochs < 0:
-        raise UserError(f"--final-lr {cfg.final_lr} / --final-epochs {cfg.final_epochs}: give 0 (as the warm-up) or more")
+    for flag, value in (("--final-lr", cfg.final_lr), ("--final-epochs", cfg.final_epochs)):
+        if value < 0:
+            raise UserError(f"{flag} {value}: give 0 (the warm-up's value) or more")
     if cfg.threshold not in THRESHOLDS:
         raise UserError(f"--threshold {cfg.threshold!r}: choose from {', '.join(THRESHOLDS)}")
     mode = resolve_mode(None if cfg.mode == "auto" else cfg.mode, labeled + unlabeled + test)
