@@ -7,7 +7,8 @@ LD_PRELOAD or re-exec is needed. On macOS MLX uses Accelerate and this module do
 
 `tune_malloc()` is the other Linux CPU fix: glibc hands big freed buffers straight back to the kernel,
 so every step's 100 MB logits buffer page-faults in again (slow in a VM); keeping them in the heap makes
-a training step 3-6% faster.
+a training step 3-6% faster. `trim_malloc()` gives that kept memory back once training is over, so
+the long llama.cpp stages that follow do not sit on the training peak.
 
 This module does not install anything and does not print: it logs one warning when no BLAS is found.
 """
@@ -93,6 +94,16 @@ def tune_malloc() -> bool:
         except (OSError, AttributeError):  # not glibc (musl has no mallopt): nothing to tune
             pass
     return _state["malloc"]
+
+
+def trim_malloc() -> bool:
+    """Return the free memory of glibc's heap to the system (after training); True if glibc did."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):  # not glibc
+        return False
 
 
 def gemm_gflops(m: int = 512, k: int = 2048, n: int = 2048, repeats: int = 5) -> float:

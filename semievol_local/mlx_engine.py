@@ -15,7 +15,7 @@ dict to `on_step` every optimizer step); no llama.cpp inference of its own.
 """
 from __future__ import annotations
 
-from .blas import ensure_fast_blas, gemm_gflops, tune_malloc
+from .blas import ensure_fast_blas, gemm_gflops, trim_malloc, tune_malloc
 
 ensure_fast_blas()  # must run before the first `import mlx.core` (FACTS §3)
 
@@ -186,6 +186,30 @@ def apply_lora(model: Model, cfg: TrainConfig) -> dict:
     return {"fine_tune_type": "lora", "num_layers": num_layers, "lora_parameters": lora}
 
 
+_CHECKPOINTED: dict[type, type] = {}
+
+
+def checkpoint_blocks(model: Model) -> None:
+    """Keep only each transformer block's input for the backward pass and recompute the rest (mlx-lm's
+    grad_checkpoint, but per model instance: the block's class is swapped, not patched). Activation memory
+    drops from every block's intermediates to one block's; a step costs about one more forward pass."""
+    for layer in model.layers:
+        base = type(layer)
+        if base not in _CHECKPOINTED:
+            def call(self, x, *args, _base_call=base.__call__, **kwargs):
+                def block(params, x):
+                    self.update(params)
+                    return _base_call(self, x, *args, **kwargs)
+                return mx.checkpoint(block)(self.trainable_parameters(), x)
+
+            _CHECKPOINTED[base] = type(f"Checkpointed{base.__name__}", (base,), {"__call__": call})
+        layer.__class__ = _CHECKPOINTED[base]
+
+
+# names of TrainConfig fields that change how training runs, not what it computes
+_NOT_IDENTITY = ("save_every", "grad_checkpoint")
+
+
 def _export(out_dir: Path, flat: dict[str, mx.array], adapter_cfg: dict, arch: str, cfg: TrainConfig) -> None:
     """Write the adapter in both layouts from flat trainable params ('model.layers.3.self_attn.q_proj.lora_a')."""
     with atomic_target(out_dir / "adapters.safetensors") as tmp:
@@ -222,7 +246,8 @@ def _schedule(cfg: TrainConfig, total_steps: int):
 
 def _releasing(fn):
     """Hand MLX's buffer cache back to the system when `fn` returns: the pipeline trains, then runs
-    llama.cpp for a long time, then trains again, and a kept cache would sit in its resident memory."""
+    llama.cpp for a long time, then trains again, and a kept cache (MLX's, and the glibc heap that
+`tune_malloc` keeps) would sit in its resident memory."""
     import functools
     import gc
 
@@ -233,6 +258,7 @@ def _releasing(fn):
         finally:
             gc.collect()
             mx.clear_cache()
+            trim_malloc()
 
     return run
 
@@ -267,6 +293,8 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
     tune_malloc()
     model = load_model(model_path)
     adapter_cfg = apply_lora(model, cfg)
+    if cfg.grad_checkpoint:
+        checkpoint_blocks(model)
     init_sha = _load_init_adapter(model, Path(init_adapter)) if init_adapter is not None else None
     adapter_cfg.update(model=str(model_path), semievol_train_config=dataclasses.asdict(cfg))
     arch = model.args.model_type
@@ -283,7 +311,7 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
     optimizer.init(model.trainable_parameters())  # before compiling: the state tree must not change shape later
 
     # ---- resume
-    identity = {"config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "save_every"},
+    identity = {"config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_IDENTITY},
                 "data_sha256": batching.fingerprint(seqs), "val_sha256": batching.fingerprint(val_seqs),
                 "init_adapter_sha256": init_sha}
     ckpt_root = out_dir / "checkpoints"

@@ -82,7 +82,8 @@ def items_digest(items: list[Item], with_answers: bool) -> str:
 def stage_train(run: RunFolder, name: str, engine: Engine, items: list[Item], tcfg: TrainConfig, reporter,
                 *, init_adapter: StageResult | None = None) -> StageResult:
     inputs = {"model": file_digest(engine.model_path), "items": items_digest(items, True),
-              "train": dataclasses.asdict(tcfg),
+              # grad_checkpoint changes memory use, not the adapter: no re-run for it
+              "train": {k: v for k, v in dataclasses.asdict(tcfg).items() if k != "grad_checkpoint"},
               "init_adapter": init_adapter.outputs_digest if init_adapter else None}
 
     def build(work: Path):

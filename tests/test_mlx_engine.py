@@ -248,6 +248,57 @@ def test_mlx_matmuls_use_the_optimized_blas():
     assert gemm_gflops(256, 1024, 1024, repeats=3) > 30  # reference BLAS: ~7; OpenBLAS, 2 busy cores: 50+
 
 
+def test_gradient_checkpointing_gives_the_same_adapter_with_less_memory(tmp_path):
+    """--grad-checkpoint recomputes each block in the backward pass: same losses and weights, lower MLX peak.
+    A deeper tiny model and long prompts, so that block activations dominate the peak as in a real model."""
+    deep = write_tiny_gguf(tmp_path / "deep.gguf", n_layer=8, n_ff=512)
+    tok = tokenizer(deep)
+    data = [(tok(CHAT.format(q="word " * 200 + f"{i}?")), tok(" " + "ABCD"[i % 4] + "<|im_end|>")) for i in range(16)]
+    peaks, weights, losses = {}, {}, {}
+    for on in (False, True):
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        got: list[dict] = []
+        me.train(deep, data, toy_cfg(grad_checkpoint=on, epochs=2, batch_size=16, max_seq_len=256),
+                 tmp_path / str(on), valid_examples=data[:2], on_step=got.append)
+        peaks[on] = mx.get_peak_memory()
+        weights[on] = mx.load(str(tmp_path / str(on) / "adapters.safetensors"))
+        losses[on] = [r["loss"] for r in got]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+    for name, w in weights[False].items():
+        np.testing.assert_allclose(np.array(weights[True][name]), np.array(w), rtol=1e-4, atol=1e-6)
+    assert type(me.load_model(deep).layers[0]).__name__ == "TransformerBlock"  # other models untouched
+    assert peaks[True] < 0.75 * peaks[False], peaks  # measured 0.53 here; SmolLM2 on fpb: 0.51
+
+
+def test_memory_kept_for_training_goes_back_after_it():
+    """tune_malloc keeps freed buffers in glibc's heap (faster steps); trim_malloc, run when training
+    returns, must hand them back, or the llama.cpp stages after a fine-tune sit on the training peak."""
+    import subprocess
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc heap tuning is Linux-only")
+    code = """
+import numpy as np
+from semievol_local.blas import trim_malloc, tune_malloc
+from semievol_local.runfolder import rss_mb
+if not tune_malloc():
+    print("skip"); raise SystemExit
+base = rss_mb()
+a = np.ones(400 * 2**20 // 8); del a  # 400 MB through malloc, freed
+held = rss_mb() - base
+trimmed = trim_malloc()
+print(held, rss_mb() - base, trimmed)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    if out == ["skip"]:
+        pytest.skip("not glibc")
+    held, after, trimmed = float(out[0]), float(out[1]), out[2]
+    assert held > 300, f"tune_malloc did not keep the freed 400 MB ({held:.0f} MB held)"
+    assert trimmed == "True" and after < 50, f"trim_malloc left {after:.0f} MB of the 400 MB"
+
+
 # ---------------------------------------------------------------------------- CPU fast paths
 
 def test_fast_exp_is_accurate_over_float32_range():
