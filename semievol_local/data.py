@@ -159,10 +159,12 @@ def load_split(path: Path, name: str, *, with_answers: bool = True) -> Split:
             answer = str(row["answer"]).strip()
             if options:
                 letters = LETTERS[: len(options)]
+                if answer.isdigit() and 1 <= int(answer) <= len(options):
+                    answer = letters[int(answer) - 1]  # a numbered option (ARC labels some questions 1-4)
                 if len(answer) != 1 or answer.upper() not in letters:
                     raise UserError(
                         f"{where}: answer {answer!r} is not a letter within the options ({letters[0]}-{letters[-1]}); "
-                        "write the option's letter, A for the first")
+                        f"write the option's letter (A for the first) or its number (1-{len(options)})")
                 answer = answer.upper()
             elif not answer:
                 raise UserError(f"{where}: empty answer; open-answer rows need a number or short text")

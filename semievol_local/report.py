@@ -98,12 +98,13 @@ def build_report(run: Path) -> dict:
                              "attempts": s.get("attempts"), "untimed_attempts": s.get("untimed_attempts", "attempts" not in s)}
                          for n, s in stages.items()}}
     # pseudo-label quality, from the held-back answers (reporting only)
+    report["pseudo_labels"] = {}
     try:
         path = find_split_file(Path(meta["data"]), "unlabeled")
         held = dict(enumerate(load_heldout_answers(path)))
-    except UserError:
+    except UserError as e:  # no answers to check against: say why instead of leaving the statistics out silently
         held = {}
-    report["pseudo_labels"] = {}
+        report["pseudo_labels_unchecked"] = str(e)
     for r in rounds:
         p = run / f"round{r}" / "selection" / "pseudo_labels.jsonl"
         if p.exists() and held:
@@ -175,6 +176,9 @@ def to_markdown(r: dict) -> str:
     if len(r["accuracy_by_round"]) > 1:
         lines += ["| round | accuracy |", "| --- | --- |"]
         lines += [f"| {k} | {_f(v)} |" for k, v in r["accuracy_by_round"].items()] + [""]
+    if r.get("pseudo_labels_unchecked"):
+        lines += [f"Pseudo-label accuracy is not reported: the unlabeled answers could not be read "
+                  f"({r['pseudo_labels_unchecked']}).", ""]
     for name, st in r["pseudo_labels"].items():
         if not st:
             continue

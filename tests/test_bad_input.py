@@ -114,3 +114,16 @@ def test_data_check_summarizes_a_task(tiny_task):
     res = CliRunner().invoke(app, ["data", "check", str(tiny_task)])
     assert res.exit_code == 0, res.stderr
     assert "unlabeled" in res.stdout and "held apart" in res.stdout and "category" in res.stdout
+
+
+def test_numbered_answers_are_option_numbers(tmp_path):
+    """ARC's unlabeled split labels 26 questions 1-4 instead of A-D: read as the option's number;
+    a number beyond the options is still refused."""
+    from semievol_local.data import load_split
+
+    (tmp_path / "ok").mkdir(), (tmp_path / "bad").mkdir()
+    ok = folder_with(tmp_path / "ok", raw='question,options,answer\nq,"[""a"",""b"",""c""]",3\nq2,"[""a"",""b""]",b\n')
+    assert [it.answer for it in load_split(ok / "test.csv", "test").items] == ["C", "B"]
+    bad = folder_with(tmp_path / "bad", raw='question,options,answer\nq,"[""a"",""b""]",3\n')
+    res = CliRunner().invoke(app, ["data", "check", str(bad / "test.csv")])
+    assert res.exit_code == 2 and "test.csv:2" in res.stderr and "'3'" in res.stderr

@@ -175,6 +175,24 @@ def test_final_fine_tune_has_its_own_lr_and_epochs(full_run, tiny_q4, tmp_path):
     assert stages["warmup"].manifest["inputs"]["train"]["lr"] == TRAIN.lr
 
 
+def test_report_says_why_pseudo_labels_are_unchecked(full_run, tmp_path):
+    """Held-back answers that cannot be read leave the pseudo-label accuracy out, with the reason."""
+    import shutil
+
+    from semievol_local.report import build_report, to_markdown
+
+    folder, out, _, _ = full_run
+    data = _variant(folder, tmp_path / "task", lambda rows, h: ([{**r, "answer": "Z"} for r in rows], h))
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    meta = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**meta, "data": str(data)}))
+    rep = build_report(run)
+    assert rep["pseudo_labels"] == {} and "unlabeled.csv:2" in rep["pseudo_labels_unchecked"]
+    assert "not reported" in to_markdown(rep)
+    assert report(out)["pseudo_labels"]["round1"]["n"] == 20 and "pseudo_labels_unchecked" not in report(out)
+
+
 def test_learner_configurations_are_drawn_from_the_paper_grid():
     ls = learner_configs(RunConfig(learners=8))
     assert len(set(ls)) == 8 and {ln.n_demos for ln in ls} == {0, 1, 2, 3} and {ln.warm for ln in ls} == {True, False}
