@@ -159,7 +159,7 @@ def load_split(path: Path, name: str, *, with_answers: bool = True) -> Split:
             answer = str(row["answer"]).strip()
             if options:
                 letters = LETTERS[: len(options)]
-                if answer.isdigit() and 1 <= int(answer) <= len(options):
+                if answer.isdecimal() and 1 <= int(answer) <= len(options):
                     answer = letters[int(answer) - 1]  # a numbered option (ARC labels some questions 1-4)
                 if len(answer) != 1 or answer.upper() not in letters:
                     raise UserError(

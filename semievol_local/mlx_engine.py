@@ -247,7 +247,7 @@ def _schedule(cfg: TrainConfig, total_steps: int):
 def _releasing(fn):
     """Hand MLX's buffer cache back to the system when `fn` returns: the pipeline trains, then runs
     llama.cpp for a long time, then trains again, and a kept cache (MLX's, and the glibc heap that
-`tune_malloc` keeps) would sit in its resident memory."""
+    `tune_malloc` keeps) would sit in its resident memory."""
     import functools
     import gc
 

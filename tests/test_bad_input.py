@@ -121,9 +121,11 @@ def test_numbered_answers_are_option_numbers(tmp_path):
     a number beyond the options is still refused."""
     from semievol_local.data import load_split
 
-    (tmp_path / "ok").mkdir(), (tmp_path / "bad").mkdir()
+    for sub in ("ok", "bad", "superscript"):
+        (tmp_path / sub).mkdir()
     ok = folder_with(tmp_path / "ok", raw='question,options,answer\nq,"[""a"",""b"",""c""]",3\nq2,"[""a"",""b""]",b\n')
     assert [it.answer for it in load_split(ok / "test.csv", "test").items] == ["C", "B"]
-    bad = folder_with(tmp_path / "bad", raw='question,options,answer\nq,"[""a"",""b""]",3\n')
-    res = CliRunner().invoke(app, ["data", "check", str(bad / "test.csv")])
-    assert res.exit_code == 2 and "test.csv:2" in res.stderr and "'3'" in res.stderr
+    for sub, answer in (("bad", "3"), ("superscript", "\u00b2")):  # '²' is a digit to str.isdigit, not to int()
+        bad = folder_with(tmp_path / sub, raw=f'question,options,answer\nq,"[""a"",""b""]",{answer}\n')
+        res = CliRunner().invoke(app, ["data", "check", str(bad / "test.csv")])
+        assert res.exit_code == 2 and "test.csv:2" in res.stderr and repr(answer) in res.stderr, res.stderr
