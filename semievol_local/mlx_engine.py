@@ -35,6 +35,7 @@ import mlx.nn as nn  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
 import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path  # noqa: E402
+from mlx_lm.models.base import create_attention_mask  # noqa: E402
 from mlx_lm.models.llama import Model, ModelArgs  # noqa: E402
 from mlx_lm.tuner.utils import linear_to_lora_layers, load_adapters  # noqa: E402
 
@@ -175,10 +176,10 @@ def apply_lora(model: Model, cfg: TrainConfig) -> dict:
         raise UserError(f"LoRA keys {unknown or cfg.keys!r} are not projections of this model; "
                         f"choose from {','.join(ag.LORA_TARGETS)}.")
     n_blocks = len(model.layers)
-    num_layers = n_blocks if cfg.num_layers == -1 else cfg.num_layers
-    if not 1 <= num_layers <= n_blocks:
-        raise UserError(f"Requested LoRA on {cfg.num_layers} blocks but the model has {n_blocks}; "
-                        f"use 1..{n_blocks}, or -1 for all.")
+    if cfg.num_layers == 0 or cfg.num_layers < -1:
+        raise UserError(f"Requested LoRA on {cfg.num_layers} blocks; use a number from 1 (the last block) "
+                        f"up, or -1 for all {n_blocks}.")
+    num_layers = n_blocks if cfg.num_layers == -1 else min(cfg.num_layers, n_blocks)  # a small model: all
     lora = {"rank": cfg.rank, "scale": cfg.scale, "dropout": cfg.dropout, "keys": [ag.LORA_TARGETS[k] for k in keys]}
     mx.random.seed(cfg.seed)  # LoRA A init
     model.freeze()
@@ -223,11 +224,23 @@ def _export(out_dir: Path, flat: dict[str, mx.array], adapter_cfg: dict, arch: s
     ag.write_lora_gguf(out_dir / "adapter.gguf", arch, pairs, scale=cfg.scale, rank=cfg.rank)
 
 
-def _loss(model: Model, inputs, pos, targets, mask, norm):
+def _blocks(model: Model, h: mx.array, first: int, last: int) -> mx.array:
+    """Blocks first..last-1 on hidden states (B, L, D), causal, no KV cache (right padding is never seen)."""
+    mask = create_attention_mask(h, None)  # as mlx-lm's LlamaModel: "causal", or None for one position
+    for layer in model.model.layers[first:last]:
+        h = layer(h, mask, cache=None)
+    return h
+
+
+def _loss(model: Model, inputs, pos, targets, mask, norm, first: int = 0):
     """Summed answer-token cross-entropy divided by `norm` (the optimizer step's answer-token count, so
     micro-batch gradients add up to the token mean). Like mlx-lm's default_loss, but the vocab projection
-    runs only at answer positions: for short answers that skips most of the largest matmul."""
-    h = model.model(inputs)  # (B, L, D)
+    runs only at answer positions: for short answers that skips most of the largest matmul.
+    `first` > 0: `inputs` are the cached outputs of block first-1 (B, L, D), not token ids (see `_trunk`)."""
+    if first == 0:
+        h = model.model(inputs)  # (B, L, D)
+    else:
+        h = model.model.norm(_blocks(model, inputs, first, len(model.model.layers)))  # (B, L, D)
     h = mx.take_along_axis(h, pos[..., None], axis=1)  # (B, A, D)
     ce = nn.losses.cross_entropy(_lm_head(model, h), targets) * mask  # (B, A)
     return ce.sum() / norm, mask.sum()
@@ -243,6 +256,42 @@ def _schedule(cfg: TrainConfig, total_steps: int):
 
 
 # ----------------------------------------------------------------------------- training
+
+TRUNK_CACHE_BYTES = 2 * 1024**3  # the most the frozen blocks' outputs may take; beyond it they are recomputed
+
+
+def _trunk(model: Model, seqs: list[batching.Seq], first: int, batch_size: int) -> list[np.ndarray] | None:
+    """The output of blocks 0..first-1 for every sequence's inputs, (len - 1, D) float32 each, or None
+    when they would take more than TRUNK_CACHE_BYTES.
+
+    Blocks below the first LoRA block are frozen and see no LoRA below them, so their output for a
+    sequence never changes during training: computed once here, each step then runs (forward and
+    backward) only the blocks that have LoRA. Right padding and causal attention make each row's valid
+    positions independent of the batch it is computed in."""
+    dim = model.args.hidden_size
+    if sum(len(t) - 1 for t, _ in seqs) * dim * 4 > TRUNK_CACHE_BYTES:
+        log.info("frozen blocks' outputs exceed %d bytes: recomputed every step", TRUNK_CACHE_BYTES)
+        return None
+    out: list[np.ndarray | None] = [None] * len(seqs)
+    order = np.argsort([len(t) for t, _ in seqs], kind="stable")  # similar lengths together: little padding
+    for i in range(0, len(order), batch_size):
+        idx = order[i: i + batch_size]
+        inputs = mx.array(batching.collate(seqs, idx)[0])  # (B, L)
+        h = _blocks(model, model.model.embed_tokens(inputs), 0, first)  # (B, L, D)
+        mx.eval(h)
+        h = np.array(h, dtype=np.float32)
+        for r, j in enumerate(idx):
+            out[j] = h[r, : len(seqs[j][0]) - 1]
+    return out
+
+
+def _trunk_batch(trunk: list[np.ndarray], idx, length: int) -> np.ndarray:
+    """Cached trunk outputs of the sequences `idx`, right-padded with zeros to `length`: (B, L, D)."""
+    h = np.zeros((len(idx), length, trunk[idx[0]].shape[1]), np.float32)
+    for r, i in enumerate(idx):
+        h[r, : len(trunk[i])] = trunk[i]
+    return h
+
 
 def _releasing(fn):
     """Hand MLX's buffer cache back to the system when `fn` returns: the pipeline trains, then runs
@@ -333,8 +382,18 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
             records, start = state["log"], state["step"]
             log.info("resuming from step %d of %d", start, total_steps)
 
+    # ---- frozen trunk: the blocks below the first LoRA block run once per sequence, not once per step
+    tic = time.perf_counter()
+    first = len(model.layers) - adapter_cfg["num_layers"]
+    trunk = _trunk(model, seqs, first, cfg.batch_size) if first > 0 else None
+    trunk_seconds = time.perf_counter() - tic
+    if trunk is None:
+        first = 0
+    else:
+        log.info("outputs of the %d frozen blocks cached for %d sequences in %.1f s", first, len(seqs), trunk_seconds)
+
     # ---- one compiled step: forward + backward (+ optimizer update on the last micro-batch)
-    loss_and_grad = nn.value_and_grad(model, _loss)
+    loss_and_grad = nn.value_and_grad(model, partial(_loss, first=first))
     state = [model.state, optimizer.state, mx.random.state]
 
     @partial(mx.compile, inputs=state, outputs=state)
@@ -361,6 +420,9 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
         prev_good, good = good, dict(tree_flatten(model.trainable_parameters()))
         mx.random.seed(cfg.seed * 1_000_003 + s)  # dropout masks: a function of (seed, step), so resuming needs no RNG state
         micro = [batching.collate(seqs, idx) for idx in plan[s * cfg.grad_accum: (s + 1) * cfg.grad_accum]]
+        if trunk is not None:  # token ids -> the cached hidden states they lead to
+            micro = [(_trunk_batch(trunk, idx, b[0].shape[1]), *b[1:])
+                     for idx, b in zip(plan[s * cfg.grad_accum: (s + 1) * cfg.grad_accum], micro)]
         n_answer = float(sum(b[3].sum() for b in micro))
         if n_answer == 0:
             raise UserError(f"Training batch {s + 1} has no answer tokens to learn from; check that answers are not empty.")
@@ -398,6 +460,7 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
     vals = [r["val_loss"] for r in records if "val_loss" in r]
     steps_run = [r for r in records[start:]]
     return {"steps": total_steps, "resumed_from": start, "final_loss": records[-1]["loss"],
+            "frozen_blocks_cached": first, "trunk_seconds": trunk_seconds if first else 0.0,
             "val_loss": vals[-1] if vals else None, "train_seconds": time.perf_counter() - t_run,
             "tokens_per_s": float(np.mean([r["tokens_per_s"] for r in steps_run])) if steps_run else None,
             "trainable_params": sum(v.size for _, v in tree_flatten(model.trainable_parameters())),
@@ -484,7 +547,7 @@ def bench_train(model_path, steps: int = 8, *, batch_size: int = 4, seq_len: int
     for _ in range(batch_size * steps):
         toks = rng.integers(0, vocab, size=seq_len + 1).tolist()  # seq_len inputs, seq_len targets at most
         examples.append((toks[: seq_len + 1 - answer_len], toks[seq_len + 1 - answer_len:]))
-    cfg = TrainConfig(rank=rank, batch_size=batch_size, grad_accum=1, epochs=1.0, max_seq_len=seq_len + 1,
+    cfg = TrainConfig(rank=rank, num_layers=-1, batch_size=batch_size, grad_accum=1, epochs=1.0, max_seq_len=seq_len + 1,
                       warmup=0.0, lr=1e-4, val_fraction=0.0, save_every=10**9, seed=seed)
     speeds: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -271,6 +271,36 @@ def test_gradient_checkpointing_gives_the_same_adapter_with_less_memory(tmp_path
     assert peaks[True] < 0.75 * peaks[False], peaks  # measured 0.53 here; SmolLM2 on fpb: 0.51
 
 
+def test_frozen_blocks_run_once_and_give_the_same_adapter(tmp_path, monkeypatch):
+    """LoRA on the last 3 of 8 blocks: the 5 blocks below are run once per sequence and cached. Same losses
+    and weights as recomputing them every step (cache disabled), and llama.cpp applies the partial adapter."""
+    deep = write_tiny_gguf(tmp_path / "deep.gguf", n_layer=8, n_ff=256)
+    tok = tokenizer(deep)
+    # prompts of different lengths, so batches are padded and cached rows must be cut and re-padded
+    data = [(tok(CHAT.format(q="word " * (3 + 5 * i) + f"{i}?")), tok(" " + "ABCD"[i % 4] + "<|im_end|>"))
+            for i in range(12)]
+    weights, losses, infos = {}, {}, {}
+    for cached in (True, False):
+        monkeypatch.setattr(me, "TRUNK_CACHE_BYTES", 2**31 if cached else 0)
+        got: list[dict] = []
+        infos[cached] = me.train(deep, data, toy_cfg(num_layers=3, epochs=3, batch_size=4, max_seq_len=128),
+                                 tmp_path / str(cached), valid_examples=data[:2], on_step=got.append)
+        weights[cached] = mx.load(str(tmp_path / str(cached) / "adapters.safetensors"))
+        losses[cached] = [r["loss"] for r in got]
+    assert infos[True]["frozen_blocks_cached"] == 5 and infos[False]["frozen_blocks_cached"] == 0
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+    assert losses[True][-1] < losses[True][0]  # it learns
+    assert sorted({k.split(".")[2] for k in weights[True]}) == ["5", "6", "7"]
+    for name, w in weights[False].items():
+        np.testing.assert_allclose(np.array(weights[True][name]), np.array(w), rtol=1e-3, atol=1e-5)
+    seqs = [p + a for p, a in data[:3]]
+    parity = compare_logits(np.concatenate(llama_logits_many(deep, tmp_path / "True" / "adapter.gguf", seqs)),
+                            me.adapter_logits(deep, tmp_path / "True", seqs))
+    assert parity["kl_mean"] < 0.05 and parity["top1_agreement"] >= 0.9, parity
+    with pytest.raises(UserError, match="Requested LoRA on 0 blocks"):
+        me.train(deep, data, toy_cfg(num_layers=0), tmp_path / "zero")
+
+
 def test_memory_kept_for_training_goes_back_after_it():
     """tune_malloc keeps freed buffers in glibc's heap (faster steps); trim_malloc, run when training
     returns, must hand them back, or the llama.cpp stages after a fine-tune sit on the training peak."""
