@@ -139,7 +139,8 @@ def quality(model_path: Path, datas: list[Path], out: Path, suites: list[str], c
         if var.table == "main":
             row = {"task": var.row, "majority": a["majority"], "vanilla": a["vanilla"], "sft": a["sft"],
                    "semievol": a["semievol"], "err_red_vs_vanilla": error_reduction(a["vanilla"], a["semievol"]),
-                   "err_red_vs_sft": error_reduction(a["sft"], a["semievol"])}
+                   "err_red_vs_sft": error_reduction(a["sft"], a["semievol"]),
+                   "p_vs_sft": (rep.get("semievol_vs_sft_paired") or {}).get("p_value")}
             tables.setdefault("main", []).append(row)
         elif var.table in ("ablation", "sensitivity"):
             st = _last_pseudo(rep)
@@ -245,6 +246,7 @@ def _md_table(rows: list[dict]) -> list[str]:
 
 HEADINGS = {"majority": "majority", "vanilla": "vanilla", "sft": "SFT", "semievol": "SemiEvol",
             "err_red_vs_vanilla": "err. red. vs vanilla", "err_red_vs_sft": "err. red. vs SFT",
+            "p_vs_sft": "p vs SFT (McNemar)",
             "pseudo_label_accuracy_selected": "pseudo-label acc. (selected)", "peak_rss_mb": "peak RSS (MB)"}
 
 

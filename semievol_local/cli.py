@@ -252,7 +252,8 @@ def train_cmd(
     engine = llama_engine.load(models.resolve(model), engine_config)
     reporter = ui.Reporter()
     t0 = time.perf_counter()
-    summary = training.train_adapter(engine, items, train_config, out, resume=resume, on_step=reporter.train_step)
+    summary = training.train_adapter(engine, items, train_config, out, resume=resume, on_step=reporter.train_step,
+                                     on_trunk=reporter.train_trunk)
     reporter.close()
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     ui.kv_table(f"trained {out}", {k: v for k, v in summary.items() if not isinstance(v, (list, dict))})

@@ -260,7 +260,8 @@ def _schedule(cfg: TrainConfig, total_steps: int):
 TRUNK_CACHE_BYTES = 2 * 1024**3  # the most the frozen blocks' outputs may take; beyond it they are recomputed
 
 
-def _trunk(model: Model, seqs: list[batching.Seq], first: int, batch_size: int) -> list[np.ndarray] | None:
+def _trunk(model: Model, seqs: list[batching.Seq], first: int, batch_size: int,
+           on_progress: Callable[[int, int], None] = lambda done, total: None) -> list[np.ndarray] | None:
     """The output of blocks 0..first-1 for every sequence's inputs, (len - 1, D) float32 each, or None
     when they would take more than TRUNK_CACHE_BYTES.
 
@@ -282,6 +283,7 @@ def _trunk(model: Model, seqs: list[batching.Seq], first: int, batch_size: int) 
         h = np.array(h, dtype=np.float32)
         for r, j in enumerate(idx):
             out[j] = h[r, : len(seqs[j][0]) - 1]
+        on_progress(i + len(idx), len(seqs))
     return out
 
 
@@ -315,7 +317,8 @@ def _releasing(fn):
 @_releasing
 def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, *,
           valid_examples: list[Example] | None = None, resume: bool = False, init_adapter=None,
-          on_step: Callable[[dict], None] | None = None) -> dict:
+          on_step: Callable[[dict], None] | None = None,
+          on_trunk: Callable[[int, int], None] | None = None) -> dict:
     """LoRA-train on (prompt_ids, answer_ids) examples with the loss on answer tokens; write the adapter
     (both layouts), `train_log.jsonl` and resumable checkpoints into `out_dir`.
 
@@ -323,7 +326,8 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
     it loses nothing) with step, total_steps, epoch, loss, lr, tokens_per_s and, when computed, val_loss.
     With `resume=True` the newest checkpoint is verified and training continues exactly where it stopped.
     `init_adapter` (an adapter directory written by this function) starts from its LoRA weights instead of
-    a fresh initialization; the LoRA settings must match it.
+    a fresh initialization; the LoRA settings must match it. `on_trunk(done, total)` reports the one
+    pass over the frozen blocks (sequences done) before the first step.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -385,7 +389,7 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
     # ---- frozen trunk: the blocks below the first LoRA block run once per sequence, not once per step
     tic = time.perf_counter()
     first = len(model.layers) - adapter_cfg["num_layers"]
-    trunk = _trunk(model, seqs, first, cfg.batch_size) if first > 0 else None
+    trunk = _trunk(model, seqs, first, cfg.batch_size, on_trunk or (lambda done, total: None)) if first > 0 else None
     trunk_seconds = time.perf_counter() - tic
     if trunk is None:
         first = 0

@@ -46,6 +46,8 @@ class Quiet:
 
     def train_step(self, info: dict) -> None: ...
 
+    def train_trunk(self, done: int, total: int) -> None: ...
+
 
 @dataclass(frozen=True)
 class Learner:
@@ -89,6 +91,7 @@ def stage_train(run: RunFolder, name: str, engine: Engine, items: list[Item], tc
     def build(work: Path):
         resume = (work / "checkpoints").exists()
         summary = train_adapter(engine, items, tcfg, work, resume=resume, on_step=reporter.train_step,
+                                on_trunk=reporter.train_trunk,
                                 init_adapter=init_adapter.dir if init_adapter else None)
         return {k: v for k, v in summary.items() if isinstance(v, (int, float, str, dict))}
 

@@ -6,6 +6,7 @@ the pseudo-labels were; nothing computed here flows back into the pipeline.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,22 @@ def stage_order(name: str) -> tuple:
 def error_reduction(base: float, new: float) -> float | None:
     """Relative reduction of the error rate from `base` to `new` accuracy."""
     return None if base >= 1 else (new - base) / (1 - base)
+
+
+def paired(a: dict, b: dict) -> dict | None:
+    """Two evaluations of the same test questions, question by question: how many only `a` gets right, how
+    many only `b`, and the exact two-sided McNemar p-value (a binomial test on those discordant questions).
+    A small gap with a large p is what two equally good models also show."""
+    right_a = {p["index"]: bool(p["correct"]) for p in a["predictions"] if p.get("correct") is not None}
+    right_b = {p["index"]: bool(p["correct"]) for p in b["predictions"] if p.get("correct") is not None}
+    common = right_a.keys() & right_b.keys()
+    if not common:
+        return None
+    only_a = sum(right_a[i] and not right_b[i] for i in common)
+    only_b = sum(right_b[i] and not right_a[i] for i in common)
+    n, k = only_a + only_b, min(only_a, only_b)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
+    return {"n": len(common), "only_first": only_a, "only_second": only_b, "p_value": p}
 
 
 def pseudo_label_stats(records: list[dict], answers: dict[int, str]) -> dict:
@@ -93,6 +110,8 @@ def build_report(run: Path) -> dict:
               "error_reduction": {
                   "semievol_vs_vanilla": error_reduction(acc["vanilla"], acc["semievol"]) if last and van else None,
                   "semievol_vs_sft": error_reduction(acc["sft"], acc["semievol"]) if last and sft else None},
+              # question by question: is the gap between SemiEvol and SFT more than chance?
+              "semievol_vs_sft_paired": paired(last, sft) if last and sft else None,
               "stages": {n: {"seconds": s["seconds"], "peak_rss_mb": s["peak_rss_mb"], "figures": s.get("figures", {}),
                              # manifests written before attempts were counted time only their last attempt
                              "attempts": s.get("attempts"), "untimed_attempts": s.get("untimed_attempts", "attempts" not in s)}
@@ -173,6 +192,10 @@ def to_markdown(r: dict) -> str:
              "| --- | --- | --- | --- | --- | --- |",
              f"| {_f(a['majority'])} | {_f(a['vanilla'])} | {_f(a['sft'])} | {_f(a['semievol'])} | "
              f"{_f(r['error_reduction']['semievol_vs_vanilla'])} | {_f(r['error_reduction']['semievol_vs_sft'])} |", ""]
+    pv = r.get("semievol_vs_sft_paired")
+    if pv:
+        lines += [f"Question by question against SFT: SemiEvol alone right on {pv['only_first']}, SFT alone on "
+                  f"{pv['only_second']} of {pv['n']} (exact McNemar p = {pv['p_value']:.3f}).", ""]
     if len(r["accuracy_by_round"]) > 1:
         lines += ["| round | accuracy |", "| --- | --- |"]
         lines += [f"| {k} | {_f(v)} |" for k, v in r["accuracy_by_round"].items()] + [""]

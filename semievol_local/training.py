@@ -40,13 +40,14 @@ def examples(engine: Engine, items: Sequence[Item]) -> list[tuple[list[int], lis
 
 def train_adapter(engine: Engine, items: Sequence[Item], cfg: TrainConfig, out_dir: Path, *,
                   resume: bool = False, check: bool = True, init_adapter: Path | None = None,
-                  on_step: Callable[[dict], None] | None = None) -> dict:
+                  on_step: Callable[[dict], None] | None = None,
+                  on_trunk: Callable[[int, int], None] | None = None) -> dict:
     """Train LoRA on `items` with MLX into `out_dir` (adapter.gguf among the outputs) and gate on parity."""
     from . import mlx_engine
 
     exs = examples(engine, items)
     summary = mlx_engine.train(engine.model_path, exs, cfg, out_dir, resume=resume, init_adapter=init_adapter,
-                               on_step=on_step)
+                               on_step=on_step, on_trunk=on_trunk)
     if check:
         parity = check_adapter(engine, out_dir, [p + a for p, a in exs[:4]])
         summary = {**summary, "parity": parity}

@@ -107,6 +107,18 @@ class Reporter:
     def progress(self, total: int, description: str, unit: str = "items"):
         return progress(total, description, unit)
 
+    def train_trunk(self, done: int, total: int) -> None:
+        """The one forward pass over the frozen blocks, before the first training step."""
+        if self._train is None:
+            p = Progress(TextColumn("cache frozen blocks"), BarColumn(), MofNCompleteColumn(), TextColumn("sequences"),
+                         TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=err)
+            p.start()
+            self._train = (p, p.add_task("trunk", total=total))
+        p, task = self._train
+        p.update(task, completed=done)
+        if done >= total:
+            self.close()
+
     def train_step(self, info: dict) -> None:
         if self._train is None:
             p = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
@@ -133,6 +145,10 @@ def run_report(report: dict) -> None:
     er = report["error_reduction"]
     table("SemiEvol: test accuracy", ["majority", "vanilla", "SFT", "SemiEvol", "err. red. vs vanilla", "vs SFT"],
           [[a["majority"], a["vanilla"], a["sft"], a["semievol"], er["semievol_vs_vanilla"], er["semievol_vs_sft"]]])
+    pv = report.get("semievol_vs_sft_paired")
+    if pv:
+        info(f"question by question: SemiEvol alone right on {pv['only_first']}, SFT alone on {pv['only_second']} "
+             f"of {pv['n']} (exact McNemar p = {pv['p_value']:.3f}; a large p: the gap is within chance)")
     if len(report["accuracy_by_round"]) > 1:
         table("by round", ["round", "accuracy"], [[k, v] for k, v in report["accuracy_by_round"].items()])
     for name, st in report["pseudo_labels"].items():

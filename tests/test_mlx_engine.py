@@ -279,15 +279,17 @@ def test_frozen_blocks_run_once_and_give_the_same_adapter(tmp_path, monkeypatch)
     # prompts of different lengths, so batches are padded and cached rows must be cut and re-padded
     data = [(tok(CHAT.format(q="word " * (3 + 5 * i) + f"{i}?")), tok(" " + "ABCD"[i % 4] + "<|im_end|>"))
             for i in range(12)]
-    weights, losses, infos = {}, {}, {}
+    weights, losses, infos, trunk = {}, {}, {}, {True: [], False: []}
     for cached in (True, False):
         monkeypatch.setattr(me, "TRUNK_CACHE_BYTES", 2**31 if cached else 0)
         got: list[dict] = []
         infos[cached] = me.train(deep, data, toy_cfg(num_layers=3, epochs=3, batch_size=4, max_seq_len=128),
-                                 tmp_path / str(cached), valid_examples=data[:2], on_step=got.append)
+                                 tmp_path / str(cached), valid_examples=data[:2], on_step=got.append,
+                                 on_trunk=lambda done, total, c=cached: trunk[c].append((done, total)))
         weights[cached] = mx.load(str(tmp_path / str(cached) / "adapters.safetensors"))
         losses[cached] = [r["loss"] for r in got]
     assert infos[True]["frozen_blocks_cached"] == 5 and infos[False]["frozen_blocks_cached"] == 0
+    assert trunk[True] == [(4, 12), (8, 12), (12, 12)] and trunk[False] == []  # progress of the one pass
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
     assert losses[True][-1] < losses[True][0]  # it learns
     assert sorted({k.split(".")[2] for k in weights[True]}) == ["5", "6", "7"]
