@@ -26,7 +26,7 @@ from .errors import UserError
 from .files import atomic_write_text
 from .llama_engine import load
 from .prompts import answers_match
-from .report import build_report, error_reduction, stage_label, stage_seconds
+from .report import build_report, error_reduction, paired, stage_label, stage_seconds
 from .runfolder import RunFolder
 
 SUITES = ("main", "ablation", "sensitivity", "rounds")
@@ -134,6 +134,7 @@ def quality(model_path: Path, datas: list[Path], out: Path, suites: list[str], c
         runs[key] = build_report(folder)
     tables: dict[str, list[dict]] = {}
     for var in plan:
+        folder = Path(out) / var.data.name / var.folder
         rep = runs[(var.data, var.folder)]
         a = rep["accuracy"]
         if var.table == "main":
@@ -142,14 +143,24 @@ def quality(model_path: Path, datas: list[Path], out: Path, suites: list[str], c
                    "err_red_vs_sft": error_reduction(a["sft"], a["semievol"]),
                    "p_vs_sft": (rep.get("semievol_vs_sft_paired") or {}).get("p_value")}
             tables.setdefault("main", []).append(row)
+            st = _last_pseudo(rep)  # against the held-back answers: reporting only
+            tables.setdefault("pseudo_labels", []).append(
+                {"task": var.row, "questions": st.get("n"), "consistency_rate": st.get("consistency_rate"),
+                 **{f"accuracy_{k}": st.get(f"accuracy_{k}") for k in ("all", "consistent", "justified", "selected")},
+                 "selected": st.get("selected")})
         elif var.table in ("ablation", "sensitivity"):
             st = _last_pseudo(rep)
-            row = {"variant": var.row, "accuracy": a["semievol"], "selected": st.get("selected"),
-                   "pseudo_label_accuracy_selected": st.get("accuracy_selected")}
+            full = Path(out) / var.data.name / "full"
+            pv = paired(_last_eval(folder), _last_eval(full)) if folder != full and (full / "run.json").exists() else None
+            row = {"variant": var.row, "accuracy": a["semievol"], "p_vs_full": pv["p_value"] if pv else None,
+                   "selected": st.get("selected"), "pseudo_label_accuracy_selected": st.get("accuracy_selected")}
             tables.setdefault(var.table, []).append(row)
         elif var.table == "rounds":
-            rows = [{"round": 0, "accuracy": a["sft"]}]
-            rows += [{"round": int(r), "accuracy": acc} for r, acc in rep["accuracy_by_round"].items()]
+            rows = [{"round": 0, "accuracy": a["sft"], "selected": None, "pseudo_label_accuracy_selected": None}]
+            for r, acc in rep["accuracy_by_round"].items():
+                st = rep["pseudo_labels"].get(f"round{r}") or {}
+                rows.append({"round": int(r), "accuracy": acc, "selected": st.get("selected"),
+                             "pseudo_label_accuracy_selected": st.get("accuracy_selected")})
             tables["rounds"] = rows
     first = plan[0]
     whole = runs[(first.data, first.folder)]["stages"]
@@ -166,7 +177,13 @@ def quality(model_path: Path, datas: list[Path], out: Path, suites: list[str], c
 
 def _last_pseudo(rep: dict) -> dict:
     stats = rep.get("pseudo_labels") or {}
-    return stats[sorted(stats)[-1]] if stats else {}
+    return stats[max(stats, key=lambda name: int(name[5:]))] if stats else {}
+
+
+def _last_eval(run: Path) -> dict:
+    """The test evaluation of a run's last round (every prediction, for a question-by-question comparison)."""
+    last = max(int(p.parent.parent.name[5:]) for p in Path(run).glob("round*/eval/eval.json"))
+    return json.loads((Path(run) / f"round{last}" / "eval" / "eval.json").read_text())
 
 
 # --- pseudo-labeling speed --------------------------------------------------------------------------
@@ -246,7 +263,9 @@ def _md_table(rows: list[dict]) -> list[str]:
 
 HEADINGS = {"majority": "majority", "vanilla": "vanilla", "sft": "SFT", "semievol": "SemiEvol",
             "err_red_vs_vanilla": "err. red. vs vanilla", "err_red_vs_sft": "err. red. vs SFT",
-            "p_vs_sft": "p vs SFT (McNemar)",
+            "p_vs_sft": "p vs SFT (McNemar)", "p_vs_full": "p vs full (McNemar)",
+            "consistency_rate": "consistency", "accuracy_all": "acc. all", "accuracy_consistent": "acc. consistent",
+            "accuracy_justified": "acc. justified", "accuracy_selected": "acc. selected",
             "pseudo_label_accuracy_selected": "pseudo-label acc. (selected)", "peak_rss_mb": "peak RSS (MB)"}
 
 
@@ -255,6 +274,7 @@ def heading(key: str) -> str:
 
 
 TITLES = {"main": "Main table (test accuracy; error reduction is relative)",
+          "pseudo_labels": "Pseudo-labels of the main run (checked against the held-back answers, for reporting only)",
           "ablation": "Ablations (paper Table 2)", "sensitivity": "Sensitivity to n and theta (paper Fig. 3)",
           "rounds": "Rounds (paper Fig. 7; round 0 is SFT)", "whole_run": "Whole run, per stage"}
 

@@ -182,8 +182,8 @@ def collaborate_one(engine: Engine, item: Item, demos_all: list[Item], learners:
         rec["entropy"] = float(selection.entropy_rows(avg[None])[0])
     else:
         rec["entropy"] = float(np.mean([a["nll"] for a in answers]))
-    if consistent or len(learners) == 1 or not cfg.cl:
-        rec["pseudo_label"] = letters[0] if consistent or len(learners) == 1 else selection.vote(letters)
+    if consistent or len(learners) == 1:
+        rec["pseudo_label"] = letters[0]
         rec["justified"] = False
         return rec
     if mode == "score":
@@ -220,8 +220,9 @@ def stage_collaboration(run: RunFolder, name: str, engine: Engine, labeled: list
     inputs = {"model": file_digest(engine.model_path), "labeled": items_digest(labeled, True),
               "unlabeled": items_digest(unlabeled, False), "retrieval": retrieved.outputs_digest,
               "warm": warm.outputs_digest if warm else None, "mode": mode,
+              # --no-cl acts through the learners (one, so no justification): n = 1 is the same stage
               "learners": [ln.label() for ln in learners],
-              "options": {k: getattr(cfg, k) for k in ("seed", "cl", "temperature", "max_tokens")}}
+              "options": {k: getattr(cfg, k) for k in ("seed", "temperature", "max_tokens")}}
 
     def build(work: Path):
         neighbours = np.load(retrieved.path("neighbours.npy"))

@@ -6,8 +6,6 @@ particular nothing here ever sees the unlabeled split's answers.
 """
 from __future__ import annotations
 
-from collections import Counter
-
 import numpy as np
 
 
@@ -20,15 +18,6 @@ def entropy_rows(p: np.ndarray) -> np.ndarray:
 def agree(answers: list[list[str | None]]) -> np.ndarray:
     """(N,) True where every learner gave the same, non-empty answer."""
     return np.array([len(set(a)) == 1 and a[0] is not None for a in answers], dtype=bool)
-
-
-def vote(answers: list[str | None]) -> str | None:
-    """The most common non-empty answer; ties go to the answer seen first."""
-    counts = Counter(a for a in answers if a is not None)
-    if not counts:
-        return None
-    best = max(counts.values())
-    return next(a for a in answers if a is not None and counts[a] == best)
 
 
 def threshold(entropies: np.ndarray, theta: float) -> float:

@@ -65,6 +65,15 @@ def test_quality_tables(quality):
     # without adaptive selection every pseudo-label is kept; with it, about half (theta = 50%)
     sel = {row["variant"]: row["selected"] for row in t["ablation"]}
     assert sel["w/o AS"] == 10 and sel["full"] < 10
+    # each ablation is compared with the full run question by question; the full row has no such p
+    p = {row["variant"]: row["p_vs_full"] for row in t["ablation"]}
+    assert p["full"] is None and all(0.0 < p[v] <= 1.0 for v in p if v != "full")
+    assert [row["selected"] for row in t["rounds"]][:2] == [None, sel["full"]]
+    # the main run's pseudo-labels, checked against the held-back answers
+    (pl,) = t["pseudo_labels"]
+    assert pl["task"] == "colours" and pl["questions"] == 10 and pl["selected"] == sel["full"]
+    assert pl["accuracy_selected"] == t["ablation"][0]["pseudo_label_accuracy_selected"]
+    assert 0.0 <= pl["consistency_rate"] <= 1.0 and 0.0 <= pl["accuracy_all"] <= 1.0
     assert {s["stage"] for s in t["whole_run"]} >= {"warmup", "round1/collaboration", "round1/final"}
     assert r["whole_run"]["seconds"] > 0 and r["whole_run"]["peak_rss_mb"] > 0
     assert r["machine"]["cores"] >= 1 and r["command"].startswith("semievol bench quality")
@@ -87,6 +96,21 @@ def test_quality_variants_reuse_shared_stages(quality):
     assert manifest("icp-False", "round1/retrieval") != manifest("full", "round1/retrieval")
     assert manifest("rounds-2", "round1/final") == manifest("full", "round1/final")
     assert not list(runs.rglob(".*.copy"))
+
+
+def test_one_learner_is_the_run_without_collaboration(quality, tiny_q4, task):
+    """n = 1 (sensitivity) and w/o CL (ablation) are one learner without self-justification: one stage."""
+    runs, _, _ = quality
+    from semievol_local import pipeline
+    from semievol_local.config import TrainConfig
+
+    tcfg = TrainConfig(epochs=1.0, batch_size=4, save_every=100)  # as the CLI parses TINY_TRAIN
+    pipeline.run_semievol(tiny_q4, task, runs / "learners-1", RunConfig(learners=1), tcfg, share=(runs / "cl-False",))
+    for stage in ("warmup", "round1/collaboration", "round1/final", "round1/eval"):
+        a, b = (json.loads((runs / f / stage / "manifest.json").read_text()) for f in ("learners-1", "cl-False"))
+        assert a == b, stage
+    recs = [json.loads(x) for x in (runs / "learners-1" / "pseudo_labels.jsonl").read_text().splitlines()]
+    assert not any(r["justified"] for r in recs)
 
 
 def test_pseudo_label_bench(tiny_q4, task, tmp_path):
