@@ -284,13 +284,17 @@ def markdown(results: list[dict]) -> str:
     lines = []
     for r in results:
         m = r.get("machine", {})
-        lines += [f"### {r.get('benchmark', '?')}: {Path(r.get('task') or ', '.join(r.get('tasks', []))).name or '?'}", "",
+        suites = [x for x in r.get("suites", []) if x != "main"]
+        lines += [f"### {r.get('benchmark', '?')}: {Path(r.get('task') or ', '.join(r.get('tasks', []))).name or '?'}"
+                  + (f" ({', '.join(suites)})" if suites else ""), "",
                   f"Measured {m.get('date')} on {m.get('cores')} cores ({m.get('cpu')}), {m.get('os')}, "
                   f"commit `{m.get('commit')}`, model `{Path(r.get('model', '?')).name}`:", "",
                   "```", r.get("command", "?"), "```", ""]
         layers = (r.get("train") or {}).get("num_layers")
         if layers is not None:  # the fine-tunes' LoRA depth: it sets their speed, memory and accuracy
-            lines += [f"LoRA on {'all' if layers == -1 else f'the last {layers}'} blocks.", ""]
+            limit = (r.get("run") or {}).get("limit_unlabeled")
+            lines += [f"LoRA on {'all' if layers == -1 else f'the last {layers}'} blocks"
+                      + (f"; the first {limit} unlabeled questions." if limit else "."), ""]
         if r.get("benchmark") == "pseudo-label":
             rows = [{"recipe": mode, "questions/s": r[mode]["questions_per_s"], "accuracy": r[mode]["accuracy"],
                      "consistency": r[mode]["consistency_rate"], "justified": r[mode]["justified_rate"]}

@@ -146,6 +146,7 @@ def test_publish_rewrites_only_the_results_section(quality, tmp_path):
     main = r["tables"]["main"][0]
     assert f"| colours | {main['majority']:.3f} | {main['vanilla']:.3f} |" in text
     assert f"LoRA on the last {r['train']['num_layers']} blocks." in text  # the fine-tunes' depth is stated
+    assert "### quality: colours (ablation, rounds)\n" in text and "p vs full (McNemar)" in text
     # bad inputs: one line, exit 2, README untouched
     for args, msg in [([str(tmp_path / "none.json")], "no such file"), ([str(readme)], "not JSON")]:
         before = readme.read_text()

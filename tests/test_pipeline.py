@@ -16,7 +16,7 @@ import pytest
 from conftest import make_rows, write_split
 
 from semievol_local.config import RunConfig, TrainConfig
-from semievol_local.pipeline import learner_configs, run_semievol
+from semievol_local.pipeline import Learner, learner_configs, run_semievol
 
 TRAIN = TrainConfig(epochs=1.0, batch_size=4, save_every=1)
 
@@ -197,6 +197,12 @@ def test_learner_configurations_are_drawn_from_the_paper_grid():
     ls = learner_configs(RunConfig(learners=8))
     assert len(set(ls)) == 8 and {ln.n_demos for ln in ls} == {0, 1, 2, 3} and {ln.warm for ln in ls} == {True, False}
     assert learner_configs(RunConfig(seed=1)) == learner_configs(RunConfig(seed=1))
+    # one learner is the warm model with k demonstrations, whatever the seed: --no-cl removes only collaboration
+    for seed in range(4):
+        assert [ln.label() for ln in learner_configs(RunConfig(cl=False, seed=seed))] == ["warm+3demo"]
+        assert learner_configs(RunConfig(learners=1, k=2, seed=seed)) == [Learner(True, 2)]
+    assert [ln.label() for ln in learner_configs(RunConfig(cl=False, iwp=False))] == ["base+3demo"]
+    assert [ln.label() for ln in learner_configs(RunConfig(cl=False, icp=False))] == ["warm+0demo"]
 
 
 def test_rounds_grow_the_labeled_set(tiny_q4, tiny_task, tmp_path):
