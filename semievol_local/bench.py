@@ -151,10 +151,17 @@ def quality(model_path: Path, datas: list[Path], out: Path, suites: list[str], c
         elif var.table in ("ablation", "sensitivity"):
             st = _last_pseudo(rep)
             full = Path(out) / var.data.name / "full"
-            pv = paired(_last_eval(folder), _last_eval(full)) if folder != full and (full / "run.json").exists() else None
+            has_full = (full / "run.json").exists()
+            pv = paired(_last_eval(folder), _last_eval(full)) if folder != full and has_full else None
+            if var.table not in tables:  # the reference: M_warm alone (no pseudo-labels) on the same test questions
+                ps = paired(json.loads((folder / "eval" / "sft" / "eval.json").read_text()), _last_eval(full)) \
+                    if has_full else None
+                tables[var.table] = [{"variant": "SFT (no pseudo-labels)", "accuracy": a["sft"],
+                                      "p_vs_full": ps["p_value"] if ps else None, "selected": None,
+                                      "pseudo_label_accuracy_selected": None}]
             row = {"variant": var.row, "accuracy": a["semievol"], "p_vs_full": pv["p_value"] if pv else None,
                    "selected": st.get("selected"), "pseudo_label_accuracy_selected": st.get("accuracy_selected")}
-            tables.setdefault(var.table, []).append(row)
+            tables[var.table].append(row)
         elif var.table == "rounds":
             rows = [{"round": 0, "accuracy": a["sft"], "selected": None, "pseudo_label_accuracy_selected": None}]
             for r, acc in rep["accuracy_by_round"].items():
@@ -308,10 +315,12 @@ def markdown(results: list[dict]) -> str:
                 lines += [f"**{TITLES.get(name, name)}**", ""] + _md_table(rows)
             w = r.get("whole_run")
             if w:
+                limit = (r.get("run") or {}).get("limit_unlabeled")
                 lines += [f"Whole run on {w['task']} (sum of stage times): {'at least ' if w.get('untimed_attempts') else ''}"
                           f"{w['seconds'] / 60:.1f} min, "
                           f"peak {w['peak_rss_mb']:.0f} MB "
-                          f"(goal: 30 min, 3 GB)."]
+                          + (f"on the first {limit} unlabeled questions (the goal, 30 min and 3 GB, is for the whole split)."
+                             if limit else "(goal: 30 min, 3 GB).")]
                 if w.get("untimed_attempts"):
                     lines[-1] += (" Stages marked >= were resumed after an interruption, or timed by a version "
                                   "that did not count earlier attempts: their figure is a lower bound.")

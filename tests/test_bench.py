@@ -55,24 +55,26 @@ def test_quality_tables(quality):
     _, r, res = quality
     t = r["tables"]
     assert [row["task"] for row in t["main"]] == ["colours"]
-    assert [row["variant"] for row in t["ablation"]] == [name for name, _ in bench.ABLATIONS]
+    assert [row["variant"] for row in t["ablation"]] == ["SFT (no pseudo-labels)"] + [name for name, _ in bench.ABLATIONS]
+    assert t["ablation"][0]["accuracy"] == t["main"][0]["sft"] and t["ablation"][0]["selected"] is None
+    ablation = t["ablation"][1:]
     assert [row["round"] for row in t["rounds"]] == [0, 1, 2]
     assert t["rounds"][0]["accuracy"] == t["main"][0]["sft"]
-    for row in t["main"] + t["ablation"]:
+    for row in t["main"] + ablation:
         for k in ("majority", "vanilla", "sft", "semievol", "accuracy"):
             if k in row:
                 assert 0.0 <= row[k] <= 1.0
     # without adaptive selection every pseudo-label is kept; with it, about half (theta = 50%)
-    sel = {row["variant"]: row["selected"] for row in t["ablation"]}
+    sel = {row["variant"]: row["selected"] for row in ablation}
     assert sel["w/o AS"] == 10 and sel["full"] < 10
     # each ablation is compared with the full run question by question; the full row has no such p
-    p = {row["variant"]: row["p_vs_full"] for row in t["ablation"]}
+    p = {row["variant"]: row["p_vs_full"] for row in ablation}
     assert p["full"] is None and all(0.0 < p[v] <= 1.0 for v in p if v != "full")
     assert [row["selected"] for row in t["rounds"]][:2] == [None, sel["full"]]
     # the main run's pseudo-labels, checked against the held-back answers
     (pl,) = t["pseudo_labels"]
     assert pl["task"] == "colours" and pl["questions"] == 10 and pl["selected"] == sel["full"]
-    assert pl["accuracy_selected"] == t["ablation"][0]["pseudo_label_accuracy_selected"]
+    assert pl["accuracy_selected"] == ablation[0]["pseudo_label_accuracy_selected"]
     assert 0.0 <= pl["consistency_rate"] <= 1.0 and 0.0 <= pl["accuracy_all"] <= 1.0
     assert {s["stage"] for s in t["whole_run"]} >= {"warmup", "round1/collaboration", "round1/final"}
     assert r["whole_run"]["seconds"] > 0 and r["whole_run"]["peak_rss_mb"] > 0
