@@ -164,7 +164,7 @@ class RunFolder:
             work.mkdir(parents=True)
             atomic_write_json(work / INPUTS, {"digest": key, "inputs": inputs})
             before = {"seconds": 0.0, "peak_rss_mb": 0.0, "attempts": 0}
-        else:  # resuming a killed attempt: its time counts (an attempt killed before its first tick does not)
+        else:  # resuming a killed attempt: its time counts (up to its last tick) and so does the attempt
             try:
                 before = json.loads((work / CLOCK).read_text())
             except (OSError, ValueError):
@@ -175,6 +175,7 @@ class RunFolder:
             return {**before, "seconds": before["seconds"] + time.perf_counter() - t0,
                     "peak_rss_mb": max(before["peak_rss_mb"], peak_mb), "attempts": before["attempts"] + 1}
 
+        atomic_write_json(work / CLOCK, clock(0.0))  # the attempt counts even if killed before the first tick
         with PeakMemory(on_tick=lambda peak: atomic_write_json(work / CLOCK, clock(peak)), every=CLOCK_EVERY) as mem:
             try:
                 figures = build(work) or {}

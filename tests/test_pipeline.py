@@ -280,7 +280,7 @@ def test_resume_after_kill_9_gives_the_same_result(full_run, tmp_path):
     kills = [
         lambda: (out / ".warmup.partial" / "checkpoints").exists(),  # inside the warm-up's training
         lambda: collab.exists() and collab.read_text().count("\n") >= 5,  # halfway through collaboration
-        lambda: (out / "round1" / ".final.partial").exists(),  # inside the final fine-tune
+        lambda: (out / "round1" / ".final.partial" / ".clock.json").exists(),  # inside the final fine-tune (started)
     ]
     landed = [_kill_when(_run_cli(args), k) for k in kills]
     assert sum(landed) >= 2  # the stages are quick on a tiny model; at least two kills must land mid-run
