@@ -119,7 +119,7 @@ def quality(model_path: Path, datas: list[Path], out: Path, suites: list[str], c
     plan = quality_plan([Path(d) for d in datas], suites, cfg)
     for d in datas:  # every task is checked before hours go into the first one
         load_task(Path(d))
-    runs: dict[tuple[Path, str], dict] = {}
+    runs: dict[tuple[Path, str], tuple[Path, dict]] = {}  # (task, variant folder name) -> (folder, report)
     for var in plan:
         key = (var.data, var.folder)
         if key in runs:
@@ -131,11 +131,10 @@ def quality(model_path: Path, datas: list[Path], out: Path, suites: list[str], c
         on_run(folder)
         pipeline.run_semievol(model_path, var.data, folder, dataclasses.replace(cfg, **dict(var.overrides)), tcfg,
                               ecfg, reporter, share=siblings)
-        runs[key] = build_report(folder)
+        runs[key] = folder, build_report(folder)
     tables: dict[str, list[dict]] = {}
     for var in plan:
-        folder = Path(out) / var.data.name / var.folder
-        rep = runs[(var.data, var.folder)]
+        folder, rep = runs[(var.data, var.folder)]
         a = rep["accuracy"]
         if var.table == "main":
             row = {"task": var.row, "majority": a["majority"], "vanilla": a["vanilla"], "sft": a["sft"],
@@ -169,8 +168,9 @@ def quality(model_path: Path, datas: list[Path], out: Path, suites: list[str], c
                 rows.append({"round": int(r), "accuracy": acc, "selected": st.get("selected"),
                              "pseudo_label_accuracy_selected": st.get("accuracy_selected")})
             tables["rounds"] = rows
-    first = plan[0]
-    whole = runs[(first.data, first.folder)]["stages"]
+    # the whole run is the full method's (the first task's), whichever suites were asked for
+    first = next((var for var in plan if var.data == plan[0].data and not var.overrides), plan[0])
+    whole = runs[(first.data, first.folder)][1]["stages"]
     tables["whole_run"] = [{"stage": stage_label(n, s), "seconds": stage_seconds(s), "peak_rss_mb": round(s["peak_rss_mb"])}
                            for n, s in whole.items()]
     return {"benchmark": "quality", "machine": machine(), "command": command, "model": str(model_path),

@@ -115,6 +115,27 @@ def test_one_learner_is_the_run_without_collaboration(quality, tiny_q4, task):
     assert not any(r["justified"] for r in recs)
 
 
+def test_sensitivity_table(quality, tiny_q4, task, tmp_path):
+    """n in {1, 2, 4} and theta in {30, 50, 80, 100}%: n = 4 and theta = 50% are the full run, and the whole-run
+    figures are the full run's, not those of the plan's first row (n = 1)."""
+    runs, _, _ = quality
+    js = tmp_path / "sensitivity.json"
+    res = CliRunner().invoke(app, ["bench", "quality", "--model", str(tiny_q4), "--data", str(task),
+                                   "--out", str(runs.parent), "--suite", "sensitivity", "--json", str(js), *TINY_TRAIN])
+    assert res.exit_code == 0, (res.stdout, res.stderr)
+    out, r = json.loads(js.read_text()), json.loads((runs / "full" / "report.json").read_text())
+    rows = {row["variant"]: row for row in out["tables"]["sensitivity"]}
+    assert list(rows) == ["SFT (no pseudo-labels)", "n=1", "n=2", "n=4", "theta=30%", "theta=50%", "theta=80%",
+                          "theta=100%"]
+    assert rows["n=4"]["accuracy"] == rows["theta=50%"]["accuracy"] == r["accuracy"]["semievol"]
+    assert rows["n=4"]["p_vs_full"] is None and rows["theta=30%"]["p_vs_full"] is not None
+    # theta is the share of pseudo-labels kept (lowest entropy first): 30% <= 50% <= 80% <= 100% = all 10
+    kept = [rows[f"theta={t}%"]["selected"] for t in (30, 50, 80, 100)]
+    assert kept == sorted(kept) and kept[-1] == 10 and kept[0] < kept[-1]
+    assert out["whole_run"]["seconds"] == round(sum(s["seconds"] for s in r["stages"].values()), 1)
+    assert len(out["tables"]["whole_run"]) == len(r["stages"])
+
+
 def test_pseudo_label_bench(tiny_q4, task, tmp_path):
     js = tmp_path / "pl.json"
     res = CliRunner().invoke(app, ["bench", "pseudo-label", "--model", str(tiny_q4), "--data", str(task), "--n-items", "4",
