@@ -292,6 +292,7 @@ def markdown(results: list[dict]) -> str:
     for r in results:
         m = r.get("machine", {})
         suites = [x for x in r.get("suites", []) if x != "main"]
+        limit = (r.get("run") or {}).get("limit_unlabeled")  # the unlabeled questions were cut to the first N
         lines += [f"### {r.get('benchmark', '?')}: {Path(r.get('task') or ', '.join(r.get('tasks', []))).name or '?'}"
                   + (f" ({', '.join(suites)})" if suites else ""), "",
                   f"Measured {m.get('date')} on {m.get('cores')} cores ({m.get('cpu')}), {m.get('os')}, "
@@ -299,7 +300,6 @@ def markdown(results: list[dict]) -> str:
                   "```", r.get("command", "?"), "```", ""]
         layers = (r.get("train") or {}).get("num_layers")
         if layers is not None:  # the fine-tunes' LoRA depth: it sets their speed, memory and accuracy
-            limit = (r.get("run") or {}).get("limit_unlabeled")
             lines += [f"LoRA on {'all' if layers == -1 else f'the last {layers}'} blocks"
                       + (f"; the first {limit} unlabeled questions." if limit else "."), ""]
         if r.get("benchmark") == "pseudo-label":
@@ -315,7 +315,6 @@ def markdown(results: list[dict]) -> str:
                 lines += [f"**{TITLES.get(name, name)}**", ""] + _md_table(rows)
             w = r.get("whole_run")
             if w:
-                limit = (r.get("run") or {}).get("limit_unlabeled")
                 lines += [f"Whole run on {w['task']} (sum of stage times): {'at least ' if w.get('untimed_attempts') else ''}"
                           f"{w['seconds'] / 60:.1f} min, "
                           f"peak {w['peak_rss_mb']:.0f} MB "
