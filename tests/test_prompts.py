@@ -40,9 +40,11 @@ def test_template_without_system_role_folds_system_into_user():
     assert text.startswith("<user>You are a helpful assistant") and "Which is a colour?" in text
 
 
-def test_missing_template_falls_back_to_plain_format():
-    text = ChatTemplate(None).prompt(question_messages(ITEM))
-    assert text.startswith("User: ") and text.endswith("Assistant:")
+def test_missing_template_falls_back_to_plain_paragraphs():
+    # a base model (gemma-3-270m has no template) continues plain text: no role labels, "Answer:" on its own line
+    text = ChatTemplate(None).prompt(question_messages(ITEM, DEMOS), answer_prefix=True)
+    assert text.startswith("You are a helpful assistant") and text.endswith("\n\nAnswer:")
+    assert "User:" not in text and "Assistant:" not in text
 
 
 @pytest.mark.parametrize("text,n,expected", [

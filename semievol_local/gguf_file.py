@@ -1,0 +1,120 @@
+"""A GGUF file's metadata and tensor table, read fast, with the tensor data memory-mapped.
+
+gguf-py's `GGUFReader` builds a NumPy view for every element of every metadata array: on gemma-3-270m
+(a 262,144-token vocabulary, three arrays of that length) it takes ~15 s before the first tensor is
+seen, and every command that resolves a model paid it. This reader walks the same format (gguf-py's
+constants, GGUF v2/v3, little-endian) and keeps arrays longer than `max_array` as an `Array` stub
+(type and length), so opening any model takes milliseconds. Tensor data comes out in the layout
+gguf-py's dequantizers take (`gguf.quants.dequantize(t.data, t.tensor_type)`).
+
+What it does NOT do: write GGUF files (gguf-py's `GGUFWriter` does), or interpret any key.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+_SCALARS = {  # GGUFValueType -> struct format
+    gguf.GGUFValueType.UINT8: "B", gguf.GGUFValueType.INT8: "b", gguf.GGUFValueType.UINT16: "H",
+    gguf.GGUFValueType.INT16: "h", gguf.GGUFValueType.UINT32: "I", gguf.GGUFValueType.INT32: "i",
+    gguf.GGUFValueType.FLOAT32: "f", gguf.GGUFValueType.UINT64: "Q", gguf.GGUFValueType.INT64: "q",
+    gguf.GGUFValueType.FLOAT64: "d", gguf.GGUFValueType.BOOL: "?",
+}
+
+
+@dataclass(frozen=True)
+class Array:
+    """A metadata array too long to be worth reading (a vocabulary): its element type and length."""
+
+    type: gguf.GGUFValueType
+    length: int
+
+
+@dataclass
+class Tensor:
+    name: str
+    shape: tuple[int, ...]              # NumPy order: (rows, cols) for a matrix
+    tensor_type: gguf.GGMLQuantizationType
+    data: np.ndarray                    # memory-mapped: F32/F16 typed in `shape`, others bytes (rows, row bytes)
+
+    @property
+    def n_elements(self) -> int:
+        return int(np.prod(self.shape))
+
+
+class GGUFFile:
+    """`fields` {key: value} (str, number, bool, list, or `Array`) and `tensors` in file order."""
+
+    def __init__(self, path: str | Path, max_array: int = 4096):
+        self.path = Path(path)
+        self._mm = np.memmap(self.path, mode="r")
+        buf = self._mm
+        if bytes(buf[:4]) != b"GGUF":
+            raise ValueError(f"not a GGUF file (starts with {bytes(buf[:4])!r})")
+        version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version} is not supported")
+        self._buf, self._off, self._max_array = buf, 24, max_array
+        self.fields: dict[str, object] = {}
+        for _ in range(n_kv):
+            key = self._str()
+            self.fields[key] = self._value(gguf.GGUFValueType(self._unpack("I")))
+        infos = []
+        for _ in range(n_tensors):
+            name = self._str()
+            n_dims = self._unpack("I")
+            dims = struct.unpack_from(f"<{n_dims}Q", buf, self._off)
+            self._off += 8 * n_dims
+            kind, offset = self._unpack("I"), self._unpack("Q")
+            infos.append((name, tuple(int(d) for d in reversed(dims)), gguf.GGMLQuantizationType(kind), offset))
+        align = int(self.fields.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT))
+        start = -(-self._off // align) * align
+        self.tensors = [self._tensor(name, shape, kind, start + offset) for name, shape, kind, offset in infos]
+        del self._buf
+
+    def _unpack(self, fmt: str):
+        (v,) = struct.unpack_from("<" + fmt, self._buf, self._off)
+        self._off += struct.calcsize(fmt)
+        return v
+
+    def _str(self) -> str:
+        n = self._unpack("Q")
+        s = bytes(self._buf[self._off: self._off + n]).decode("utf-8", errors="replace")
+        self._off += n
+        return s
+
+    def _value(self, kind: gguf.GGUFValueType):
+        if kind == gguf.GGUFValueType.STRING:
+            return self._str()
+        if kind != gguf.GGUFValueType.ARRAY:
+            return self._unpack(_SCALARS[kind])
+        sub, n = gguf.GGUFValueType(self._unpack("I")), self._unpack("Q")
+        if n <= self._max_array:
+            return [self._value(sub) for _ in range(n)]
+        if sub == gguf.GGUFValueType.STRING:  # step over n (length, bytes) strings without decoding them
+            for _ in range(n):
+                self._off += 8 + struct.unpack_from("<Q", self._buf, self._off)[0]
+        elif sub in _SCALARS:
+            self._off += n * struct.calcsize(_SCALARS[sub])
+        else:  # arrays of arrays: walk them
+            for _ in range(n):
+                self._value(sub)
+        return Array(sub, n)
+
+    def _tensor(self, name: str, shape: tuple[int, ...], kind: gguf.GGMLQuantizationType, start: int) -> Tensor:
+        if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            dtype = np.float32 if kind == gguf.GGMLQuantizationType.F32 else np.float16
+            n = int(np.prod(shape))
+            data = self._mm[start: start + n * np.dtype(dtype).itemsize].view(dtype).reshape(shape)
+        else:
+            byte_shape = tuple(gguf.quant_shape_to_byte_shape(shape, kind))
+            data = self._mm[start: start + int(np.prod(byte_shape))].reshape(byte_shape)
+        return Tensor(name, shape, kind, data)
+
+
+def open_gguf(path: str | Path) -> GGUFFile:
+    return GGUFFile(path)
