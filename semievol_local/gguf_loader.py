@@ -74,12 +74,8 @@ def _linear_rope_scaling(m: Meta) -> dict | None:
                     "llama 3's rope_freqs). Pick a file without it.")
 
 
-def _llama_args(m: Meta, tensors: dict) -> dict:
-    return {**_common_args(m, tensors), "rope_traditional": True}
-
-
 def _qwen2_args(m: Meta, tensors: dict) -> dict:
-    args = {**_common_args(m, tensors), "rope_traditional": False}
+    args = _common_args(m, tensors)
     if args.pop("head_dim") != args["hidden_size"] // args["num_attention_heads"]:
         raise UserError(f"{m.path}: qwen2 with a head size other than hidden/heads cannot be built with mlx-lm's qwen2.")
     return args
@@ -112,19 +108,21 @@ class Arch:
     args: Callable[[Meta, dict], dict]    # ModelArgs fields from metadata and tensor shapes
     norm_offset: float = 0.0              # subtracted from norm weights (the gemma converter stored 1 + w)
     rope_freqs: bool = False              # llama 3: per-frequency factors in rope_freqs.weight
-    fast_mlp: bool = True                 # mlx_fast's SwiGLU applies (CPU)
-    fast_attention: bool = True           # mlx_fast's attention applies (CPU): plain causal, no q/k norms
+    fast_mlp: str | None = "swiglu"       # mlx_fast's MLP on the CPU: "swiglu", "gelu_tanh", or None
+    fast_attention: bool = True           # mlx_fast's attention on the CPU (llama-shaped: no q/k norms)
     trunk_cache: bool = True              # the frozen blocks' outputs can be cached (plain embed, one mask)
     examples: str = ""
 
 
 ARCHITECTURES: dict[str, Arch] = {
-    "llama": Arch("llama", "interleaved", _llama_args, rope_freqs=True,
+    "llama": Arch("llama", "interleaved", _common_args, rope_freqs=True,
                   examples="SmolLM2, Llama 2/3.x, Mistral"),
     "qwen2": Arch("qwen2", "neox", _qwen2_args, examples="Qwen2, Qwen2.5"),
-    "qwen3": Arch("qwen3", "neox", lambda m, t: _common_args(m, t), fast_attention=False, examples="Qwen3"),
-    "gemma3": Arch("gemma3_text", "neox", _gemma3_args, norm_offset=1.0, fast_mlp=False, fast_attention=False,
-                   trunk_cache=False, examples="Gemma 3"),
+    "qwen3": Arch("qwen3", "neox", _common_args, fast_attention=False, examples="Qwen3"),
+    # gemma3: no trunk cache (its embeddings are scaled and its sliding layers need their own masks); its
+    # tanh GELU through mlx_fast: a LoRA step on gemma-3-270m 5.8 -> 4.1 s (batch 8 x 96 tokens, 2 cores)
+    "gemma3": Arch("gemma3_text", "neox", _gemma3_args, norm_offset=1.0, fast_mlp="gelu_tanh",
+                   fast_attention=False, trunk_cache=False, examples="Gemma 3"),
 }
 
 
@@ -263,8 +261,11 @@ def load_model(gguf_path, *, dequantize: bool | None = None):
         dequantize = mx.default_device().type != mx.DeviceType.gpu
 
     module = importlib.import_module(f"mlx_lm.models.{spec.mlx_module}")
-    args = module.ModelArgs.from_dict(spec.args(meta, shapes))
+    traditional = spec.rope == "interleaved"
+    args = module.ModelArgs.from_dict({**spec.args(meta, shapes), "rope_traditional": traditional})
     model = module.Model(args)
+    # classes without a rope_traditional argument hard-code theirs: it must be the table's
+    assert all(layer.self_attn.rope.traditional == traditional for layer in model.layers), spec
     tied = "output.weight" not in shapes
     if "lm_head" in model and tied:  # gemma3's Model always builds one (mlx-lm's sanitize pops it)
         model.pop("lm_head")

@@ -24,6 +24,28 @@ def test_chat_markers_are_single_special_tokens(engine):
     assert toks[0] == 1 and toks[-1] == 2  # control tokens, not their characters
 
 
+@pytest.mark.parametrize("template", [
+    "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}",  # writes BOS (Llama 3, Gemma)
+    None,                                                                                      # no template (a base model)
+])
+def test_one_bos_whether_or_not_the_template_writes_it(tmp_path, template):
+    from tinymodel import write_tiny_gguf
+
+    from semievol_local import training
+
+    path = write_tiny_gguf(tmp_path / "bos.gguf", add_bos=True, chat_template=template)
+    eng = Engine(path, EngineConfig(n_ctx=256))
+    try:
+        ids = prompt(eng)
+        assert ids[0] == eng.llm.token_bos() and ids.count(eng.llm.token_bos()) == 1
+        # training's examples: prompt + answer tokenized as one text, split where the prompt's tokens end
+        (p, a), = training.examples(eng, [ITEM])
+        assert p + a[:-1] == eng.tokenize(eng.template.prompt(question_messages(ITEM)) + "Answer: A")
+        assert eng.detokenize(a[:-1]).strip() == "Answer: A"
+    finally:
+        eng.close()
+
+
 def test_score_is_a_distribution_and_matches_a_fresh_forward_pass(engine, tiny_q4):
     s = engine.score(prompt(engine), 3)
     assert s.probs.shape == (3,) and abs(s.probs.sum() - 1) < 1e-6 and 0 < s.mass <= 1

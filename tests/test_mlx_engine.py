@@ -245,6 +245,20 @@ def test_mlx_matmuls_use_the_optimized_blas():
     assert gemm_gflops(256, 1024, 1024, repeats=3) > 30  # reference BLAS: ~7; OpenBLAS, 2 busy cores: 50+
 
 
+def test_openblas_core_type_is_chosen_from_the_cpu_flags_and_results_stay_exact():
+    """Regression: Debian's OpenBLAS 0.3.21 ran generic SSE3 kernels on a Sapphire Rapids Xeon (32-48 instead
+    of 212 GFLOPS); the core type now comes from the CPU's flags, and the products must still be right."""
+    from semievol_local.blas import openblas_coretype
+
+    avx512 = "flags\t\t: fpu sse2 avx2 fma avx512f avx512cd avx512bw avx512dq avx512vl\n"
+    assert openblas_coretype(avx512) == "SkylakeX"
+    assert openblas_coretype("flags : sse2 avx avx2 fma\n") == "Haswell"
+    assert openblas_coretype("flags : sse2 sse4_2\n") is None  # older CPUs: OpenBLAS decides
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(300, 500)).astype(np.float32), rng.normal(size=(500, 200)).astype(np.float32)
+    np.testing.assert_allclose(np.array(mx.array(a) @ mx.array(b)), a.astype(np.float64) @ b, rtol=1e-4, atol=1e-3)
+
+
 def test_gradient_checkpointing_gives_the_same_adapter_with_less_memory(tmp_path):
     """--grad-checkpoint recomputes each block in the backward pass: same losses and weights, lower MLX peak.
     A deeper tiny model and long prompts, so that block activations dominate the peak as in a real model."""
@@ -339,21 +353,30 @@ def test_fast_exp_is_accurate_over_float32_range():
     assert np.max(np.abs(got - want) / want) < 5e-6
 
 
-def test_fast_layers_match_mlx_lm_values_and_gradients(tiny_model, toy):
+@pytest.mark.parametrize("arch,kwargs", [
+    ("llama", {}),                                # SwiGLU + attention
+    ("qwen2", {}),                                # SwiGLU + attention, q/k/v biases inside the projections
+    ("qwen3", {"head_dim": 32}),                  # SwiGLU (its attention has q/k norms: mlx-lm's own)
+    ("gemma3", {"head_dim": 32}),                 # tanh GELU
+])
+def test_fast_layers_match_mlx_lm_values_and_gradients(tmp_path, toy, arch, kwargs):
     """The CPU MLP/attention/softmax rewrites against mlx-lm's own modules: same loss, same LoRA gradients."""
     import mlx.nn as nn
     from mlx.utils import tree_flatten, tree_map
-    from mlx_lm.models import llama
 
+    path = write_tiny_gguf(tmp_path / f"{arch}.gguf", arch=arch, **kwargs)
     inputs, pos, targets, mask = map(mx.array, batching.collate(batching.prepare(toy, 64, "test"), range(4)))
     results = []
     for fast in (True, False):
-        model = me.load_model(tiny_model)
+        model = me.load_model(path)
+        assert type(model.layers[0].mlp).__name__.startswith("Fast")
         me.apply_lora(model, toy_cfg())
         model.update(tree_map(lambda p: p + 0.05, model.trainable_parameters()))  # non-zero B: LoRA path live
-        if not fast:
+        if not fast:  # back to mlx-lm's own classes
             for layer in model.layers:
-                layer.mlp.__class__, layer.self_attn.__class__ = llama.MLP, llama.Attention
+                for m in (layer.mlp, layer.self_attn):
+                    if type(m).__name__.startswith("Fast"):
+                        m.__class__ = type(m).__mro__[1]
         loss, grads = nn.value_and_grad(model, me._loss)(model, inputs, pos, targets, mask, mx.array(1.0))
         results.append((loss[0].item(), dict(tree_flatten(grads)), me.logits(model, toy[0][0])))
     (l1, g1, z1), (l2, g2, z2) = results

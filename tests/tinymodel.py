@@ -44,7 +44,8 @@ def write_tiny_gguf(path: Path, *, n_layer: int = 2, dim: int = 64, n_head: int 
                     n_ff: int = 128, n_ctx: int = 2048, qtype: str = "F32", seed: int = 0,
                     arch: str = "llama", chat_template: str | None = CHATML, tied: bool = True,
                     head_dim: int | None = None, rope_freqs: bool = False, peaked: bool = False,
-                    sliding_window: int = 6, sliding_window_pattern: int = 2, rope_dims: int | None = None) -> Path:
+                    sliding_window: int = 6, sliding_window_pattern: int = 2, rope_dims: int | None = None,
+                    add_bos: bool = False) -> Path:
     """Write a tiny GGUF of one family with random weights, laid out as llama.cpp's converter writes it.
 
     `arch`: llama (Q/K rows as the converter permutes them; `rope_freqs` adds llama 3's per-frequency
@@ -89,7 +90,7 @@ def write_tiny_gguf(path: Path, *, n_layer: int = 2, dim: int = 64, n_head: int 
     w.add_token_merges(merges)
     w.add_bos_token_id(0)
     w.add_eos_token_id(tokens.index("<|im_end|>"))
-    w.add_add_bos_token(False)
+    w.add_add_bos_token(add_bos)
     if chat_template is not None:
         w.add_chat_template(chat_template)
 
