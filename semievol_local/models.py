@@ -212,12 +212,14 @@ class ModelInfo:
                 "quantization": self.quant_by_kind, "mlx_trainable": self.mlx_trainable}
 
 
-def mlx_support(path: Path) -> str:
+def mlx_support(path: Path, reader=None) -> str:
     """Whether the MLX trainer can train this GGUF, in one phrase, from the loader's own architecture table
-    and checks (so `models info` and `train` cannot disagree)."""
+    and checks (so `models info` and `train` cannot disagree). `reader`: the file already opened."""
     from . import gguf_loader
 
-    fields, reader = gguf_loader.read(path)
+    if reader is None:
+        _, reader = gguf_loader.read(path)
+    fields = reader.fields
     shapes, types = gguf_loader.shapes_and_types(reader)
     return gguf_loader.describe(fields, types, gguf_loader.support(path, fields, shapes, types))
 
@@ -238,7 +240,7 @@ def inspect(path: Path) -> ModelInfo:
         context_length=int(ctx) if ctx is not None else None,
         chat_template=_field(reader, "tokenizer.chat_template") is not None,
         block_count=int(blocks) if blocks is not None else None,
-        quant_by_kind=quant, mlx_trainable=mlx_support(path))
+        quant_by_kind=quant, mlx_trainable=mlx_support(path, reader))
 
 
 def list_models() -> list[dict]:
