@@ -76,12 +76,17 @@ def collate(seqs: list[Seq], idx) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
     return inputs, pos, targets, mask
 
 
+def validation_positions(n: int, fraction: float, seed: int) -> list[int]:
+    """Which of `n` rows a `fraction` holds out (seeded, sorted); none when either side would be empty."""
+    n_val = int(round(fraction * n))
+    if n_val < 1 or n - n_val < 1:
+        return []
+    return sorted(np.random.default_rng([seed, 7]).permutation(n)[:n_val].tolist())
+
+
 def split_validation(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
     """Hold out `fraction` of the rows (seeded); nothing when that would leave either side empty."""
-    n_val = int(round(fraction * len(examples)))
-    if n_val < 1 or len(examples) - n_val < 1:
-        return examples, []
-    val = set(np.random.default_rng([seed, 7]).permutation(len(examples))[:n_val].tolist())
+    val = set(validation_positions(len(examples), fraction, seed))
     return [e for i, e in enumerate(examples) if i not in val], [examples[i] for i in sorted(val)]
 
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from . import pipeline
 from .config import EngineConfig, RunConfig, TrainConfig
-from .data import find_split_file, load_heldout_answers, load_task
+from .data import find_split_file, load_heldout, load_task
 from .errors import UserError
 from .files import atomic_write_text
 from .llama_engine import load
@@ -207,7 +207,7 @@ def pseudo_label(model_path: Path, data: Path, n_items: int, out: Path, cfg: Run
     labeled, unlabeled = task["labeled"].items, task["unlabeled"].items[:n_items]
     if not all(it.closed for it in labeled + unlabeled):
         raise UserError(f"{data}: score mode needs options on every row; this benchmark compares it with sampling")
-    held = load_heldout_answers(find_split_file(Path(data), "unlabeled"))  # reporting only
+    held = load_heldout(find_split_file(Path(data), "unlabeled"))  # reporting only
     if adapter is not None and not Path(adapter).is_file():
         raise UserError(f"--adapter {adapter}: no such file; give a warm-up adapter.gguf or leave it out to train one")
     # room for the learners' long responses and a justification prompt that lists them all
@@ -234,7 +234,7 @@ def pseudo_label(model_path: Path, data: Path, n_items: int, out: Path, cfg: Run
                 recs.append(pipeline.collaborate_one(engine, item, demos, learners, mode, mcfg, warm_path))
                 advance()
         seconds = time.perf_counter() - t0
-        ok = [answers_match(r["pseudo_label"], held[r["index"]], closed=True) for r in recs]
+        ok = [answers_match(r["pseudo_label"], held[r["index"]].answer, closed=True) for r in recs]
         figures = {"questions_per_s": len(recs) / seconds, "seconds": seconds, "accuracy": float(np.mean(ok)),
                    "consistency_rate": float(np.mean([r["consistent"] for r in recs])),
                    "justified_rate": float(np.mean([r["justified"] for r in recs]))}

@@ -15,7 +15,7 @@ from typing import Optional
 
 import typer
 
-from . import ui
+from . import config, ui
 from .config import EngineConfig, RunConfig, TrainConfig
 from .errors import UserError
 
@@ -81,6 +81,7 @@ def options_from(*classes):
         def run(**kwargs):
             for cls in classes:
                 kwargs[_arg(cls)] = cls(**{f.name: kwargs.pop(_param(_flag(f))) for f in dataclasses.fields(cls)})
+                config.check(kwargs[_arg(cls)])  # every option within its declared range, before anything runs
             return fn(**kwargs)
 
         run.__signature__ = sig.replace(parameters=params)
@@ -181,6 +182,12 @@ def data_check(path: Path = typer.Argument(..., help="A task folder (labeled/unl
         rows.append([name, len(s), kind, ",".join(map(str, n_opt)) or "-", answers, ", ".join(meta) or "-"])
     ui.table(f"task {path}", ["split", "rows", "answers", "options", "labels", "metadata columns"],
              [[r[0], r[1], r[2], r[3], r[4], r[5]] for r in rows])
+    for name, s in splits.items():  # accepted (the paper's own splits have some), but a model cannot tell them apart
+        dups = [(it.index + 1, pairs) for it in s.items if (pairs := data.duplicate_options(it))]
+        if dups:
+            shown = "; ".join(f"question {q}: " + ", ".join(f"{a} = {b}" for a, b in pairs) for q, pairs in dups[:5])
+            ui.warn(f"{name}: {len(dups)} question(s) with identical options ({shown}"
+                    f"{'; ...' if len(dups) > 5 else ''})")
 
 
 # --- eval -----------------------------------------------------------------------------------------
@@ -211,6 +218,9 @@ def run_eval(model, data, adapter, split, mode, limit, category_column, max_toke
         raise UserError(f"{adapter}: adapter file not found (train one with `semievol train`)")
     task_split = data_mod.load_split(data_mod.find_split_file(data, split), split,
                                      with_answers=True)
+    prior = None  # the majority-class baseline comes from the labeled split where the task folder has one
+    if data.is_dir() and split != "labeled" and any((data / f"labeled{e}").exists() for e in data_mod.EXTENSIONS):
+        prior = [it.answer for it in data_mod.load_split(data_mod.find_split_file(data, "labeled"), "labeled").items]
     model_path = models.resolve(model)
     engine = llama_engine.load(model_path, engine_config)
     engine.set_adapter(adapter)
@@ -218,7 +228,7 @@ def run_eval(model, data, adapter, split, mode, limit, category_column, max_toke
     n = min(limit or len(task_split), len(task_split))
     with ui.progress(n, f"eval {task_split.path.name}") as advance:
         result = evaluate.evaluate(engine, task_split, mode=mode, limit=limit, category_column=category_column,
-                                   max_tokens=max_tokens,
+                                   max_tokens=max_tokens, prior=prior,
                                    on_item=lambda p: advance(status="ok" if p.correct else "miss"))
     label = model + (f" + {adapter}" if adapter else "")
     ui.eval_report(result, label, str(task_split.path))
@@ -248,12 +258,15 @@ def train_cmd(
 
     if not resume and (out / "adapter_config.json").exists():
         raise UserError(f"{out}: already holds a trained adapter; pass --resume to continue it or choose another --out")
+    from .runfolder import exclusive
+
     items = data_mod.load_split(data_mod.find_split_file(data, split), split).items
     engine = llama_engine.load(models.resolve(model), engine_config)
     reporter = ui.Reporter()
     t0 = time.perf_counter()
-    summary = training.train_adapter(engine, items, train_config, out, resume=resume, on_step=reporter.train_step,
-                                     on_trunk=reporter.train_trunk)
+    with exclusive(out):  # one writer per folder
+        summary = training.train_adapter(engine, items, train_config, out, resume=resume,
+                                         on_step=reporter.train_step, on_trunk=reporter.train_trunk)
     reporter.close()
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     ui.kv_table(f"trained {out}", {k: v for k, v in summary.items() if not isinstance(v, (list, dict))})

@@ -1,83 +1,169 @@
-"""Configuration, declared once: each option is a dataclass field with its default and its help text.
+"""Configuration, declared once: each option is a dataclass field with its default, help text, valid range
+and the stages whose outputs it can change.
 
 The CLI builds its options from these fields (see `cli.options_from`), so a flag cannot drift from the
 value that reaches the code. Library functions take these objects; they never read flags themselves.
+
+- `check(cfg)` validates every option against its declaration (range, choices) before any model loads.
+- `identity(stage, *cfgs)` is what of the options a stage's outputs depend on: the run folder reuses a
+  stage when these (and its data inputs) are equal, so every option that can change a stage's outputs is
+  declared with that stage in `stages`, and an option that cannot (threads, checkpoint cadence) names none.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 
+from .errors import UserError
 
-def opt(default, help: str, **extra):
-    """A dataclass field that is also a CLI option (`help` becomes the flag's help text)."""
+# The pipeline's kinds of stage (the run folder's `warmup` and `roundN/final` are both `train`).
+STAGES = ("train", "retrieval", "collaboration", "selection", "eval")
+
+
+def opt(default, help: str, *, stages: tuple[str, ...] = (), min=None, max=None, gt=None, lt=None,
+        choices: tuple | None = None, **extra):
+    """A dataclass field that is also a CLI option (`help` becomes the flag's help text).
+
+    `stages`: the kinds of stage whose outputs this option can change (its identity); `min`/`max` (inclusive),
+    `gt`/`lt` (exclusive) and `choices`: what `check` accepts."""
+    bad = set(stages) - set(STAGES)
+    assert not bad, bad
+    meta = {"help": help, "stages": tuple(stages), "min": min, "max": max, "gt": gt, "lt": lt, "choices": choices,
+            **extra}
     if isinstance(default, (list, dict, set)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **extra})
-    return field(default=default, metadata={"help": help, **extra})
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def flag(f) -> str:
+    """A field's command-line flag: its own (`flag=` in its metadata) or `--field-name`."""
+    return (f.metadata.get("flag") or "--" + f.name.replace("_", "-")).split("/")[0]
+
+
+def _fmt(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def check(cfg) -> None:
+    """Every option of `cfg` within its declared range: else a `UserError` naming the flag, the value and
+    what to give instead."""
+    for f in fields(cfg):
+        v, m, name = getattr(cfg, f.name), f.metadata, flag(f)
+        if m.get("choices") is not None and v not in m["choices"]:
+            raise UserError(f"{name} {v!r}: choose one of {', '.join(map(str, m['choices']))}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if isinstance(v, float) and not math.isfinite(v):
+            raise UserError(f"{name} {v}: give a finite number")
+        lo, hi, gt, lt = m.get("min"), m.get("max"), m.get("gt"), m.get("lt")
+        allowed = m.get("also")  # single extra values outside the range (e.g. -1 meaning 'all')
+        if allowed is not None and v in allowed:
+            continue
+        ok = ((lo is None or v >= lo) and (hi is None or v <= hi) and (gt is None or v > gt)
+              and (lt is None or v < lt))
+        if not ok:
+            parts = [f"{op} {_fmt(b)}" for op, b in ((">=", lo), (">", gt), ("<=", hi), ("<", lt)) if b is not None]
+            extra = f" (or {', '.join(map(_fmt, allowed))})" if allowed else ""
+            raise UserError(f"{name} {_fmt(v)}: give a value {' and '.join(parts)}{extra}")
+
+
+def identity(stage: str, *cfgs) -> dict:
+    """The options of `cfgs` declared to change the outputs of `stage` (a kind in STAGES), by field name."""
+    assert stage in STAGES, stage
+    return {f.name: getattr(c, f.name) for c in cfgs for f in fields(c) if stage in f.metadata.get("stages", ())}
 
 
 @dataclass
 class EngineConfig:
     """How llama.cpp runs a model."""
 
-    n_ctx: int = opt(2048, "Context window in tokens for llama.cpp (0: the model's own).")
-    n_threads: int = opt(0, "CPU threads for llama.cpp (0: one per physical core).")
-    n_gpu_layers: int = opt(-1, "Layers to offload to a GPU when llama.cpp was built with one (-1: all).")
-    adapter_scale: float = opt(1.0, "Scale applied to a LoRA adapter in llama.cpp.")
+    n_ctx: int = opt(2048, "Context window in tokens for llama.cpp (0: the model's own).", min=0,
+                     stages=("collaboration", "eval"))  # decides which demonstrations fit, and prompt cuts
+    n_threads: int = opt(0, "CPU threads for llama.cpp (0: one per physical core).", min=0)
+    n_gpu_layers: int = opt(-1, "Layers to offload to a GPU when llama.cpp was built with one (-1: all).", min=-1)
+    adapter_scale: float = opt(1.0, "Scale applied to a LoRA adapter in llama.cpp.", stages=("collaboration", "eval"))
 
 
 @dataclass
 class TrainConfig:
     """LoRA fine-tuning with MLX (owned by mlx_engine)."""
 
-    rank: int = opt(8, "LoRA rank.")
-    scale: float = opt(20.0, "LoRA scale (mlx-lm's `scale`; the GGUF adapter gets alpha = scale x rank).")
-    dropout: float = opt(0.0, "LoRA dropout.")
+    rank: int = opt(8, "LoRA rank.", min=1, stages=("train",))
+    scale: float = opt(20.0, "LoRA scale (mlx-lm's `scale`; the GGUF adapter gets alpha = scale x rank).", gt=0,
+                       stages=("train",))
+    dropout: float = opt(0.0, "LoRA dropout.", min=0, lt=1, stages=("train",))
     num_layers: int = opt(16, "How many of the last transformer blocks get LoRA (-1, or more than the model has: "
                           "all). The blocks below run once per sequence, not every step: SmolLM2 on fpb, 16 of 30 "
-                          "blocks train 2x faster than all 30 (test accuracy 0.918 vs 0.927; 8 blocks: 0.896).")
+                          "blocks train 2x faster than all 30 (test accuracy 0.918 vs 0.927; 8 blocks: 0.896).",
+                          min=1, also=(-1,), stages=("train",))
     keys: str = opt("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-                    "Comma-separated projections that get LoRA.")
-    lr: float = opt(3e-4, "Peak learning rate (linear warm-up, then cosine decay).")
-    warmup: float = opt(0.1, "Warm-up as a fraction of all optimizer steps.")
-    epochs: float = opt(3.0, "Passes over the training data.")
-    batch_size: int = opt(8, "Sequences per batch.")
-    grad_accum: int = opt(1, "Batches per optimizer step.")
-    max_seq_len: int = opt(512, "Longest training sequence in tokens (longer ones are cut from the left).")
-    val_fraction: float = opt(0.1, "Fraction of the training rows held out for validation loss "
-                              "(used when no validation set is given).")
-    weight_decay: float = opt(0.0, "AdamW weight decay on the LoRA weights (0: plain Adam).")
-    grad_clip: float = opt(1.0, "Clip the global gradient norm to this value (0: no clipping); without it lr 5e-4 spikes on fpb.")
+                    "Comma-separated projections that get LoRA.", stages=("train",))
+    lr: float = opt(3e-4, "Peak learning rate (linear warm-up, then cosine decay).", gt=0, stages=("train",))
+    warmup: float = opt(0.1, "Warm-up as a fraction of all optimizer steps.", min=0, lt=1, stages=("train",))
+    epochs: float = opt(3.0, "Passes over the training data.", gt=0, stages=("train",))
+    batch_size: int = opt(8, "Sequences per batch.", min=1, stages=("train",))
+    grad_accum: int = opt(1, "Batches per optimizer step.", min=1, stages=("train",))
+    max_seq_len: int = opt(512, "Longest training sequence in tokens (longer ones are cut from the left).", min=8,
+                           stages=("train",))
+    val_fraction: float = opt(0.0, "Fraction of the training rows held out (seeded) to choose the checkpoint: "
+                              "the adapter written is the end-of-epoch one with the lowest validation loss. "
+                              "0 (the paper's): every row trains.", min=0, lt=1, stages=("train",))
+    weight_decay: float = opt(0.0, "AdamW weight decay on the LoRA weights (0: plain Adam).", min=0, stages=("train",))
+    grad_clip: float = opt(1.0, "Clip the global gradient norm to this value (0: no clipping); without it lr 5e-4 "
+                           "spikes on fpb.", min=0, stages=("train",))
     grad_checkpoint: bool = opt(False, "Recompute each block's activations in the backward pass: the same "
                                 "adapter with far less memory (SmolLM2 on fpb: peak 3.4 -> 1.9 GB), steps ~1.3x slower.")
-    save_every: int = opt(50, "Write a resumable checkpoint (and the adapter so far) every N optimizer steps.")
-    seed: int = opt(0, "Random seed for initialization, data order and dropout.", flag="--train-seed")
+    save_every: int = opt(50, "Write a resumable checkpoint (and the adapter so far) every N optimizer steps.", min=1)
+    seed: int = opt(0, "Random seed for initialization, data order and dropout.", flag="--train-seed", stages=("train",))
+
+
+MODES = ("auto", "score", "sample")
+EMBEDDINGS = ("model", "tfidf")
+THRESHOLDS = ("global", "per-class")
 
 
 @dataclass
 class RunConfig:
     """The SemiEvol pipeline (`semievol run`)."""
 
-    mode: str = opt("auto", "score (option distributions), sample (the paper's generative recipe), or auto.")
-    learners: int = opt(4, "Learners that answer each unlabeled question (n).")
-    k: int = opt(3, "Labeled neighbours retrieved per unlabeled question (demonstrations).")
-    theta: float = opt(50.0, "Keep pseudo-labels whose entropy is at or below this percentile (0-100).")
-    rounds: int = opt(1, "Evolution rounds: labeled + selected become the next round's labeled set.")
-    seed: int = opt(0, "Seed for learner configurations and sampling.")
-    embedding: str = opt("model", "Retrieval embeddings: model (pooled hidden states, llama.cpp) or tfidf.")
-    iwp: bool = opt(True, "In-weight propagation: learners may use the warm adapter.", flag="--iwp/--no-iwp")
-    icp: bool = opt(True, "In-context propagation: retrieved demonstrations.", flag="--icp/--no-icp")
-    cl: bool = opt(True, "Collaborative learning: n learners + self-justification.", flag="--cl/--no-cl")
-    adaptive_selection: bool = opt(True, "Adaptive selection by entropy.", flag="--as/--no-as")
+    # the mode reaches stages resolved (auto -> score or sample, from the data): the pipeline passes that
+    mode: str = opt("auto", "score (option distributions), sample (the paper's generative recipe), or auto.",
+                    choices=MODES)
+    learners: int = opt(4, "Learners that answer each unlabeled question (n).", min=1, stages=("collaboration",))
+    k: int = opt(3, "Labeled neighbours retrieved per unlabeled question (demonstrations; at most 3 are used, "
+                 "as in the paper's learner grid).", min=0, stages=("retrieval", "collaboration"))
+    theta: float = opt(50.0, "Keep pseudo-labels whose entropy is at or below this percentile (0-100).", min=0,
+                       max=100, stages=("selection",))
+    rounds: int = opt(1, "Evolution rounds: labeled + selected become the next round's labeled set.", min=1)
+    seed: int = opt(0, "Seed for learner configurations and sampling.", stages=("collaboration",))
+    embedding: str = opt("model", "Retrieval embeddings: model (pooled hidden states, llama.cpp) or tfidf.",
+                         choices=EMBEDDINGS, stages=("retrieval",))
+    iwp: bool = opt(True, "In-weight propagation: the warm adapter takes part in pseudo-labeling (learners and "
+                    "the self-justifier); without it only the base model does.", flag="--iwp/--no-iwp",
+                    stages=("collaboration",))
+    icp: bool = opt(True, "In-context propagation: retrieved demonstrations.", flag="--icp/--no-icp",
+                    stages=("retrieval", "collaboration"))
+    cl: bool = opt(True, "Collaborative learning: n learners + self-justification.", flag="--cl/--no-cl",
+                   stages=("collaboration",))
+    adaptive_selection: bool = opt(True, "Adaptive selection by entropy.", flag="--as/--no-as", stages=("selection",))
     threshold: str = opt("global", "Entropy percentile over all pseudo-labels (global: the paper's Eq. 7) or per "
-                         "pseudo-label class (per-class: no class is dropped whole); open answers use global.")
-    justified_only: bool = opt(False, "Apply the entropy threshold to self-justified pseudo-labels only (official code).")
+                         "pseudo-label class (per-class: no class is dropped whole); open answers use global.",
+                         choices=THRESHOLDS, stages=("selection",))
+    min_letter_mass: float = opt(0.5, "Score mode: select a pseudo-label only where the option letters got at least "
+                                 "this share of the model's next-token probability (a peaked distribution over letters "
+                                 "the model hardly meant to say is no confident answer). SmolLM2 gives them 0.69-0.97.",
+                                 min=0, max=1, stages=("selection",))
+    justified_only: bool = opt(False, "Apply the entropy threshold to self-justified pseudo-labels only (official code).",
+                               stages=("selection",))
     final_from_warm: bool = opt(False, "Final fine-tune continues the warm adapter on the selected only (official code).")
-    final_lr: float = opt(0.0, "Peak lr of the final fine-tune (0: --lr); the official code continues M_warm at 1e-6.")
-    final_epochs: float = opt(0.0, "Epochs of the final fine-tune (0: --epochs).")
-    temperature: float = opt(1.0, "Sampling temperature of the learners in sample mode.")
-    max_tokens: int = opt(256, "Longest learner response in sample mode.")
-    limit_unlabeled: int = opt(0, "Use only the first N unlabeled questions (0: all).")
-    limit_test: int = opt(0, "Evaluate on only the first N test questions (0: all).")
+    final_lr: float = opt(0.0, "Peak lr of the final fine-tune (0: --lr); the official code continues M_warm at 1e-6.",
+                          min=0)
+    final_epochs: float = opt(0.0, "Epochs of the final fine-tune (0: --epochs).", min=0)
+    temperature: float = opt(1.0, "Sampling temperature of the learners in sample mode.", min=0,
+                             stages=("collaboration",))
+    max_tokens: int = opt(256, "Longest learner response in sample mode.", min=1, stages=("collaboration",))
+    limit_unlabeled: int = opt(0, "Use only the first N unlabeled questions (0: all).", min=0)
+    limit_test: int = opt(0, "Evaluate on only the first N test questions (0: all).", min=0)
 
 
 def field_names(cls) -> list[str]:

@@ -2,14 +2,15 @@
 
 A task is a folder with `labeled`, `unlabeled` and `test` files (`.csv` or `.jsonl`), or explicit files.
 Columns: `question`; `options` (a JSON list; absent or empty for open-answer rows); `answer` (the option's
-letter, or for open answers a number or short text). Other columns are kept as metadata and never reach a
-prompt. The unlabeled split is loaded *without* its answers: they are read only by
-`load_heldout_answers`, for reporting how accurate the pseudo-labels were.
+letter, or for open answers a number or short text). Other columns are kept as metadata (labeled and test
+splits only; per-category tables read them) and never reach a prompt. The unlabeled split is loaded *without* its answers: they are read only by
+`load_heldout`, for reporting how accurate the pseudo-labels were.
 This module does no prompting and no I/O beyond reading the files it is given.
 """
 from __future__ import annotations
 
 import csv
+import io
 import json
 import string
 from dataclasses import dataclass, field
@@ -68,6 +69,8 @@ class Split:
 def find_split_file(folder: Path, split: str) -> Path:
     """The file of one split in a task folder: `<split>.csv` or `<split>.jsonl`."""
     folder = Path(folder)
+    if split not in SPLITS:
+        raise UserError(f"--split {split!r}: choose one of {', '.join(SPLITS)}")
     if not folder.exists():
         raise UserError(f"{folder}: no such task folder or file; give a folder with labeled/unlabeled/test files")
     if folder.is_file():
@@ -86,22 +89,31 @@ def _read_rows(path: Path) -> list[tuple[int, dict]]:
         raise UserError(f"{path}: file not found")
     if path.stat().st_size == 0:
         raise UserError(f"{path}: file is empty; it needs a header and at least one row")
-    text = path.read_text(encoding="utf-8", errors="strict") if path.suffix != ".jsonl" else None
+    raw = path.read_bytes()
+    if b"\x00" in raw[:8192]:
+        raise UserError(f"{path}: a binary file, not {'JSONL' if path.suffix == '.jsonl' else 'CSV'} text; "
+                        "give a UTF-8 text file with one question per row")
+    try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark (Excel writes one) is accepted and dropped
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                        "save the file as UTF-8") from None
     rows: list[tuple[int, dict]] = []
     if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or remove that line") from None
-                if not isinstance(row, dict):
-                    raise UserError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
-                rows.append((lineno, row))
+        for lineno, line in enumerate(io.StringIO(text, newline=None), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or remove that line") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{lineno}: expected a JSON object per line, got {type(row).__name__}")
+            rows.append((lineno, row))
     else:
-        reader = csv.DictReader(text.splitlines(keepends=True), strict=True)
+        # newline='': the csv module sees \\r\\n (Windows) and quoted line breaks as they are
+        reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
         try:
             header = reader.fieldnames
             if not header:
@@ -136,7 +148,11 @@ def _parse_options(raw, where: str) -> tuple[str, ...]:
         raise UserError(f'{where}: options must be a JSON list of strings, like ["first", "second"]')
     if len(raw) > len(LETTERS):
         raise UserError(f"{where}: {len(raw)} options; at most {len(LETTERS)} are supported")
-    return tuple(str(o) for o in raw)
+    options = tuple(str(o) for o in raw)
+    for i, o in enumerate(options):
+        if not o.strip():
+            raise UserError(f"{where}: option {LETTERS[i]} is empty; every option needs text")
+    return options
 
 
 def load_split(path: Path, name: str, *, with_answers: bool = True) -> Split:
@@ -168,14 +184,32 @@ def load_split(path: Path, name: str, *, with_answers: bool = True) -> Split:
                 answer = answer.upper()
             elif not answer:
                 raise UserError(f"{where}: empty answer; open-answer rows need a number or short text")
-        meta = {k: v for k, v in row.items() if k not in ("question", "options", "answer")}
+        # An unlabeled row keeps nothing but its question and options: an extra column may hold the answer in
+        # other words (fpb's `gt`), and no prompt, selection or report needs one.
+        meta = {k: v for k, v in row.items() if k not in ("question", "options", "answer")} if with_answers else {}
         items.append(Item(index=index, question=question, options=options, answer=answer, meta=meta))
     return Split(name=name, path=path, items=items)
 
 
-def load_heldout_answers(path: Path) -> list[str]:
-    """The unlabeled split's answers, for *reporting* pseudo-label accuracy only. Never feed these to a predictor."""
-    return [it.answer for it in load_split(path, "unlabeled (answers, for the report only)").items]
+def duplicate_options(item: Item) -> list[tuple[str, str]]:
+    """Pairs of option letters whose texts are the same (up to case and spacing). Accepted, since the paper's
+    own splits hold such rows (ARC, MMLU, MMLU-Pro), but a model cannot tell those options apart, so
+    `semievol data check` lists them."""
+    seen: dict[str, int] = {}
+    pairs = []
+    for i, o in enumerate(item.options):
+        key = " ".join(o.split()).lower()
+        if key in seen:
+            pairs.append((LETTERS[seen[key]], LETTERS[i]))
+        else:
+            seen[key] = i
+    return pairs
+
+
+def load_heldout(path: Path) -> list[Item]:
+    """The unlabeled split with its answers, for *reporting* pseudo-label accuracy only. Never feed these to a
+    predictor."""
+    return load_split(path, "unlabeled (answers, for the report only)").items
 
 
 @dataclass

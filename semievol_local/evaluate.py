@@ -37,12 +37,15 @@ class Prediction:
 class EvalResult:
     accuracy: float
     n: int
-    majority_label: str
-    majority_accuracy: float
+    majority_label: str  # the majority class of `majority_from`: the labeled split where there is one
+    majority_accuracy: float  # its accuracy on these items
     mode: str
     seconds: float
     items_per_s: float
     truncated_prompts: int = 0
+    majority_from: str = "labeled split"  # or "this split" (an oracle: it reads the answers it is scored on)
+    oracle_label: str | None = None  # the majority class of the evaluated items themselves
+    oracle_accuracy: float | None = None
     per_category: dict[str, dict] = field(default_factory=dict)
     predictions: list[Prediction] = field(default_factory=list)
 
@@ -83,13 +86,31 @@ def predict_item(engine: Engine, item: Item, demos: Sequence[Item] = (), *, mode
 
 
 def majority(answers: Sequence[str]) -> tuple[str, float]:
-    label, count = Counter(answers).most_common(1)[0]
-    return label, count / len(answers)
+    """The most common answer (ties: the first in sorted order) and its share."""
+    counts = Counter(answers)
+    label = min(counts, key=lambda a: (-counts[a], a))
+    return label, counts[label] / len(answers)
+
+
+def majority_baseline(prior: Sequence[str] | None, items: Sequence[Item]) -> dict:
+    """The majority-class baseline: the class a user knows from the labeled split (`prior`), scored on `items`;
+    and, apart, the oracle: the majority class of `items` themselves (it reads the answers it is scored on)."""
+    gold = [it.answer for it in items]
+    oracle_label, oracle_acc = majority(gold)
+    if prior:
+        label = majority(list(prior))[0]
+        acc = float(np.mean([answers_match(label, g, closed=it.closed) for g, it in zip(gold, items)]))
+        return {"majority_label": label, "majority_accuracy": acc, "majority_from": "labeled split",
+                "oracle_label": oracle_label, "oracle_accuracy": oracle_acc}
+    return {"majority_label": oracle_label, "majority_accuracy": oracle_acc, "majority_from": "this split",
+            "oracle_label": oracle_label, "oracle_accuracy": oracle_acc}
 
 
 def evaluate(engine: Engine, split: Split, *, mode: str | None = None, limit: int | None = None,
-             category_column: str | None = None, max_tokens: int = 256,
+             category_column: str | None = None, max_tokens: int = 256, prior: Sequence[str] | None = None,
              on_item: Callable[[Prediction], None] | None = None) -> EvalResult:
+    """Accuracy on `split`; `prior`: the labeled split's answers, for the majority-class baseline (without it,
+    the baseline is this split's own majority class, marked as such)."""
     items = split.items[:limit] if limit else split.items
     mode = resolve_mode(mode, items)
     if category_column and category_column not in items[0].meta:
@@ -109,14 +130,12 @@ def evaluate(engine: Engine, split: Split, *, mode: str | None = None, limit: in
         if on_item:
             on_item(pred)
     seconds = time.perf_counter() - t0
-    maj_label, maj_acc = majority([it.answer for it in items])
     per_cat: dict[str, list[bool]] = defaultdict(list)
     for p in preds:
         if p.category is not None:
             per_cat[p.category].append(bool(p.correct))
     return EvalResult(
-        accuracy=float(np.mean([p.correct for p in preds])), n=len(preds), majority_label=maj_label,
-        majority_accuracy=maj_acc, mode=mode, seconds=seconds, items_per_s=len(preds) / max(seconds, 1e-9),
+        accuracy=float(np.mean([p.correct for p in preds])), n=len(preds), **majority_baseline(prior, items), mode=mode, seconds=seconds, items_per_s=len(preds) / max(seconds, 1e-9),
         truncated_prompts=truncated,
         per_category={c: {"n": len(v), "accuracy": float(np.mean(v))} for c, v in sorted(per_cat.items())},
         predictions=preds)

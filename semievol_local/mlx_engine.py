@@ -39,7 +39,7 @@ from mlx_lm.models.base import create_attention_mask  # noqa: E402
 from mlx_lm.tuner.utils import linear_to_lora_layers, load_adapters  # noqa: E402
 
 from . import adapter_gguf as ag  # noqa: E402
-from . import batching, gguf_loader  # noqa: E402
+from . import batching, config, gguf_loader  # noqa: E402
 from .files import atomic_target  # noqa: E402
 from .batching import Example  # noqa: E402
 from .checkpoint import discard_partial, load_latest_checkpoint, save_checkpoint  # noqa: E402
@@ -105,7 +105,6 @@ def checkpoint_blocks(model: Model) -> None:
 
 
 # names of TrainConfig fields that change how training runs, not what it computes
-_NOT_IDENTITY = ("save_every", "grad_checkpoint")
 
 
 def _export(out_dir: Path, flat: dict[str, mx.array], adapter_cfg: dict, arch: str, n_blocks: int,
@@ -230,9 +229,7 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     on_step = on_step or (lambda info: None)
-    if cfg.batch_size < 1 or cfg.grad_accum < 1 or cfg.save_every < 1 or not cfg.epochs > 0:
-        raise UserError(f"batch_size, grad_accum and save_every must be >= 1 and epochs > 0 (got {cfg.batch_size}, "
-                        f"{cfg.grad_accum}, {cfg.save_every}, {cfg.epochs}).")
+    config.check(cfg)
     if valid_examples is None:
         train_examples, valid_examples = batching.split_validation(list(train_examples), cfg.val_fraction, cfg.seed)
     seqs = batching.prepare(train_examples, cfg.max_seq_len, "training")
@@ -262,7 +259,7 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
     optimizer.init(model.trainable_parameters())  # before compiling: the state tree must not change shape later
 
     # ---- resume
-    identity = {"config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_IDENTITY},
+    identity = {"config": config.identity("train", cfg),  # the options that change the adapter, declared in config
                 "data_sha256": batching.fingerprint(seqs), "val_sha256": batching.fingerprint(val_seqs),
                 "init_adapter_sha256": init_sha}
     ckpt_root = out_dir / "checkpoints"
@@ -271,6 +268,7 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
         stale.unlink(missing_ok=True)
     records: list[dict] = []
     start = 0
+    best, best_adapters = None, None  # the end-of-epoch adapter with the lowest validation loss so far
     if resume:
         found = load_latest_checkpoint(ckpt_root)
         if found is None:
@@ -281,7 +279,9 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
             model.load_weights(list(arrays["adapters"].items()), strict=False)
             saved = arrays["optimizer"]
             optimizer.state.update(tree_map_with_path(lambda p, _: saved[p], optimizer.state))  # in place
-            records, start = state["log"], state["step"]
+            records, start, best = state["log"], state["step"], state.get("best")
+            if best is not None:
+                best_adapters = dict(arrays["best"])
             log.info("resuming from step %d of %d", start, total_steps)
 
     # ---- frozen trunk: the blocks below the first LoRA block run once per sequence, not once per step
@@ -345,25 +345,32 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
                             f"Lower the learning rate (now {cfg.lr:g}) or set grad_clip.")
         rec = {"step": s + 1, "total_steps": total_steps, "epoch": (s + 1) * cfg.grad_accum / batches_per_epoch,
                "loss": loss_v, "lr": lr, "tokens_per_s": n_input / (time.perf_counter() - tic)}
+        epoch_end = int((s + 1) * cfg.grad_accum / batches_per_epoch) > int(s * cfg.grad_accum / batches_per_epoch)
+        if val_seqs and (epoch_end or s + 1 == total_steps):  # the validation slice chooses among epoch ends
+            rec["val_loss"] = _val_loss(model, val_seqs, cfg.batch_size)
+            if best is None or rec["val_loss"] < best["val_loss"]:
+                best = {"step": s + 1, "val_loss": rec["val_loss"]}
+                best_adapters = dict(tree_flatten(model.trainable_parameters()))
+        records.append(rec)
         if (s + 1) % cfg.save_every == 0 or s + 1 == total_steps:
-            if val_seqs:
-                rec["val_loss"] = _val_loss(model, val_seqs, cfg.batch_size)
-            records.append(rec)
             adapters = dict(tree_flatten(model.trainable_parameters()))
             _export(out_dir, adapters, adapter_cfg, arch, len(model.layers), cfg)
             write_log()
-            save_checkpoint(ckpt_root, s + 1, {"adapters": adapters, "optimizer": dict(tree_flatten(optimizer.state))},
-                            {"step": s + 1, "identity": identity, "log": records})
-        else:
-            records.append(rec)
+            arrays = {"adapters": adapters, "optimizer": dict(tree_flatten(optimizer.state))}
+            if best is not None:
+                arrays["best"] = best_adapters
+            save_checkpoint(ckpt_root, s + 1, arrays, {"step": s + 1, "identity": identity, "log": records, "best": best})
         on_step(dict(rec))
     model.eval()
+    if best is not None and best["step"] != total_steps:  # an earlier epoch validated better: that is the adapter
+        _export(out_dir, best_adapters, adapter_cfg, arch, len(model.layers), cfg)
 
-    vals = [r["val_loss"] for r in records if "val_loss" in r]
     steps_run = [r for r in records[start:]]
     return {"steps": total_steps, "resumed_from": start, "final_loss": records[-1]["loss"],
             "frozen_blocks_cached": first, "trunk_seconds": trunk_seconds if first else 0.0,
-            "val_loss": vals[-1] if vals else None, "train_seconds": time.perf_counter() - t_run,
+            "train_rows": len(seqs), "validation_rows": len(val_seqs),
+            "chosen_step": best["step"] if best is not None else total_steps,
+            "val_loss": best["val_loss"] if best is not None else None, "train_seconds": time.perf_counter() - t_run,
             "tokens_per_s": float(np.mean([r["tokens_per_s"] for r in steps_run])) if steps_run else None,
             "trainable_params": sum(v.size for _, v in tree_flatten(model.trainable_parameters())),
             "out_dir": str(out_dir), "adapter_gguf": str(out_dir / "adapter.gguf")}

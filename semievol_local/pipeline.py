@@ -18,18 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
-from . import retrieval, selection
+from . import config, retrieval, selection
 from .config import EngineConfig, RunConfig, TrainConfig
 from .data import LETTERS, Item, Task, load_task
-from .errors import UserError
 from .evaluate import evaluate, resolve_mode
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .llama_engine import Engine, load
 from .prompts import extract_answer, fit_prompt, justify_messages
 from .runfolder import RunFolder, StageResult, digest, file_digest
 from .training import train_adapter
-
-THRESHOLDS = ("global", "per-class")
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +53,12 @@ class Learner:
 
     def label(self) -> str:
         return f"{'warm' if self.warm else 'base'}+{self.n_demos}demo"
+
+
+def canonical(cfg: RunConfig) -> RunConfig:
+    """One spelling per method: without collaboration there is one learner, so `--no-cl` and `--learners 1`
+    are the same pseudo-labeling (a benchmark computes it once)."""
+    return dataclasses.replace(cfg, learners=1, cl=True) if not cfg.cl else cfg
 
 
 def learner_configs(cfg: RunConfig) -> list[Learner]:
@@ -91,8 +94,7 @@ def items_digest(items: list[Item], with_answers: bool) -> str:
 def stage_train(run: RunFolder, name: str, engine: Engine, items: list[Item], tcfg: TrainConfig, reporter,
                 *, init_adapter: StageResult | None = None) -> StageResult:
     inputs = {"model": file_digest(engine.model_path), "items": items_digest(items, True),
-              # grad_checkpoint changes memory use, not the adapter: no re-run for it
-              "train": {k: v for k, v in dataclasses.asdict(tcfg).items() if k != "grad_checkpoint"},
+              "options": config.identity("train", tcfg),
               "init_adapter": init_adapter.outputs_digest if init_adapter else None}
 
     def build(work: Path):
@@ -109,7 +111,7 @@ def stage_retrieval(run: RunFolder, name: str, engine: Engine, labeled: list[Ite
                     cfg: RunConfig, reporter) -> StageResult:
     inputs = {"model": file_digest(engine.model_path) if cfg.embedding == "model" else None,
               "labeled": items_digest(labeled, False), "unlabeled": items_digest(unlabeled, False),
-              "k": cfg.k, "embedding": cfg.embedding, "icp": cfg.icp}
+              "options": config.identity("retrieval", cfg)}
 
     def build(work: Path):
         k = min(cfg.k, 3) if cfg.icp else 0
@@ -125,8 +127,6 @@ def stage_retrieval(run: RunFolder, name: str, engine: Engine, labeled: list[Ite
                 with reporter.progress(len(lab_text) + len(unl_text), "embed", "texts") as advance:
                     a = _embed(engine, lab_text, advance)
                     b = _embed(engine, unl_text, advance)
-            else:
-                raise UserError(f"--embedding {cfg.embedding!r}: choose model or tfidf")
             ids, sims = retrieval.knn(a, b, k)
         np.save(work / "neighbours.npy", ids)
         np.save(work / "similarities.npy", sims)
@@ -145,29 +145,41 @@ def _embed(engine: Engine, texts: list[str], advance, chunk: int = 32) -> np.nda
 
 def _ask(engine: Engine, item: Item, demos: list[Item], mode: str, cfg: RunConfig, seed: int,
          adapter: Path | None, justify: list[str] | None = None) -> dict:
-    """One learner (or the justifier) on one question."""
+    """One learner (or, with `justify`, the self-justifier) on one question; the record says what it was asked.
+
+    The justifier decodes greedily. Where its prompt, listing every candidate, does not fit the context, it
+    is asked the plain question instead (`justify_fallback`). A learner's prompt that had to drop
+    demonstrations or cut its question says so (`demos_dropped`, `question_truncated`). In score mode the
+    record keeps `letter_mass`: the probability the model put on the option letters before renormalising."""
     engine.set_adapter(adapter)
     reserve = 1 if mode == "score" else cfg.max_tokens
-    tokens = None
+    tokens, info = None, {}
     if justify is not None:
         tokens = engine.tokenize(engine.template.prompt(justify_messages(item, justify), answer_prefix=(mode == "score")))
         if len(tokens) > engine.n_ctx - reserve:  # too long with every candidate: the question alone
-            justify, tokens = None, None
+            tokens, info["justify_fallback"] = None, True
     if tokens is None:
         fit = fit_prompt(item, demos, engine.template, lambda t: len(engine.tokenize(t)), engine.n_ctx - reserve,
                          answer_prefix=(mode == "score"))
         tokens = engine.tokenize(fit.text)
+        if fit.demos_dropped:
+            info["demos_dropped"] = fit.demos_dropped
+        if fit.question_truncated:
+            info["question_truncated"] = True
     if mode == "score":
         s = engine.score(tokens, len(item.options))
-        return {"answer": LETTERS[int(np.argmax(s.probs))], "probs": [float(p) for p in s.probs]}
-    temp = 0.0 if justify is not None else cfg.temperature
+        return {"answer": LETTERS[int(np.argmax(s.probs))], "probs": [float(p) for p in s.probs],
+                "letter_mass": float(s.mass), **info}
+    temp = 0.0 if justify is not None else cfg.temperature  # the justifier is greedy, fallback or not
     smp = engine.sample(tokens, [seed], temperature=temp, max_tokens=cfg.max_tokens)[0]
-    return {"answer": extract_answer(smp.text, item), "text": smp.text, "nll": smp.mean_nll, "n_tokens": len(smp.tokens)}
+    return {"answer": extract_answer(smp.text, item), "text": smp.text, "nll": smp.mean_nll,
+            "n_tokens": len(smp.tokens), **info}
 
 
 def collaborate_one(engine: Engine, item: Item, demos_all: list[Item], learners: list[Learner], mode: str,
                     cfg: RunConfig, warm: Path | None) -> dict:
-    """n learners answer; agreement is the label, else the warm model justifies among the candidates.
+    """n learners answer; agreement is the label, else the warm model justifies among the candidates
+    (the base model where `warm` is None: without in-weight propagation no adapter takes part).
 
     The cache starts empty for every question, so a question's result cannot depend on the questions
     before it (a resumed run computes exactly what an uninterrupted one did). Within the question,
@@ -187,6 +199,7 @@ def collaborate_one(engine: Engine, item: Item, demos_all: list[Item], learners:
     if mode == "score":
         avg = np.mean([a["probs"] for a in answers], axis=0)
         rec["entropy"] = float(selection.entropy_rows(avg[None])[0])
+        rec["letter_mass"] = float(np.mean([a["letter_mass"] for a in answers]))
     else:
         rec["entropy"] = float(np.mean([a["nll"] for a in answers]))
     if consistent or len(learners) == 1:
@@ -197,7 +210,9 @@ def collaborate_one(engine: Engine, item: Item, demos_all: list[Item], learners:
         cands = [f"Answer: {a['answer']} ({item.options[LETTERS.index(a['answer'])]})" for a in answers]
     else:
         cands = [a["text"] for a in answers]
+    # the justifier is M_warm (Eq. 5); without in-weight propagation (`warm` is None) the base model
     j = _ask(engine, item, [], mode, cfg, item_seed(cfg.seed, item.index, 999), warm, justify=cands)
+    j["adapter"] = "warm" if warm is not None else "base"
     rec.update(pseudo_label=j["answer"], justified=True, justification=j)
     return rec
 
@@ -220,16 +235,23 @@ def label_entropy(rec: dict) -> float:
     return float(rec["entropy"])
 
 
+def label_mass(rec: dict) -> float | None:
+    """Score mode: the probability mass on the option letters behind the pseudo-label (the justifier's where
+    it decided, else the learners' mean); None in sample mode."""
+    j = rec.get("justification")
+    if rec.get("justified") and j and j.get("letter_mass") is not None:
+        return float(j["letter_mass"])
+    return rec.get("letter_mass")
+
+
 def stage_collaboration(run: RunFolder, name: str, engine: Engine, labeled: list[Item], unlabeled: list[Item],
                         retrieved: StageResult, warm: StageResult | None, mode: str, cfg: RunConfig,
-                        reporter) -> StageResult:
+                        ecfg: EngineConfig, reporter) -> StageResult:
     learners = learner_configs(cfg)
     inputs = {"model": file_digest(engine.model_path), "labeled": items_digest(labeled, True),
               "unlabeled": items_digest(unlabeled, False), "retrieval": retrieved.outputs_digest,
               "warm": warm.outputs_digest if warm else None, "mode": mode,
-              # --no-cl acts through the learners (one, so no justification): n = 1 is the same stage
-              "learners": [ln.label() for ln in learners],
-              "options": {k: getattr(cfg, k) for k in ("seed", "temperature", "max_tokens")}}
+              "options": config.identity("collaboration", canonical(cfg), ecfg)}
 
     def build(work: Path):
         neighbours = np.load(retrieved.path("neighbours.npy"))
@@ -250,9 +272,18 @@ def stage_collaboration(run: RunFolder, name: str, engine: Engine, labeled: list
                 done.append(rec)
                 advance(status="agree" if rec["consistent"] else "justified")
         os.replace(partial, work / "collaboration.jsonl")
-        return {"questions": len(done), "consistent": int(sum(r["consistent"] for r in done))}
+        return {"questions": len(done), "consistent": int(sum(r["consistent"] for r in done)), **prompt_counts(done)}
 
     return _stage(run, name, inputs, build, reporter)
+
+
+def prompt_counts(recs: list[dict]) -> dict:
+    """How many questions had a prompt shortened (demonstrations dropped, question cut) or a justification
+    asked without its candidates (they did not fit the context)."""
+    asks = [[*r["learners"], *([r["justification"]] if r.get("justification") else [])] for r in recs]
+    return {"demos_dropped": sum(any(a.get("demos_dropped") for a in q) for q in asks),
+            "question_truncated": sum(any(a.get("question_truncated") for a in q) for q in asks),
+            "justify_fallback": sum(bool((r.get("justification") or {}).get("justify_fallback")) for r in recs)}
 
 
 def _read_complete_lines(path: Path) -> list[dict]:
@@ -274,40 +305,49 @@ def stage_selection(run: RunFolder, name: str, collab: StageResult, cfg: RunConf
                     closed: bool = True) -> StageResult:
     """Entropy per pseudo-label and the theta-percentile keep-mask; `closed` (every question has options)
     lets `--threshold per-class` group by the pseudo-label's option (open answers use one threshold)."""
-    inputs = {"collaboration": collab.outputs_digest, "theta": cfg.theta, "as": cfg.adaptive_selection,
-              "justified_only": cfg.justified_only, "entropy": "of the final answer",
-              "threshold": cfg.threshold if closed else "global"}
+    inputs = {"collaboration": collab.outputs_digest, "entropy": "of the final answer",
+              "closed": closed, "options": config.identity("selection", cfg)}
 
     def build(work: Path):
         recs = [json.loads(ln) for ln in collab.path("collaboration.jsonl").read_text().splitlines()]
         ent = np.array([label_entropy(r) for r in recs], dtype=np.float64)
         has_label = np.array([r["pseudo_label"] is not None for r in recs])
+        mass = [label_mass(r) for r in recs]
+        # score mode: an answer whose letters got little of the model's probability is not a confident one,
+        # however peaked its renormalised distribution: adaptive selection never keeps it
+        sure = np.array([m is None or m >= cfg.min_letter_mass for m in mass])
         if cfg.adaptive_selection:
             only = np.array([r["justified"] for r in recs]) if cfg.justified_only else None
             groups = [str(r["pseudo_label"]) for r in recs] if cfg.threshold == "per-class" and closed else None
-            keep = selection.select(ent, cfg.theta, only=only, groups=groups)
+            keep = selection.select(ent, cfg.theta, only=only, groups=groups) & sure
         else:
             keep = np.ones(len(recs), dtype=bool)
         keep &= has_label
         lines = [json.dumps({"index": r["index"], "pseudo_label": r["pseudo_label"], "entropy": float(e),
-                             "consistent": r["consistent"], "justified": r["justified"], "selected": bool(k)})
-                 for r, k, e in zip(recs, keep, ent)]
+                             "letter_mass": m, "consistent": r["consistent"], "justified": r["justified"],
+                             "justify_fallback": bool((r.get("justification") or {}).get("justify_fallback")),
+                             "prompt_shortened": bool(prompt_counts([r])["demos_dropped"] or prompt_counts([r])["question_truncated"]),
+                             "selected": bool(k)})
+                 for r, k, e, m in zip(recs, keep, ent, mass)]
         atomic_write_text(work / "pseudo_labels.jsonl", "\n".join(lines) + "\n")
-        return {"selected": int(keep.sum()), "of": len(recs)}
+        return {"selected": int(keep.sum()), "of": len(recs), "low_letter_mass": int((~sure).sum())}
 
     return _stage(run, name, inputs, build, reporter)
 
 
 def stage_eval(run: RunFolder, name: str, engine: Engine, test: list[Item], test_split, adapter: StageResult | None,
-               mode: str, reporter) -> StageResult:
+               mode: str, ecfg: EngineConfig, prior: list[str], reporter) -> StageResult:
+    """Accuracy on the test split; `prior`, the labeled split's answers, sets the majority-class baseline."""
     inputs = {"model": file_digest(engine.model_path), "test": items_digest(test, True),
-              "adapter": adapter.outputs_digest if adapter else None, "mode": mode}
+              "adapter": adapter.outputs_digest if adapter else None, "mode": mode, "prior": digest(prior),
+              "options": config.identity("eval", ecfg)}
 
     def build(work: Path):
         engine.set_adapter(adapter.path("adapter.gguf") if adapter else None)
         split = dataclasses.replace(test_split, items=test)
         with reporter.progress(len(test), name.split("/")[-1]) as advance:
-            res = evaluate(engine, split, mode=mode, on_item=lambda p: advance(status="ok" if p.correct else "miss"))
+            res = evaluate(engine, split, mode=mode, prior=prior,
+                           on_item=lambda p: advance(status="ok" if p.correct else "miss"))
         atomic_write_json(work / "eval.json", res.as_dict())
         return {"accuracy": res.accuracy, "items_per_s": res.items_per_s}
 
@@ -338,43 +378,46 @@ def run_semievol(model_path: Path, data: Path, out: Path, cfg: RunConfig, tcfg: 
 
     `share`: sibling run folders whose stages may be reused where their inputs are identical."""
     reporter = reporter or Quiet()
-    task: Task = load_task(data)  # the unlabeled split arrives without answers
+    ecfg = ecfg or EngineConfig()
+    for c in (cfg, tcfg, ecfg):  # every option within its declared range, before any data or model loads
+        config.check(c)
+    with RunFolder.locked(out):  # one writer per run folder: a second command on it stops here
+        return _run(model_path, data, out, cfg, tcfg, ecfg, reporter, share)
+
+
+def _run(model_path, data, out, cfg, tcfg, ecfg, reporter, share):
+    task: Task = load_task(data)  # the unlabeled split arrives without answers (or any other column)
     labeled, unlabeled, test = task["labeled"].items, task["unlabeled"].items, task["test"].items
     if cfg.limit_unlabeled:
         unlabeled = unlabeled[:cfg.limit_unlabeled]
     if cfg.limit_test:
         test = test[:cfg.limit_test]
-    if cfg.rounds < 1:
-        raise UserError(f"--rounds {cfg.rounds}: give at least 1")
-    if not 0 <= cfg.theta <= 100:
-        raise UserError(f"--theta {cfg.theta}: give a percentile between 0 and 100")
-    for flag, value in (("--final-lr", cfg.final_lr), ("--final-epochs", cfg.final_epochs)):
-        if value < 0:
-            raise UserError(f"{flag} {value}: give 0 (the warm-up's value) or more")
-    if cfg.threshold not in THRESHOLDS:
-        raise UserError(f"--threshold {cfg.threshold!r}: choose from {', '.join(THRESHOLDS)}")
     mode = resolve_mode(None if cfg.mode == "auto" else cfg.mode, labeled + unlabeled + test)
-    engine = load(model_path, ecfg or EngineConfig())
+    engine = load(model_path, ecfg)
     run = RunFolder(out, share)
     atomic_write_json(out / "run.json", {"model": str(model_path), "data": str(data), "mode": mode,
-                                          "run": dataclasses.asdict(cfg), "train": dataclasses.asdict(tcfg)})
+                                          "run": dataclasses.asdict(cfg), "train": dataclasses.asdict(tcfg),
+                                          "engine": dataclasses.asdict(ecfg)})
+    prior = [it.answer for it in labeled]  # the majority-class baseline: what a user knows without the test set
     stages: dict[str, StageResult] = {}
     ftcfg = dataclasses.replace(tcfg, lr=cfg.final_lr or tcfg.lr, epochs=cfg.final_epochs or tcfg.epochs)
     # 1. in-weight propagation: M_warm = FT(M_base, labeled)
     warm = stages["warmup"] = stage_train(run, "warmup", engine, labeled, tcfg, reporter)
     # 6 (baselines). vanilla and SFT on the test split
-    stages["eval/vanilla"] = stage_eval(run, "eval/vanilla", engine, test, task["test"], None, mode, reporter)
-    stages["eval/sft"] = stage_eval(run, "eval/sft", engine, test, task["test"], warm, mode, reporter)
+    stages["eval/vanilla"] = stage_eval(run, "eval/vanilla", engine, test, task["test"], None, mode, ecfg, prior,
+                                        reporter)
+    stages["eval/sft"] = stage_eval(run, "eval/sft", engine, test, task["test"], warm, mode, ecfg, prior, reporter)
     current_labeled, remaining, teacher = list(labeled), list(unlabeled), warm
     for r in range(1, cfg.rounds + 1):
         tag = f"round{r}"
         # 2. in-context propagation: k nearest labeled questions per unlabeled question
         ret = stages[f"{tag}/retrieval"] = stage_retrieval(run, f"{tag}/retrieval", engine, current_labeled,
                                                            remaining, cfg, reporter)
-        # 3. collaborative learning: n learners, self-justification where they disagree
+        # 3. collaborative learning: n learners, self-justification where they disagree; the teacher (M_warm,
+        # then the evolved model) takes part only with in-weight propagation
         col = stages[f"{tag}/collaboration"] = stage_collaboration(
             run, f"{tag}/collaboration", engine, current_labeled, remaining, ret,
-            teacher if cfg.iwp or cfg.cl else None, mode, cfg, reporter)
+            teacher if cfg.iwp else None, mode, cfg, ecfg, reporter)
         # 4. adaptive selection: entropy at or below the theta-percentile
         sel = stages[f"{tag}/selection"] = stage_selection(run, f"{tag}/selection", col, cfg, reporter,
                                                                      closed=all(it.closed for it in remaining))
@@ -386,7 +429,8 @@ def run_semievol(model_path: Path, data: Path, out: Path, cfg: RunConfig, tcfg: 
             final = stage_train(run, f"{tag}/final", engine, current_labeled + chosen_items, ftcfg, reporter)
         stages[f"{tag}/final"] = final
         # 6. evaluation of the evolved model
-        stages[f"{tag}/eval"] = stage_eval(run, f"{tag}/eval", engine, test, task["test"], final, mode, reporter)
+        stages[f"{tag}/eval"] = stage_eval(run, f"{tag}/eval", engine, test, task["test"], final, mode, ecfg, prior,
+                                           reporter)
         # 7. rounds: labeled + selected become the labeled set; the evolved model becomes the teacher
         current_labeled = current_labeled + chosen_items
         remaining = [it for it in remaining if it.index not in chosen]

@@ -117,13 +117,18 @@ _NUMBER = r"[-+]?\d[\d,]*(?:\.\d+)?(?:[eE][-+]?\d+)?|[-+]?\.\d+"
 
 
 def extract_letter(text: str, n_options: int) -> str | None:
-    """The option letter a response commits to: the last `Answer: X`, else a lone leading letter."""
+    """The option letter a response commits to: the last `Answer: X`, else a lone leading letter.
+
+    The keyword matches in any case, the letter only as a capital or in parentheses ("(c)"): "the answer
+    is a good one" commits to nothing, and neither does "A good product" (a leading capital and a word)."""
     letters = LETTERS[:n_options]
-    hits = re.findall(r"answer\s*(?:is)?\s*[:：]?\s*\(?\**\s*([A-Z])\b", text, flags=re.IGNORECASE)
-    hits = [h.upper() for h in hits if h.upper() in letters]
+    hits = re.findall(r"(?i:answer)\s*(?:(?i:is)\s*)?[:：]?\s*\**\s*(?:\(([A-Za-z])\)|\(?([A-Z])\b(?![.'’-]?[A-Za-z]))",
+                      text)
+    hits = [(a or b).upper() for a, b in hits]  # a letter in parentheses may be lower case: "(c)"
+    hits = [h for h in hits if h in letters]
     if hits:
         return hits[-1]
-    m = re.match(r"\s*\(?([A-Z])[\).:\s]", text + " ")
+    m = re.match(r"\s*\(?([A-Z])(?:[).:]|\s*$|\s*\n|\s+\()", text)
     if m and m.group(1) in letters:
         return m.group(1)
     return None

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import find_split_file, load_heldout_answers
+from .data import Item, find_split_file, load_heldout
 from .errors import UserError
 from .files import atomic_write_json, atomic_write_text
+from .prompts import answers_match
 
 
 def _json(path: Path):
@@ -63,12 +64,15 @@ def paired(a: dict, b: dict) -> dict | None:
     return {"n": len(common), "only_first": only_a, "only_second": only_b, "p_value": p}
 
 
-def pseudo_label_stats(records: list[dict], answers: dict[int, str]) -> dict:
-    """Accuracy of pseudo-labels against held-back answers, by kind, by entropy decile, by coverage."""
-    recs = [r for r in records if r["index"] in answers]
+def pseudo_label_stats(records: list[dict], held: dict[int, Item], min_letter_mass: float = 0.5) -> dict:
+    """Accuracy of pseudo-labels against held-back answers, by kind, by entropy decile, by coverage. A
+    pseudo-label is right by the same rule as a test answer (`answers_match`: letters exactly, numbers within
+    1%, short text normalized)."""
+    recs = [r for r in records if r["index"] in held]
     if not recs:
         return {}
-    ok = np.array([r["pseudo_label"] == answers[r["index"]] for r in recs])
+    ok = np.array([answers_match(r["pseudo_label"], held[r["index"]].answer, closed=held[r["index"]].closed)
+                   for r in recs])
     cons = np.array([r["consistent"] for r in recs])
     just = np.array([r.get("justified", False) for r in recs])
     sel = np.array([r["selected"] for r in recs])
@@ -87,7 +91,12 @@ def pseudo_label_stats(records: list[dict], answers: dict[int, str]) -> dict:
     for c in range(1, 11):
         n = max(1, int(round(len(order) * c / 10)))
         coverage.append({"coverage": c / 10, "accuracy": float(ok[order[:n]].mean())})
+    mass = np.array([np.nan if r.get("letter_mass") is None else r["letter_mass"] for r in recs], dtype=np.float64)
+    low = mass < min_letter_mass
     return {"n": len(recs), "consistency_rate": float(cons.mean()), "accuracy_all": acc(np.ones_like(ok)),
+            "prompt_shortened": int(sum(bool(r.get("prompt_shortened")) for r in recs)),
+            "justify_fallback": int(sum(bool(r.get("justify_fallback")) for r in recs)),
+            "low_letter_mass": int(low.sum()), "accuracy_low_letter_mass": acc(low),
             "accuracy_consistent": acc(cons), "accuracy_justified": acc(just), "accuracy_selected": acc(sel),
             "selected": int(sel.sum()), "entropy_deciles": deciles, "coverage_accuracy": coverage}
 
@@ -105,7 +114,13 @@ def build_report(run: Path) -> dict:
     last = evals.get(f"round{rounds[-1]}/eval") if rounds else None
     acc = {"majority": van["majority_accuracy"] if van else None, "vanilla": van["accuracy"] if van else None,
            "sft": sft["accuracy"] if sft else None, "semievol": last["accuracy"] if last else None}
+    # the majority class is the labeled split's (a baseline a user could know); the test split's own majority
+    # class reads the answers it is scored on, so it is shown apart, as an oracle
+    oracle = ({"label": van.get("oracle_label"), "accuracy": van.get("oracle_accuracy"),
+               "majority_label": van["majority_label"], "majority_from": van.get("majority_from", "this split")}
+              if van else None)
     report = {"model": meta["model"], "data": meta["data"], "mode": meta["mode"], "accuracy": acc,
+              "majority": oracle,
               "accuracy_by_round": {r: evals[f"round{r}/eval"]["accuracy"] for r in rounds},
               "error_reduction": {
                   "semievol_vs_vanilla": error_reduction(acc["vanilla"], acc["semievol"]) if last and van else None,
@@ -120,7 +135,7 @@ def build_report(run: Path) -> dict:
     report["pseudo_labels"] = {}
     try:
         path = find_split_file(Path(meta["data"]), "unlabeled")
-        held = dict(enumerate(load_heldout_answers(path)))
+        held = dict(enumerate(load_heldout(path)))
     except UserError as e:  # no answers to check against: say why instead of leaving the statistics out silently
         held = {}
         report["pseudo_labels_unchecked"] = str(e)
@@ -128,7 +143,8 @@ def build_report(run: Path) -> dict:
         p = run / f"round{r}" / "selection" / "pseudo_labels.jsonl"
         if p.exists() and held:
             recs = [json.loads(ln) for ln in p.read_text().splitlines()]
-            report["pseudo_labels"][f"round{r}"] = pseudo_label_stats(recs, held)
+            floor = meta.get("run", {}).get("min_letter_mass", 0.0)
+            report["pseudo_labels"][f"round{r}"] = {**pseudo_label_stats(recs, held, floor), "min_letter_mass": floor}
     report["plots"] = _plots(run, {"vanilla": van, "sft": sft, "semievol": last}, report["pseudo_labels"])
     atomic_write_json(run / "report.json", report)
     atomic_write_text(run / "report.md", to_markdown(report))
@@ -192,6 +208,10 @@ def to_markdown(r: dict) -> str:
              "| --- | --- | --- | --- | --- | --- |",
              f"| {_f(a['majority'])} | {_f(a['vanilla'])} | {_f(a['sft'])} | {_f(a['semievol'])} | "
              f"{_f(r['error_reduction']['semievol_vs_vanilla'])} | {_f(r['error_reduction']['semievol_vs_sft'])} |", ""]
+    mj = r.get("majority")
+    if mj:
+        lines += [f"Majority class: {mj['majority_label']} (from the {mj['majority_from']}); the test split's own "
+                  f"majority class, an oracle, would score {_f(mj['accuracy'])} ({mj['label']}).", ""]
     pv = r.get("semievol_vs_sft_paired")
     if pv:
         lines += [f"Question by question against SFT: SemiEvol alone right on {pv['only_first']}, SFT alone on "
@@ -209,7 +229,11 @@ def to_markdown(r: dict) -> str:
                   f"- questions: {st['n']}; consistency rate: {_f(st['consistency_rate'])}",
                   f"- accuracy: all {_f(st['accuracy_all'])}, consistent {_f(st['accuracy_consistent'])}, "
                   f"self-justified {_f(st['accuracy_justified'])}, selected {_f(st['accuracy_selected'])} "
-                  f"({st['selected']} selected)", "",
+                  f"({st['selected']} selected)",
+                  f"- prompts shortened to fit the context: {st.get('prompt_shortened', 0)}; justifications asked "
+                  f"without their candidates (too long): {st.get('justify_fallback', 0)}; letters under "
+                  f"{st.get('min_letter_mass', 0):g} of the probability (never selected): {st.get('low_letter_mass', 0)} "
+                  f"(accuracy {_f(st.get('accuracy_low_letter_mass'))})", "",
                   "| entropy decile | max entropy | n | accuracy |", "| --- | --- | --- | --- |"]
         lines += [f"| {d['decile']} | {d['max_entropy']:.3f} | {d['n']} | {d['accuracy']:.3f} |" for d in st["entropy_deciles"]]
         lines += [""]

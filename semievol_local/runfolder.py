@@ -17,14 +17,17 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import UserError
 from .files import atomic_write_json, sha256_file
 
 MANIFEST = "manifest.json"
 INPUTS = "inputs.json"
 CLOCK = ".clock.json"  # a partial stage's time and peak memory so far, over every attempt
+LOCK = ".lock"  # held (flock) by the one command writing the folder; holds that command's PID
 CLOCK_EVERY = 5.0  # seconds between writes of the clock (a kill -9 loses at most this much)
 
 _file_digests: dict[tuple, str] = {}
@@ -115,9 +118,46 @@ def _sealed(folder: Path, inputs_digest: str) -> dict | None:
     return m
 
 
+@contextmanager
+def exclusive(root: Path):
+    """Hold `root`'s lock for the block: the OS's advisory file lock, which the kernel drops when the process
+    ends however it ends (kill -9 leaves no stale lock). A second writer gets a `UserError` naming the
+    holder's PID. Readers (`report`, a benchmark's siblings sharing stages) take no lock. A folder this call
+    created is removed again if the block fails before writing anything in it."""
+    root = Path(root)
+    created = not root.exists()
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): one writer is the user's to keep
+        yield
+        return
+    fd = os.open(root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise UserError(f"{root}: in use by another semievol command (PID {holder}); wait for it to finish "
+                            "or give another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield
+        except BaseException:
+            if created and [p.name for p in root.iterdir()] == [LOCK]:
+                (root / LOCK).unlink(missing_ok=True)
+                root.rmdir()
+            raise
+    finally:
+        os.close(fd)  # releases the lock
+
+
 class RunFolder:
     """A run's folder. `share` names sibling run folders whose sealed stages may be copied when their
     inputs are identical (benchmarks that vary one option reuse everything upstream of it)."""
+
+    locked = staticmethod(exclusive)
 
     def __init__(self, root: Path, share: tuple[Path, ...] = ()):
         self.root = Path(root)

@@ -15,6 +15,7 @@ import numpy as np
 from .config import TrainConfig
 from .data import Item
 from .errors import UserError
+from .files import atomic_write_json
 from .llama_engine import Engine
 from .prompts import answer_text, question_messages
 
@@ -54,8 +55,18 @@ def train_adapter(engine: Engine, items: Sequence[Item], cfg: TrainConfig, out_d
     """Train LoRA on `items` with MLX into `out_dir` (adapter.gguf among the outputs) and gate on parity."""
     from . import mlx_engine
 
+    from . import batching
+
     exs = examples(engine, items)
-    summary = mlx_engine.train(engine.model_path, exs, cfg, out_dir, resume=resume, init_adapter=init_adapter,
+    # which rows train and which (with --val-fraction) only choose the checkpoint: written down, by position
+    held = batching.validation_positions(len(exs), cfg.val_fraction, cfg.seed)
+    held_set = set(held)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    atomic_write_json(Path(out_dir) / "rows.json", {
+        "trained": len(exs) - len(held), "validation": len(held),
+        "validation_rows": [{"position": i, "index": items[i].index, "question": items[i].question[:80]} for i in held]})
+    summary = mlx_engine.train(engine.model_path, [e for i, e in enumerate(exs) if i not in held_set], cfg, out_dir,
+                               valid_examples=[exs[i] for i in held], resume=resume, init_adapter=init_adapter,
                                on_step=on_step, on_trunk=on_trunk)
     if check:
         parity = check_adapter(engine, out_dir, [p + a for p, a in exs[:4]])

@@ -76,8 +76,11 @@ def _fmt(v) -> str:
 
 
 def eval_report(result, model_label: str, split_label: str) -> None:
-    rows = [["accuracy", result.accuracy], [f"majority class ({result.majority_label})", result.majority_accuracy],
-            ["items", result.n], ["items/s", result.items_per_s], ["mode", result.mode]]
+    rows = [["accuracy", result.accuracy],
+            [f"majority class ({result.majority_label}, from the {result.majority_from})", result.majority_accuracy]]
+    if result.majority_from != "this split":
+        rows.append([f"oracle: this split's own majority class ({result.oracle_label})", result.oracle_accuracy])
+    rows += [["items", result.n], ["items/s", result.items_per_s], ["mode", result.mode]]
     if result.truncated_prompts:
         rows.append(["prompts shortened to fit", result.truncated_prompts])
     table(f"{model_label} on {split_label}", ["", "value"], rows)
@@ -157,7 +160,14 @@ def run_report(report: dict) -> None:
                 ["questions", st["n"]], ["consistency rate", st["consistency_rate"]],
                 ["accuracy, all", st["accuracy_all"]], ["accuracy, consistent", st["accuracy_consistent"]],
                 ["accuracy, self-justified", st["accuracy_justified"]],
-                ["accuracy, selected", st["accuracy_selected"]], ["selected", st["selected"]]])
+                ["accuracy, selected", st["accuracy_selected"]], ["selected", st["selected"]],
+                ["prompts shortened to fit", st.get("prompt_shortened")],
+                ["justified without candidates (too long)", st.get("justify_fallback")],
+                [f"letter mass under {st.get('min_letter_mass', 0):g} (not selected)", st.get("low_letter_mass")]])
+    mj = report.get("majority")
+    if mj:
+        info(f"majority class {mj['majority_label']} from the {mj['majority_from']}; the test split's own majority "
+             f"class ({mj['label']}, an oracle) would score {_fmt(mj['accuracy'])}")
     table("stages", ["stage", "seconds", "peak RSS (MB)"],
           [[stage_label(n, s), stage_seconds(s), f"{s['peak_rss_mb']:.0f}"] for n, s in report["stages"].items()])
 

@@ -129,3 +129,117 @@ def test_numbered_answers_are_option_numbers(tmp_path):
         bad = folder_with(tmp_path / sub, raw=f'question,options,answer\nq,"[""a"",""b""]",{answer}\n')
         res = CliRunner().invoke(app, ["data", "check", str(bad / "test.csv")])
         assert res.exit_code == 2 and "test.csv:2" in res.stderr and repr(answer) in res.stderr, res.stderr
+
+
+# More of the same contract through `eval`: file encodings and rows.
+DATA_CASES = [
+    # a CSV saved as Latin-1: the line and the byte are named
+    ("not-utf8", lambda t: folder_with_bytes(t, 'question,options,answer\nq,"[""caf\xe9"",""b""]",A\n'.encode("latin-1")), "test.csv:2: not UTF-8"),
+    # a binary file with a .csv name
+    ("binary", lambda t: folder_with_bytes(t, b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" * 4), "binary file"),
+    # a JSONL line that is JSON but not an object
+    ("jsonl-array-row", lambda t: folder_with(t, raw='{"question": "q", "options": ["a", "b"], "answer": "A"}\n[1, 2]\n', name="test.jsonl"), "test.jsonl:2: expected a JSON object"),
+    # a split with a header and no rows
+    ("empty-split", lambda t: folder_with(t, raw="question,options,answer\n"), "no rows"),
+    # an option with no text
+    ("empty-option", lambda t: folder_with(t, raw='question,options,answer\nq,"[""a"","" ""]",A\n'), "option B is empty"),
+    # options that are a JSON object, not a list
+    ("options-object", lambda t: folder_with(t, raw='question,options,answer\nq,"{""a"": 1}",A\n'), "JSON list"),
+]
+
+
+def folder_with_bytes(tmp_path, data: bytes, name="test.csv"):
+    folder = tmp_path / "task"
+    folder.mkdir(exist_ok=True)
+    (folder / name).write_bytes(data)
+    return folder
+
+
+@pytest.mark.parametrize("case_id,build,needle", DATA_CASES, ids=[c[0] for c in DATA_CASES])
+def test_bad_data(tmp_path, tiny_model, case_id, build, needle):
+    out = tmp_path / "out.json"
+    res = CliRunner().invoke(app, ["eval", "--model", str(tiny_model), "--data", str(build(tmp_path)), "--json", str(out)])
+    _one_line_exit_2(res, needle)
+    assert not out.exists()
+
+
+def _one_line_exit_2(res, needle):
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.exit_code == 2, (res.exit_code, res.stdout, res.stderr, res.exception)
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    assert needle in lines[0], lines[0]
+    assert "Traceback" not in res.stderr + res.stdout
+
+
+# Every option is checked where it is declared (config.opt), before any model loads or any file is written:
+# (command, extra args, what the one line must say).
+OPTION_CASES = [
+    ("run", ["--learners", "0"], "--learners 0: give a value >= 1"),
+    ("run", ["--k", "-2"], "--k -2: give a value >= 0"),
+    ("run", ["--lr", "-1"], "--lr -1: give a value > 0"),
+    ("run", ["--lr", "nan"], "--lr nan: give a finite number"),
+    ("run", ["--theta", "101"], "--theta 101: give a value >= 0 and <= 100"),
+    ("run", ["--rounds", "0"], "--rounds 0"),
+    ("run", ["--epochs", "0"], "--epochs 0: give a value > 0"),
+    ("run", ["--batch-size", "0"], "--batch-size 0"),
+    ("run", ["--grad-accum", "0"], "--grad-accum 0"),
+    ("run", ["--dropout", "1"], "--dropout 1: give a value >= 0 and < 1"),
+    ("run", ["--val-fraction", "1"], "--val-fraction 1"),
+    ("run", ["--warmup", "-0.1"], "--warmup -0.1"),
+    ("run", ["--num-layers", "0"], "--num-layers 0: give a value >= 1 (or -1)"),
+    ("run", ["--rank", "0"], "--rank 0"),
+    ("run", ["--max-seq-len", "4"], "--max-seq-len 4"),
+    ("run", ["--save-every", "0"], "--save-every 0"),
+    ("run", ["--mode", "guess"], "--mode 'guess': choose one of auto, score, sample"),
+    ("run", ["--embedding", "bert"], "--embedding 'bert': choose one of model, tfidf"),
+    ("run", ["--threshold", "both"], "--threshold 'both'"),
+    ("run", ["--temperature", "-1"], "--temperature -1"),
+    ("run", ["--max-tokens", "0"], "--max-tokens 0"),
+    ("run", ["--limit-unlabeled", "-1"], "--limit-unlabeled -1"),
+    ("run", ["--min-letter-mass", "2"], "--min-letter-mass 2"),
+    ("run", ["--final-lr", "-0.001"], "--final-lr -0.001"),
+    ("run", ["--n-ctx", "-5"], "--n-ctx -5"),
+    ("run", ["--n-threads", "-1"], "--n-threads -1"),
+    ("train", ["--grad-clip", "-1"], "--grad-clip -1"),
+    ("train", ["--weight-decay", "-1"], "--weight-decay -1"),
+    ("train", ["--split", "nope"], "--split 'nope': choose one of labeled, unlabeled, test"),
+    ("eval", ["--split", "nope"], "--split 'nope'"),
+]
+
+
+@pytest.mark.parametrize("command,extra,needle", OPTION_CASES, ids=[" ".join(c[1]) for c in OPTION_CASES])
+def test_bad_option(tmp_path, tiny_model, tiny_task, command, extra, needle):
+    out = tmp_path / "out"
+    args = [command, "--model", str(tiny_model), "--data", str(tiny_task)]
+    args += ["--json", str(out)] if command == "eval" else ["--out", str(out)]
+    res = CliRunner().invoke(app, args + extra)
+    _one_line_exit_2(res, needle)
+    assert not out.exists()
+
+
+def test_a_run_with_bad_data_leaves_no_folder(tmp_path, tiny_model, tiny_task):
+    """A bad unlabeled row stops `run` before anything is written: the run folder it made is gone again."""
+    (tiny_task / "unlabeled.csv").write_bytes(b'question,options,answer\nq,"[""a"",""b""]",A\nq2,"[""a""]"\n')
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, ["run", "--model", str(tiny_model), "--data", str(tiny_task), "--out", str(out)])
+    _one_line_exit_2(res, "unlabeled.csv:3")
+    assert not out.exists()
+
+
+def test_windows_line_endings_a_bom_and_duplicate_options_are_accepted(tmp_path):
+    """What spreadsheets write is read as meant: CRLF line ends (also inside a quoted field), a UTF-8 byte-order
+    mark. Identical options (the paper's ARC, MMLU and MMLU-Pro splits have a few) load, and `data check`
+    lists them."""
+    from semievol_local.data import load_split
+
+    raw = ('question,options,answer\r\n"two\r\nlines",["x","y"],B\r\nq2,"[""same"",""Same "",""z""]",C\r\n')
+    raw = raw.replace('["x","y"]', '"[""x"",""y""]"')
+    (tmp_path / "t").mkdir()
+    f = tmp_path / "t" / "test.csv"
+    f.write_bytes(b"\xef\xbb\xbf" + raw.encode())
+    items = load_split(f, "test").items
+    assert [it.question for it in items] == ["two\r\nlines", "q2"]
+    assert [it.answer for it in items] == ["B", "C"] and items[1].options == ("same", "Same ", "z")
+    res = CliRunner().invoke(app, ["data", "check", str(f)])
+    assert res.exit_code == 0, res.stderr
+    assert "warning: test: 1 question(s) with identical options (question 2: A = B)" in res.stderr

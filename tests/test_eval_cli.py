@@ -6,7 +6,7 @@ from conftest import make_rows, write_split
 from typer.testing import CliRunner
 
 from semievol_local.cli import app
-from semievol_local.data import load_heldout_answers, load_task
+from semievol_local.data import load_heldout, load_task
 
 
 def run(*args):
@@ -23,10 +23,16 @@ def test_eval_writes_accuracy_and_every_prediction(tiny_q4, tiny_task, tmp_path)
     assert len(preds) == 10 and d["mode"] == "score"
     assert d["accuracy"] == pytest.approx(sum(p["correct"] for p in preds) / 10)
     assert all(abs(sum(p["probs"]) - 1) < 1e-6 and p["predicted"] in "ABC" for p in preds)
-    # majority class of the split, computed from its answers
+    # the majority class is the labeled split's (what a user knows), scored on the test answers; the test
+    # split's own majority class is shown apart, as an oracle
     answers = [p["gold"] for p in preds]
-    assert d["majority_accuracy"] == pytest.approx(max(answers.count(a) for a in "ABC") / 10)
-    assert "majority class" in res.stdout and "per category" in res.stdout  # the category column is found
+    labeled = [r["answer"] for r in make_rows(12, 1)]
+    prior = min("ABC", key=lambda a: (-labeled.count(a), a))
+    assert d["majority_from"] == "labeled split" and d["majority_label"] == prior
+    assert d["majority_accuracy"] == pytest.approx(answers.count(prior) / 10)
+    assert d["oracle_accuracy"] == pytest.approx(max(answers.count(a) for a in "ABC") / 10)
+    assert "from the labeled split" in res.stdout and "oracle" in res.stdout
+    assert "per category" in res.stdout  # the category column is found
     assert set(d["per_category"]) == {"easy", "hard"}
     # deterministic: a second run gives the same predictions
     out2 = tmp_path / "eval2.json"
@@ -68,7 +74,22 @@ def test_unlabeled_split_is_loaded_without_answers(tiny_task):
     assert all(it.answer is None for it in task["unlabeled"].items)
     assert all(it.answer in "ABC" for it in task["labeled"].items)
     # the answers exist, and only the report-side reader returns them
-    assert load_heldout_answers(tiny_task / "unlabeled.csv") == [r["answer"] for r in make_rows(20, 2)]
+    assert [it.answer for it in load_heldout(tiny_task / "unlabeled.csv")] == [r["answer"] for r in make_rows(20, 2)]
+    # and nothing but question and options: an extra column may be the answer in words (fpb's `gt`)
+    assert all(it.meta == {} for it in task["unlabeled"].items)
+    assert all(it.meta.get("category") in ("easy", "hard") for it in task["test"].items)
+
+
+def test_majority_without_a_labeled_split_is_the_split_own(tiny_q4, tmp_path):
+    """A single file has no labeled split: the baseline is that split's own majority, and it says so."""
+    f = write_split(tmp_path / "only" / "test.csv", make_rows(10, 3))
+    out = tmp_path / "e.json"
+    res = run("eval", "--model", tiny_q4, "--data", f, "--json", out)
+    d = json.loads(out.read_text())
+    answers = [r["answer"] for r in make_rows(10, 3)]
+    assert d["majority_from"] == "this split"
+    assert d["majority_accuracy"] == pytest.approx(max(answers.count(a) for a in "ABC") / 10)
+    assert "from the this split" in res.stdout and "oracle" not in res.stdout
 
 
 def test_unlabeled_split_without_answer_column_loads(tmp_path):

@@ -108,34 +108,27 @@ def test_training_memorizes_toy_set(trained):
     assert [r["step"] for r in log] == list(range(1, info["steps"] + 1))
 
 
-def test_adapter_written_in_both_layouts(trained):
-    out, info, _ = trained
-    cfg = json.loads((out / "adapter_config.json").read_text())
-    assert cfg["fine_tune_type"] == "lora" and cfg["num_layers"] == 2
-    assert cfg["lora_parameters"]["keys"] == list(ag.LORA_TARGETS.values())
-    mlx_w = mx.load(str(out / "adapters.safetensors"))
-    meta, tensors = ag.read_lora_gguf(out / "adapter.gguf")
-    assert meta == {"general.type": "adapter", "general.architecture": "llama", "adapter.type": "lora",
-                    "adapter.lora.alpha": 20.0 * 8}
-    assert len(tensors) == len(mlx_w) == 2 * 7 * 2
-    a = np.array(mlx_w["model.layers.1.mlp.down_proj.lora_a"])  # (in=128, r=8)
-    b = np.array(mlx_w["model.layers.1.mlp.down_proj.lora_b"])  # (r=8, out=64)
-    np.testing.assert_array_equal(tensors["blk.1.ffn_down.weight.lora_a"], a.T)  # (r, in)
-    np.testing.assert_array_equal(tensors["blk.1.ffn_down.weight.lora_b"], b.T)  # (out, r)
+def test_validation_slice_chooses_the_adapter(tiny_q4, toy, tmp_path):
+    """With a validation slice, the loss is measured at every epoch's end and the adapter written is the one
+    with the lowest: the slice earns its keep. Here the slice contradicts the training answers, so the
+    model overfits past the middle and an earlier epoch is chosen."""
+    tok = tokenizer(tiny_q4)
+    contra = [(tok(CHAT.format(q=f"Question {i}?")), tok(" " + "ABCD"[(i + 1) % 4] + "<|im_end|>")) for i in range(4)]
+    info = me.train(tiny_q4, toy, toy_cfg(), tmp_path, valid_examples=contra)
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    vals = {r["step"]: r["val_loss"] for r in log if "val_loss" in r}
+    assert sorted(vals) == list(range(2, 17, 2))  # 8 epochs of 2 steps: one measurement per epoch
+    best = min(vals, key=vals.get)
+    assert info["chosen_step"] == best < info["steps"] and info["val_loss"] == vals[best]
+    assert info["train_rows"] == 8 and info["validation_rows"] == 4
+    last = sorted((tmp_path / "checkpoints").glob("step-*"))[-1]
+    kept, final = mx.load(str(last / "best.safetensors")), mx.load(str(last / "adapters.safetensors"))
+    written = mx.load(str(tmp_path / "adapters.safetensors"))
+    assert kept.keys() == written.keys()
+    for k in kept:
+        np.testing.assert_array_equal(np.array(kept[k]), np.array(written[k]), err_msg=k)
+    assert any(not np.array_equal(np.array(final[k]), np.array(written[k])) for k in final)
 
-
-def test_llama_cpp_applies_the_adapter_like_mlx(trained, tiny_q4, toy):
-    out, _, _ = trained
-    seqs = [p + a for p, a in toy]
-    got = me.adapter_check(tiny_q4, out, seqs)
-    assert got["kl_mean"] < 0.1 and got["top1_agreement"] >= 0.9, got
-    # and the adapter changes the model: llama.cpp with vs without it are far apart
-    with_adapter = np.concatenate(llama_logits_many(tiny_q4, out / "adapter.gguf", seqs))
-    base = np.concatenate(llama_logits_many(tiny_q4, None, seqs))
-    assert compare_logits(with_adapter, base)["kl_mean"] > 1.0
-
-
-# ---------------------------------------------------------------------------- resume and checkpoints
 
 class Interrupt(Exception):
     pass
@@ -310,7 +303,7 @@ def test_frozen_blocks_run_once_and_give_the_same_adapter(tmp_path, monkeypatch)
     parity = compare_logits(np.concatenate(llama_logits_many(deep, tmp_path / "True" / "adapter.gguf", seqs)),
                             me.adapter_logits(deep, tmp_path / "True", seqs))
     assert parity["kl_mean"] < 0.05 and parity["top1_agreement"] >= 0.9, parity
-    with pytest.raises(UserError, match="Requested LoRA on 0 blocks"):
+    with pytest.raises(UserError, match="--num-layers 0: give a value >= 1"):
         me.train(deep, data, toy_cfg(num_layers=0), tmp_path / "zero")
 
 

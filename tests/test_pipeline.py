@@ -21,6 +21,12 @@ from semievol_local.pipeline import Learner, learner_configs, run_semievol
 TRAIN = TrainConfig(epochs=1.0, batch_size=4, save_every=1)
 
 
+def Run(**kw) -> RunConfig:
+    """The tiny random models put little probability on the option letters, which the default selection
+    refuses (see test_low_letter_mass_is_never_selected): these tests select by entropy alone."""
+    return RunConfig(**{"min_letter_mass": 0.0, **kw})
+
+
 def pseudo(run: Path) -> list[dict]:
     return [json.loads(ln) for ln in (run / "pseudo_labels.jsonl").read_text().splitlines()]
 
@@ -42,7 +48,7 @@ def full_run(tiny_q4, tmp_path_factory):
     write_split(folder / "test.csv", make_rows(10, 3))
     out = tmp_path_factory.mktemp("runs") / "full"
     args = ["run", "--model", str(tiny_q4), "--data", str(folder), "--out", str(out), "--epochs", "1",
-            "--batch-size", "4", "--save-every", "1"]
+            "--batch-size", "4", "--save-every", "1", "--min-letter-mass", "0"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, (res.stdout, res.stderr)
     return folder, out, args, res
@@ -91,7 +97,7 @@ def test_collaboration_records_learners_and_justifications(full_run):
 def test_running_again_reuses_every_stage(full_run, tiny_q4):
     folder, out, _, _ = full_run
     before = pseudo(out)
-    stages = run_semievol(tiny_q4, folder, out, RunConfig(), TRAIN)
+    stages = run_semievol(tiny_q4, folder, out, Run(), TRAIN)
     assert all(s.reused for s in stages.values())
     assert pseudo(out) == before
 
@@ -102,29 +108,55 @@ def test_a_changed_option_reruns_only_what_depends_on_it(full_run, tiny_q4, tmp_
 
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
-    stages = run_semievol(tiny_q4, folder, copy, RunConfig(theta=30.0), TRAIN)
+    stages = run_semievol(tiny_q4, folder, copy, Run(theta=30.0), TRAIN)
     reused = {k for k, s in stages.items() if s.reused}
     assert reused == {"warmup", "eval/vanilla", "eval/sft", "round1/retrieval", "round1/collaboration"}
     assert sum(r["selected"] for r in pseudo(copy)) < sum(r["selected"] for r in pseudo(out))
 
 
-@pytest.mark.parametrize("flags,check", [
-    # without in-weight propagation every learner is the base model
-    (dict(iwp=False), lambda recs: all(ln["learner"].startswith("base") for r in recs for ln in r["learners"])),
-    # without in-context propagation no learner gets demonstrations
-    (dict(icp=False), lambda recs: all(ln["learner"].endswith("+0demo") for r in recs for ln in r["learners"])),
-    # without collaborative learning: one learner, never a justification
-    (dict(cl=False), lambda recs: all(len(r["learners"]) == 1 and not r["justified"] for r in recs)),
+def _records(run: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (run / "round1/collaboration/collaboration.jsonl").read_text().splitlines()]
+
+
+def _adapters_used(recs: list[dict]) -> set[str]:
+    """Which models answered or justified: 'warm' or 'base', from the learners' labels and the justifier's."""
+    used = {ln["learner"].split("+")[0] for r in recs for ln in r["learners"]}
+    return used | {r["justification"]["adapter"] for r in recs if r.get("justification")}
+
+
+# Each ablation of the paper's Table 2 removes what it names and nothing else: the stages it cannot touch are
+# the full run's own (copied, not re-run), and the records show the removed part gone and the rest in place.
+@pytest.mark.parametrize("flags,changed,check", [
+    # w/o IWP: no M_warm anywhere in pseudo-labeling, the self-justifier included; demonstrations stay
+    (dict(iwp=False), {"round1/collaboration"},
+     lambda recs: _adapters_used(recs) == {"base"} and any(r.get("justification") for r in recs)
+     and any(not ln["learner"].endswith("+0demo") for r in recs for ln in r["learners"])),
+    # w/o ICP: no learner gets demonstrations (retrieval keeps none); M_warm still answers and justifies
+    (dict(icp=False), {"round1/retrieval", "round1/collaboration"},
+     lambda recs: all(ln["learner"].endswith("+0demo") for r in recs for ln in r["learners"])
+     and "warm" in _adapters_used(recs)),
+    # w/o CL: one learner (M_warm with k demonstrations), never a justification
+    (dict(cl=False), {"round1/collaboration"},
+     lambda recs: all([ln["learner"] for ln in r["learners"]] == ["warm+3demo"] and not r["justified"] for r in recs)),
+    # w/o AS: the full run's pseudo-labels, every one kept
+    (dict(adaptive_selection=False), {"round1/selection"}, None),
 ])
-def test_ablation_flags(tiny_q4, tiny_task, tmp_path, flags, check):
+def test_each_ablation_changes_only_what_it_names(full_run, tiny_q4, tmp_path, flags, changed, check):
+    folder, full = full_run[0], full_run[1]
     out = tmp_path / "abl"
-    run_semievol(tiny_q4, tiny_task, out, RunConfig(**flags), TRAIN)
-    recs = [json.loads(ln) for ln in (out / "round1/collaboration/collaboration.jsonl").read_text().splitlines()]
-    assert check(recs)
+    stages = run_semievol(tiny_q4, folder, out, Run(**flags), TRAIN, share=(full,))
+    rerun = {k for k, st in stages.items() if not st.reused}
+    # downstream of a changed stage: re-run when its input changed (the selected rows, the records), else reused
+    downstream = {"round1/selection", "round1/final", "round1/eval"}
+    assert changed <= rerun <= changed | downstream, rerun
+    if check is not None:
+        assert check(_records(out))
+    else:
+        assert all(r["selected"] for r in pseudo(out)) and _records(out) == _records(full)
 
 
 def test_no_adaptive_selection_keeps_everything(tiny_q4, tiny_task, tmp_path):
-    run_semievol(tiny_q4, tiny_task, tmp_path / "r", RunConfig(adaptive_selection=False), TRAIN)
+    run_semievol(tiny_q4, tiny_task, tmp_path / "r", Run(adaptive_selection=False), TRAIN)
     assert all(r["selected"] for r in pseudo(tmp_path / "r"))
 
 
@@ -149,16 +181,18 @@ def test_threshold_option_changes_selection_only(full_run, tiny_q4, tmp_path):
     folder, out = full_run[0], full_run[1]
     copy = tmp_path / "per-class"
     shutil.copytree(out, copy)
-    stages = run_semievol(tiny_q4, folder, copy, RunConfig(threshold="per-class"), TRAIN)
-    assert {k for k, s in stages.items() if s.reused} == {
-        "warmup", "eval/vanilla", "eval/sft", "round1/retrieval", "round1/collaboration"}
+    stages = run_semievol(tiny_q4, folder, copy, Run(threshold="per-class"), TRAIN)
+    reused = {k for k, s in stages.items() if s.reused}
+    assert {"warmup", "eval/vanilla", "eval/sft", "round1/retrieval", "round1/collaboration"} <= reused
+    assert "round1/selection" not in reused  # the final fine-tune re-runs only if the selected rows differ
+    assert ("round1/final" in reused) == ([r["selected"] for r in pseudo(copy)] == [r["selected"] for r in pseudo(out)])
     rows = pseudo(copy)  # theta = 50% per pseudo-label class: in each, those at or below its median entropy
     for c in {r["pseudo_label"] for r in rows}:
         mine = [r for r in rows if r["pseudo_label"] == c]
         tau = np.percentile([r["entropy"] for r in mine], 50)
         assert [r["selected"] for r in mine] == [bool(r["entropy"] <= tau) for r in mine]
     with pytest.raises(Exception, match="--threshold 'both'"):
-        run_semievol(tiny_q4, folder, tmp_path / "bad", RunConfig(threshold="both"), TRAIN)
+        run_semievol(tiny_q4, folder, tmp_path / "bad", Run(threshold="both"), TRAIN)
     assert not (tmp_path / "bad").exists()
 
 
@@ -168,11 +202,11 @@ def test_final_fine_tune_has_its_own_lr_and_epochs(full_run, tiny_q4, tmp_path):
     folder, out = full_run[0], full_run[1]
     copy = tmp_path / "final-lr"
     shutil.copytree(out, copy)
-    stages = run_semievol(tiny_q4, folder, copy, RunConfig(final_lr=1e-5, final_epochs=2.0), TRAIN)
+    stages = run_semievol(tiny_q4, folder, copy, Run(final_lr=1e-5, final_epochs=2.0), TRAIN)
     assert {k for k, s in stages.items() if not s.reused} == {"round1/final", "round1/eval"}
-    train = stages["round1/final"].manifest["inputs"]["train"]
+    train = stages["round1/final"].manifest["inputs"]["options"]
     assert (train["lr"], train["epochs"]) == (1e-5, 2.0)
-    assert stages["warmup"].manifest["inputs"]["train"]["lr"] == TRAIN.lr
+    assert stages["warmup"].manifest["inputs"]["options"]["lr"] == TRAIN.lr
 
 
 def test_report_says_why_pseudo_labels_are_unchecked(full_run, tmp_path):
@@ -207,7 +241,7 @@ def test_learner_configurations_are_drawn_from_the_paper_grid():
 
 def test_rounds_grow_the_labeled_set(tiny_q4, tiny_task, tmp_path):
     out = tmp_path / "rounds"
-    stages = run_semievol(tiny_q4, tiny_task, out, RunConfig(rounds=2), TRAIN)
+    stages = run_semievol(tiny_q4, tiny_task, out, Run(rounds=2), TRAIN)
     assert "round2/eval" in stages
     r1 = [json.loads(ln) for ln in (out / "round1/selection/pseudo_labels.jsonl").read_text().splitlines()]
     r2 = pseudo(out)  # the last round's
@@ -246,13 +280,18 @@ def test_unlabeled_answers_and_metadata_never_reach_pseudo_labeling(tiny_q4, tin
     def drop_metadata(rows, header):
         return rows, [h for h in header if h != "category"]
 
+    def answer_in_words(rows, header):  # like fpb's `gt`: the answer spelled out in another column
+        return [{**r, "gt": json.loads(r["options"])["ABC".index(r["answer"])]} for r in rows], header + ["gt"]
+
     base = tmp_path / "base"
-    run_semievol(tiny_q4, tiny_task, base, RunConfig(), TRAIN)
-    for name, change in [("no-answers", drop_answers), ("shuffled", shuffle_answers), ("no-meta", drop_metadata)]:
+    run_semievol(tiny_q4, tiny_task, base, Run(), TRAIN)
+    for name, change in [("no-answers", drop_answers), ("shuffled", shuffle_answers), ("no-meta", drop_metadata),
+                         ("answer-in-words", answer_in_words)]:
         task = _variant(tiny_task, tmp_path / f"task-{name}", change)
         out = tmp_path / name
-        run_semievol(tiny_q4, task, out, RunConfig(), TRAIN)
+        run_semievol(tiny_q4, task, out, Run(), TRAIN)
         assert pseudo(out) == pseudo(base), name
+        assert _records(out) == _records(base), name
 
 
 def _run_cli(args, env=None):
@@ -355,3 +394,112 @@ def test_report_compares_semievol_and_sft_question_by_question(full_run):
     pv = report(out)["semievol_vs_sft_paired"]
     assert pv["n"] == 10 and 0 <= pv["p_value"] <= 1
     assert f"SemiEvol alone right on {pv['only_first']}" in (out / "report.md").read_text()
+
+
+# --- what a stage's identity is, low letter mass, prompts that did not fit, one writer per run folder ----------
+
+def test_low_letter_mass_is_never_selected(full_run, tiny_q4, tmp_path):
+    """The tiny random model puts little of its probability on the option letters: however peaked the
+    renormalised distribution, adaptive selection keeps none of those (the default floor, 0.5)."""
+    import shutil
+
+    folder, out = full_run[0], full_run[1]
+    copy = tmp_path / "floor"
+    shutil.copytree(out, copy)
+    stages = run_semievol(tiny_q4, folder, copy, RunConfig(), TRAIN)
+    assert not stages["round1/selection"].reused and stages["round1/collaboration"].reused
+    rows = pseudo(copy)
+    assert all(r["letter_mass"] < 0.5 for r in rows) and not any(r["selected"] for r in rows)
+    assert sum(r["selected"] for r in pseudo(out)) > 0  # with the floor at 0 the same records were selected
+    from semievol_local.report import build_report
+
+    st = build_report(copy)["pseudo_labels"]["round1"]
+    assert st["low_letter_mass"] == 20 and st["min_letter_mass"] == 0.5
+
+
+def test_options_that_cannot_change_outputs_rerun_nothing(full_run, tiny_q4, tmp_path):
+    """Checkpoint cadence, gradient checkpointing, threads and GPU layers are no stage's identity."""
+    import dataclasses
+    import shutil
+
+    from semievol_local.config import EngineConfig, TrainConfig, identity
+
+    folder, out = full_run[0], full_run[1]
+    copy = tmp_path / "inert"
+    shutil.copytree(out, copy)
+    tcfg = dataclasses.replace(TRAIN, save_every=7, grad_checkpoint=True)
+    stages = run_semievol(tiny_q4, folder, copy, Run(rounds=1), tcfg, EngineConfig(n_threads=1, n_gpu_layers=0))
+    assert all(st.reused for st in stages.values()), [k for k, st in stages.items() if not st.reused]
+    for stage in ("train", "collaboration", "eval"):
+        assert not {"save_every", "grad_checkpoint", "n_threads", "n_gpu_layers"} & set(
+            identity(stage, TrainConfig(), EngineConfig()))
+
+
+def test_context_size_is_part_of_what_it_changes(full_run, tiny_q4, tmp_path):
+    """--n-ctx decides which demonstrations fit and where a prompt is cut, so pseudo-labeling and the
+    evaluations depend on it; training does not (and --adapter-scale likewise)."""
+    import shutil
+
+    from semievol_local.config import EngineConfig
+
+    folder, out = full_run[0], full_run[1]
+    for name, ecfg in (("ctx", EngineConfig(n_ctx=1024)), ("scale", EngineConfig(adapter_scale=0.5))):
+        copy = tmp_path / name
+        shutil.copytree(out, copy)
+        stages = run_semievol(tiny_q4, folder, copy, Run(), TRAIN, ecfg)
+        rerun = {k for k, st in stages.items() if not st.reused}
+        assert {"round1/collaboration", "eval/vanilla", "eval/sft", "round1/eval"} <= rerun, (name, rerun)
+        assert not rerun & {"warmup", "round1/retrieval"}, (name, rerun)
+
+
+def test_prompts_that_did_not_fit_are_recorded(tiny_q4):
+    """Demonstrations dropped, a question cut, a justification asked without its candidates: each is in the
+    record, and the justifier decodes greedily even when it falls back to the plain question."""
+    import dataclasses
+
+    from semievol_local.config import EngineConfig
+    from semievol_local.data import Item
+    from semievol_local.llama_engine import load
+    from semievol_local.pipeline import _ask, prompt_counts
+
+    engine = load(tiny_q4, EngineConfig(n_ctx=256))
+    opts = ("red", "blue", "green")  # the tiny tokenizer: ~175 tokens for this question, ~400 with 3 examples
+    item = Item(index=0, question="Which option is right? " + "Some context. " * 3, options=opts, answer=None)
+    demo = dataclasses.replace(item, answer="A")
+    cfg = Run(max_tokens=4)
+    rec = _ask(engine, item, [demo] * 3, "score", cfg, 1, None)
+    assert rec["demos_dropped"] >= 1 and 0 < rec["letter_mass"] <= 1
+    cands = [f"Answer: {c} ({o})" for c, o in zip("ABCA", opts + opts[:1])]
+    j = _ask(engine, item, [], "score", cfg, 1, None, justify=cands)
+    assert j.get("justify_fallback") is True
+    texts = {_ask(engine, item, [], "sample", cfg, seed, None, justify=cands * 3)["text"] for seed in (1, 2, 3)}
+    assert len(texts) == 1  # greedy: the seed changes nothing
+    long_item = dataclasses.replace(item, question="word " * 400)
+    assert _ask(engine, long_item, [], "score", cfg, 1, None).get("question_truncated") is True
+    recs = [{"learners": [rec], "justification": j}, {"learners": [{}]}]
+    assert prompt_counts(recs) == {"demos_dropped": 1, "question_truncated": 0, "justify_fallback": 1}
+
+
+def test_one_writer_per_run_folder(tiny_q4, tiny_task, tmp_path):
+    """A second command on a folder another process holds stops with one line naming that process; kill -9
+    of the holder leaves no stale lock."""
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from semievol_local.runfolder import exclusive\n"
+        "with exclusive(sys.argv[1]):\n    print('held', flush=True); time.sleep(600)\n"), str(out)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        res = subprocess.run([sys.executable, "-m", "semievol_local.cli", "run", "--model", str(tiny_q4), "--data",
+                              str(tiny_task), "--out", str(out)], capture_output=True, text=True, timeout=300)
+        lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+        assert res.returncode == 2 and len(lines) == 1, res.stderr
+        assert f"PID {holder.pid}" in lines[0] and str(out) in lines[0]
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]  # the second command wrote nothing
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    from semievol_local.runfolder import exclusive
+
+    with exclusive(out):  # the kernel dropped the dead holder's lock
+        pass

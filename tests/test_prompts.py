@@ -54,6 +54,11 @@ def test_missing_template_falls_back_to_plain_paragraphs():
     ("B. neutral", 3, "B"),                      # a bare leading letter
     ("Answer: E", 3, None),                      # a letter outside the options
     ("I am not sure", 3, None),                  # nothing to extract
+    ("the answer is a good one", 3, None),       # the article "a" is not option A
+    ("Answer: Although B is tempting", 3, None),  # a word starting with a capital is not a letter
+    ("A good product overall", 3, None),         # nor is a sentence's opening "A"
+    ("A (negative)", 3, "A"),                    # a lone letter with its option
+    ("ANSWER: **B**", 3, "B"),                   # any case of the keyword, markdown emphasis
 ])
 def test_extract_letter(text, n, expected):
     assert extract_letter(text, n) == expected
