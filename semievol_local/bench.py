@@ -29,9 +29,14 @@ from .prompts import answers_match
 from .report import build_report, error_reduction, paired, stage_label, stage_seconds
 from .runfolder import RunFolder
 
-SUITES = ("main", "ablation", "sensitivity", "rounds")
+SUITES = ("main", "ablation", "sensitivity", "rounds", "baselines")
 ABLATIONS = [("full", {}), ("w/o IWP", {"iwp": False}), ("w/o ICP", {"icp": False}),
              ("w/o CL", {"cl": False}), ("w/o AS", {"adaptive_selection": False})]
+# What a reviewer would compare SemiEvol with, each one flag away from it (and a row of its own).
+BASELINES = [("SemiEvol", {}),
+             ("self-consistency (LMSI-style vote)", {"labeler": "self-consistency", "selection": "vote"}),
+             ("fixed entropy threshold", {"selection": "fixed"}),
+             ("labeled + all pseudo-labels", {"adaptive_selection": False})]
 LEARNERS = (1, 2, 4)  # paper Fig. 3
 THETAS = (30.0, 50.0, 80.0, 100.0)
 ROUNDS = 2  # paper Fig. 7: rounds 0 (SFT) to 2
@@ -107,6 +112,8 @@ def quality_plan(datas: list[Path], suites: list[str], cfg: RunConfig) -> list[V
     if "sensitivity" in suites:
         plan += [v("sensitivity", f"n={n}", first, learners=n) for n in LEARNERS]
         plan += [v("sensitivity", f"theta={t:g}%", first, theta=t) for t in THETAS]
+    if "baselines" in suites:
+        plan += [v("baselines", name, first, **over) for name, over in BASELINES]
     if "rounds" in suites:
         plan += [v("rounds", "rounds", first, rounds=max(ROUNDS, cfg.rounds))]
     return plan
@@ -147,7 +154,7 @@ def quality(model_path: Path, datas: list[Path], out: Path, suites: list[str], c
                 {"task": var.row, "questions": st.get("n"), "consistency_rate": st.get("consistency_rate"),
                  **{f"accuracy_{k}": st.get(f"accuracy_{k}") for k in ("all", "consistent", "justified", "selected")},
                  "selected": st.get("selected")})
-        elif var.table in ("ablation", "sensitivity"):
+        elif var.table in ("ablation", "sensitivity", "baselines"):
             st = _last_pseudo(rep)
             full = Path(out) / var.data.name / "full"
             has_full = (full / "run.json").exists()
@@ -283,7 +290,9 @@ def heading(key: str) -> str:
 TITLES = {"main": "Main table (test accuracy; error reduction is relative)",
           "pseudo_labels": "Pseudo-labels of the main run (checked against the held-back answers, for reporting only)",
           "ablation": "Ablations (paper Table 2)", "sensitivity": "Sensitivity to n and theta (paper Fig. 3)",
-          "rounds": "Rounds (paper Fig. 7; round 0 is SFT)", "whole_run": "Whole run, per stage"}
+          "rounds": "Rounds (paper Fig. 7; round 0 is SFT)",
+          "baselines": "Baselines (p: exact McNemar against SemiEvol on the same test questions)",
+          "whole_run": "Whole run, per stage"}
 
 
 def markdown(results: list[dict]) -> str:

@@ -340,16 +340,18 @@ def bench_quality_cmd(
     ctx: typer.Context,
     model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
     data: list[Path] = typer.Option(..., "--data", "-d", help="Task folder; repeat for more tasks (ablations, "
-                                    "sensitivity and rounds use the first)."),
+                                    "sensitivity, rounds and baselines use the first)."),
     out: Path = typer.Option(Path("runs/bench"), "--out", "-o", help="Folder for the runs (one per task and variant)."),
     suite: list[str] = typer.Option(list(("main", "ablation", "sensitivity", "rounds")), "--suite",
-                                    help="Tables to build: main, ablation, sensitivity, rounds (repeat the flag)."),
+                                    help="Tables to build: main, ablation, sensitivity, rounds, baselines (repeat "
+                                    "the flag; the default is all but baselines)."),
     reuse: list[Path] = typer.Option([], "--reuse", help="Finished run folders whose identical stages may be copied "
                                      "(e.g. an earlier `semievol run` on the same task)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the tables, machine and command here."),
     *, run_config: RunConfig, train_config: TrainConfig, engine_config: EngineConfig,
 ):
-    """The paper's tables at laptop scale: main, ablations, sensitivity to n and theta, rounds."""
+    """The paper's tables at laptop scale: main, ablations, sensitivity to n and theta, rounds; and baselines:
+    self-consistency (LMSI-style), a fixed entropy threshold, labeled + all pseudo-labels."""
     from . import bench, models
 
     for p in reuse:
@@ -443,13 +445,17 @@ def report_cmd(run: Path = typer.Argument(..., help="A run folder written by `se
 @command(app, "demo")
 def demo(
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model to run the demo with."),
-    out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Run folder."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: runs/demo, runs/demo-open)."),
+    open_answers: bool = typer.Option(False, "--open", help="The open-answer variant: the same reviews answered "
+                                      "with the word itself, pseudo-labeled by sampling (the paper's recipe)."),
 ):
     """The whole SemiEvol loop on the demo task that ships with the project (a few minutes on 2 cores)."""
-    from .demo_task import DEMO_RUN, DEMO_TRAIN, demo_folder
+    from .demo_task import DEMO_OPEN_RUN, DEMO_RUN, DEMO_TRAIN, demo_folder
 
-    ui.info(f"demo task: {demo_folder()}  run folder: {out}")
-    run_pipeline(model, demo_folder(), out, DEMO_RUN, DEMO_TRAIN, EngineConfig())
+    out = out or Path("runs/demo-open" if open_answers else "runs/demo")
+    ui.info(f"demo task: {demo_folder(open_answers)}  run folder: {out}")
+    run_pipeline(model, demo_folder(open_answers), out, DEMO_OPEN_RUN if open_answers else DEMO_RUN, DEMO_TRAIN,
+                 EngineConfig())
 
 
 def main() -> None:

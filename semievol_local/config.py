@@ -120,6 +120,8 @@ class TrainConfig:
 MODES = ("auto", "score", "sample")
 EMBEDDINGS = ("model", "tfidf")
 THRESHOLDS = ("global", "per-class")
+LABELERS = ("semievol", "self-consistency")
+SELECTIONS = ("percentile", "fixed", "vote")
 
 
 @dataclass
@@ -145,7 +147,19 @@ class RunConfig:
                     stages=("retrieval", "collaboration"))
     cl: bool = opt(True, "Collaborative learning: n learners + self-justification.", flag="--cl/--no-cl",
                    stages=("collaboration",))
-    adaptive_selection: bool = opt(True, "Adaptive selection by entropy.", flag="--as/--no-as", stages=("selection",))
+    labeler: str = opt("semievol", "Who pseudo-labels: semievol (n learners + self-justification) or self-consistency "
+                       "(a baseline, LMSI-style: M_warm with k demonstrations answers n times at --temperature, the "
+                       "majority vote is the label).", choices=LABELERS, stages=("collaboration",))
+    adaptive_selection: bool = opt(True, "Adaptive selection (--selection); --no-as keeps every pseudo-label.",
+                                   flag="--as/--no-as", stages=("selection",))
+    selection: str = opt("percentile", "percentile: entropy at or below the --theta percentile (the paper's Eq. 7-8); "
+                         "fixed: entropy at or below --max-entropy (a baseline); vote: the label's vote share at or "
+                         "above --min-vote-share, no entropy (the self-consistency baseline).", choices=SELECTIONS,
+                         stages=("selection",))
+    max_entropy: float = opt(0.5, "--selection fixed: keep pseudo-labels whose entropy (nats; mean NLL in sample mode) "
+                             "is at most this.", min=0, stages=("selection",))
+    min_vote_share: float = opt(0.75, "--selection vote: keep pseudo-labels that at least this share of the n answers "
+                                "voted for.", min=0, max=1, stages=("selection",))
     threshold: str = opt("global", "Entropy percentile over all pseudo-labels (global: the paper's Eq. 7) or per "
                          "pseudo-label class (per-class: no class is dropped whole); open answers use global.",
                          choices=THRESHOLDS, stages=("selection",))

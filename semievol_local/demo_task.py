@@ -2,11 +2,13 @@
 
 Made here, from templates and a fixed seed, so it carries no one else's data or licence. Run
 `python -m semievol_local.demo_task` to write `demo_data/{labeled,unlabeled,test}.csv` again
-(the output is byte-for-byte the same each time).
+(the output is byte-for-byte the same each time), and `demo_data_open/`: the same reviews as open-answer
+questions whose answer is the sentiment word itself (no options), for sample mode (`semievol demo --open`).
 """
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -68,30 +70,42 @@ def make_rows(seed: int = 20241018) -> dict[str, list[dict]]:
     return out
 
 
-def write(folder: Path) -> None:
+OPEN_QUESTION = "What is the sentiment of this product review? Answer with one word: negative, neutral or positive.\n"
+
+
+def make_open_rows(seed: int = 20241018) -> dict[str, list[dict]]:
+    """The same reviews as open-answer rows: no options, the answer is the word."""
+    return {split: [{"question": OPEN_QUESTION + r["question"][len(QUESTION):], "answer": r["label"]} for r in rows]
+            for split, rows in make_rows(seed).items()}
+
+
+def write(folder: Path, open_answers: bool = False) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    for split, rows in make_rows().items():
+    splits = make_open_rows() if open_answers else make_rows()
+    for split, rows in splits.items():
         with open(folder / f"{split}.csv", "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=["question", "options", "answer", "label"], lineterminator="\n")
+            w = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
             w.writeheader()
             w.writerows(rows)
 
 
-def demo_folder() -> Path:
-    return Path(__file__).parent / "demo_data"
+def demo_folder(open_answers: bool = False) -> Path:
+    return Path(__file__).parent / ("demo_data_open" if open_answers else "demo_data")
 
 
 if __name__ == "__main__":
     write(demo_folder())
+    write(demo_folder(open_answers=True), open_answers=True)
 
 
 def _demo_configs():
     """The demo's settings: the paper's recipe, sized to finish within 10 minutes on 2 CPU cores.
 
     On 57 training reviews the default lr (3e-4) spikes and settles on the label prior; lr 1e-4 with
-    batches of 4 learns the task after about 80 steps. The demo takes 9 epochs at 1.5e-4 (135 steps; 6
-    epochs, 90 steps, stayed on the prior). Each class has 30 phrasings, so the 64 labeled reviews leave
-    some unseen: the unlabeled reviews are where the others come from.
+    batches of 4 learns the task after about 80 steps. The demo took 9 epochs at 1.5e-4 (135 steps; 6
+    epochs, 90 steps, stayed on the prior) while a tenth of the rows was held out; every one of the 64
+    labeled reviews trains now, and 8 epochs make 128 steps. Each class has 30 phrasings, so the 64
+    labeled reviews leave some unseen: the unlabeled reviews are where the others come from.
 
     The final fine-tune is the paper's (Eq. 9): from the base model on labeled + selected, global
     threshold. With LoRA on the last 16 blocks (frozen blocks cached) that fits the budget: measured on 2
@@ -100,7 +114,10 @@ def _demo_configs():
     an earlier demo used to save time, changed no test answer (0.896)."""
     from .config import RunConfig, TrainConfig
 
-    return RunConfig(), TrainConfig(epochs=9.0, lr=1.5e-4, batch_size=4, grad_clip=1.0)
+    return RunConfig(), TrainConfig(epochs=8.0, lr=1.5e-4, batch_size=4, grad_clip=1.0)
 
 
 DEMO_RUN, DEMO_TRAIN = _demo_configs()
+# The open-answer variant: the paper's generative recipe (sample mode: learners sample at temperature 1, the
+# justifier decodes greedily, entropy is the mean NLL); a one-word answer needs a few tokens, not 256.
+DEMO_OPEN_RUN = dataclasses.replace(DEMO_RUN, mode="sample", max_tokens=12)

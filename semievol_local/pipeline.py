@@ -24,7 +24,7 @@ from .data import LETTERS, Item, Task, load_task
 from .evaluate import evaluate, resolve_mode
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .llama_engine import Engine, load
-from .prompts import extract_answer, fit_prompt, justify_messages
+from .prompts import extract_answer, fit_prompt, justify_messages, normalize_text
 from .runfolder import RunFolder, StageResult, digest, file_digest
 from .training import train_adapter
 
@@ -217,6 +217,37 @@ def collaborate_one(engine: Engine, item: Item, demos_all: list[Item], learners:
     return rec
 
 
+def self_consistency_one(engine: Engine, item: Item, demos_all: list[Item], mode: str, cfg: RunConfig,
+                         warm: Path | None) -> dict:
+    """The LMSI-style baseline (`--labeler self-consistency`): one learner, M_warm with k demonstrations (the
+    base model without in-weight propagation, none without in-context propagation), answers n times at
+    --temperature; the majority vote is the pseudo-label, and nothing is justified. In score mode the n
+    answers are n letters drawn from the learner's option distribution (what n one-letter samples give)."""
+    engine.reset()
+    ln = learner_configs(dataclasses.replace(cfg, cl=False))[0]
+    adapter, demos, n = (warm if ln.warm else None), demos_all[:ln.n_demos], cfg.learners
+    rec: dict = {"index": item.index}
+    if mode == "score":
+        a = _ask(engine, item, demos, "score", cfg, 0, adapter)
+        p = np.asarray(a["probs"], dtype=np.float64)
+        if cfg.temperature <= 0:
+            draws = [int(np.argmax(p))] * n
+        else:
+            q = np.exp(np.log(np.clip(p, 1e-300, 1)) / cfg.temperature)
+            draws = np.random.default_rng(item_seed(cfg.seed, item.index, 0)).choice(len(p), size=n, p=q / q.sum())
+        cut = {k: a[k] for k in ("demos_dropped", "question_truncated") if k in a}  # what the one prompt lost
+        answers = [{"learner": ln.label(), "answer": LETTERS[int(d)], **cut} for d in draws]
+        rec.update(distribution=a, entropy=float(selection.entropy_rows(p[None])[0]), letter_mass=a["letter_mass"])
+    else:
+        answers = [{"learner": ln.label(), **_ask(engine, item, demos, "sample", cfg,
+                                                  item_seed(cfg.seed, item.index, m), adapter)} for m in range(n)]
+        rec["entropy"] = float(np.mean([a["nll"] for a in answers]))
+    letters = [a["answer"] for a in answers]
+    label = selection.majority_vote(letters, key=(lambda x: x) if item.closed else normalize_text)
+    rec.update(learners=answers, consistent=bool(selection.agree([letters])[0]), pseudo_label=label, justified=False)
+    return rec
+
+
 def label_entropy(rec: dict) -> float:
     """The uncertainty of the answer that became the pseudo-label (Eq. 6 is taken on the final response),
     derived by selection from a collaboration record (whose own `entropy` is always the learners').
@@ -264,7 +295,10 @@ def stage_collaboration(run: RunFolder, name: str, engine: Engine, labeled: list
             for pos in range(len(done), len(unlabeled)):
                 item = unlabeled[pos]
                 demos = [labeled[i] for i in neighbours[pos]]
-                rec = collaborate_one(engine, item, demos, learners, mode, cfg, warm_path)
+                if cfg.labeler == "self-consistency":
+                    rec = self_consistency_one(engine, item, demos, mode, cfg, warm_path)
+                else:
+                    rec = collaborate_one(engine, item, demos, learners, mode, cfg, warm_path)
                 rec["position"] = pos
                 f.write(json.dumps(rec) + "\n")
                 f.flush()
@@ -303,8 +337,10 @@ def _read_complete_lines(path: Path) -> list[dict]:
 
 def stage_selection(run: RunFolder, name: str, collab: StageResult, cfg: RunConfig, reporter,
                     closed: bool = True) -> StageResult:
-    """Entropy per pseudo-label and the theta-percentile keep-mask; `closed` (every question has options)
-    lets `--threshold per-class` group by the pseudo-label's option (open answers use one threshold)."""
+    """Entropy, letter mass and vote share per pseudo-label, and the keep-mask of `--selection`: the
+    theta-percentile of entropy (the paper's), a fixed entropy bar, or the vote share (self-consistency);
+    `--no-as` keeps all. `closed` (every question has options) lets `--threshold per-class` group by the
+    pseudo-label's option (open answers use one threshold, and vote by normalized text)."""
     inputs = {"collaboration": collab.outputs_digest, "entropy": "of the final answer",
               "closed": closed, "options": config.identity("selection", cfg)}
 
@@ -316,19 +352,27 @@ def stage_selection(run: RunFolder, name: str, collab: StageResult, cfg: RunConf
         # score mode: an answer whose letters got little of the model's probability is not a confident one,
         # however peaked its renormalised distribution: adaptive selection never keeps it
         sure = np.array([m is None or m >= cfg.min_letter_mass for m in mass])
-        if cfg.adaptive_selection:
+        norm = (lambda x: x) if closed else (lambda x: None if x is None else normalize_text(x))
+        shares = np.array([selection.vote_share([norm(a["answer"]) for a in r["learners"]], norm(r["pseudo_label"]))
+                           for r in recs])
+        if not cfg.adaptive_selection:
+            keep = np.ones(len(recs), dtype=bool)
+        elif cfg.selection == "vote":  # the self-consistency baseline: the vote alone, no entropy
+            keep = shares >= cfg.min_vote_share - 1e-12
+        elif cfg.selection == "fixed":  # a baseline: one entropy bar for every task and run, no percentile
+            keep = (ent <= cfg.max_entropy) & sure
+        else:
             only = np.array([r["justified"] for r in recs]) if cfg.justified_only else None
             groups = [str(r["pseudo_label"]) for r in recs] if cfg.threshold == "per-class" and closed else None
             keep = selection.select(ent, cfg.theta, only=only, groups=groups) & sure
-        else:
-            keep = np.ones(len(recs), dtype=bool)
         keep &= has_label
         lines = [json.dumps({"index": r["index"], "pseudo_label": r["pseudo_label"], "entropy": float(e),
-                             "letter_mass": m, "consistent": r["consistent"], "justified": r["justified"],
+                             "letter_mass": m, "vote_share": float(v), "consistent": r["consistent"],
+                             "justified": r["justified"],
                              "justify_fallback": bool((r.get("justification") or {}).get("justify_fallback")),
-                             "prompt_shortened": bool(prompt_counts([r])["demos_dropped"] or prompt_counts([r])["question_truncated"]),
+                             "prompt_shortened": any(v for k, v in prompt_counts([r]).items() if k != "justify_fallback"),
                              "selected": bool(k)})
-                 for r, k, e, m in zip(recs, keep, ent, mass)]
+                 for r, k, e, m, v in zip(recs, keep, ent, mass, shares)]
         atomic_write_text(work / "pseudo_labels.jsonl", "\n".join(lines) + "\n")
         return {"selected": int(keep.sum()), "of": len(recs), "low_letter_mass": int((~sure).sum())}
 

@@ -20,6 +20,24 @@ def agree(answers: list[list[str | None]]) -> np.ndarray:
     return np.array([len(set(a)) == 1 and a[0] is not None for a in answers], dtype=bool)
 
 
+def vote_share(answers: list[str | None], label: str | None) -> float:
+    """The share of the n answers that voted for `label` (0 for no label)."""
+    if label is None or not answers:
+        return 0.0
+    return sum(a == label for a in answers) / len(answers)
+
+
+def majority_vote(answers: list[str | None], key=lambda a: a) -> str | None:
+    """The most voted answer (answers equal under `key` vote together; ties: the one given first); None when
+    no answer was given."""
+    given = [a for a in answers if a is not None]
+    if not given:
+        return None
+    keys = [key(a) for a in given]
+    best = max(dict.fromkeys(keys), key=lambda k: (keys.count(k), -keys.index(k)))
+    return given[keys.index(best)]
+
+
 def threshold(entropies: np.ndarray, theta: float) -> float:
     """tau = the theta-percentile of the entropies (Eq. 7); theta in [0, 100]."""
     e = np.asarray(entropies, dtype=np.float64)

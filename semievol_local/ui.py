@@ -164,6 +164,12 @@ def run_report(report: dict) -> None:
                 ["prompts shortened to fit", st.get("prompt_shortened")],
                 ["justified without candidates (too long)", st.get("justify_fallback")],
                 [f"letter mass under {st.get('min_letter_mass', 0):g} (not selected)", st.get("low_letter_mass")]])
+    for name, st in report["pseudo_labels"].items():
+        if st and st["selected"] == 0:
+            why = (f": every one gave the option letters under {st['min_letter_mass']:g} of its probability "
+                   "(a model that does not follow the answer format; --min-letter-mass sets the floor)"
+                   if st.get("low_letter_mass") == st["n"] else "")
+            warn(f"{name}: no pseudo-label was selected, so the final fine-tune trained on the labeled rows alone{why}")
     mj = report.get("majority")
     if mj:
         info(f"majority class {mj['majority_label']} from the {mj['majority_from']}; the test split's own majority "

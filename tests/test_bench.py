@@ -36,7 +36,11 @@ def test_plan_shares_identical_variants():
     assert folders[("ablation", "w/o IWP")] == ("a", "iwp-False")
     assert folders[("sensitivity", "theta=30%")] == ("a", "theta-30.0")
     assert folders[("rounds", "rounds")] == ("a", "rounds-2")
-    assert len(set(folders.values())) == 12
+    # baselines: SemiEvol is the full run, "all pseudo-labels" is the w/o AS ablation; two runs of their own
+    assert folders[("baselines", "SemiEvol")] == ("a", "full")
+    assert folders[("baselines", "labeled + all pseudo-labels")] == folders[("ablation", "w/o AS")]
+    assert folders[("baselines", "fixed entropy threshold")] == ("a", "selection-fixed")
+    assert len(set(folders.values())) == 14
     with pytest.raises(UserError, match="--suite 'tables'"):
         bench.quality_plan([Path("a")], ["tables"], RunConfig())
 
@@ -181,3 +185,45 @@ def test_publish_rewrites_only_the_results_section(quality, tmp_path):
     readme.write_text("# no markers\n")
     res = CliRunner().invoke(app, ["bench", "publish", str(js), "--readme", str(readme)])
     assert res.exit_code == 2 and "markers" in res.stderr
+
+
+def test_baselines_table(quality, tiny_q4, task, tmp_path):
+    """Self-consistency (n answers of one learner, majority vote, kept by vote share alone), a fixed entropy
+    bar, and all pseudo-labels: each a row beside SemiEvol with its McNemar p, each doing what it says."""
+    runs, _, _ = quality
+    js = tmp_path / "baselines.json"
+    res = CliRunner().invoke(app, ["bench", "quality", "--model", str(tiny_q4), "--data", str(task),
+                                   "--out", str(runs.parent), "--suite", "baselines", "--json", str(js), *TINY_TRAIN])
+    assert res.exit_code == 0, (res.stdout, res.stderr)
+    rows = {row["variant"]: row for row in json.loads(js.read_text())["tables"]["baselines"]}
+    assert list(rows) == ["SFT (no pseudo-labels)"] + [name for name, _ in bench.BASELINES]
+    assert rows["SemiEvol"]["p_vs_full"] is None
+    assert all(0 < rows[name]["p_vs_full"] <= 1 for name, _ in bench.BASELINES[1:])
+    assert rows["labeled + all pseudo-labels"]["selected"] == 10
+
+    def lines(folder, stage):
+        return [json.loads(x) for x in (runs / folder / stage).read_text().splitlines()]
+
+    sc = "labeler-self-consistency_selection-vote"
+    for rec in lines(sc, "round1/collaboration/collaboration.jsonl"):
+        answers = [a["answer"] for a in rec["learners"]]
+        assert [a["learner"] for a in rec["learners"]] == ["warm+3demo"] * 4 and not rec["justified"]
+        assert answers.count(rec["pseudo_label"]) == max(answers.count(a) for a in answers)
+    for r in lines(sc, "pseudo_labels.jsonl"):
+        assert r["selected"] == (r["vote_share"] >= 0.75)
+    for r in lines("selection-fixed", "pseudo_labels.jsonl"):
+        assert r["selected"] == (r["entropy"] <= 0.5)
+    # the fixed bar re-ran selection only: its pseudo-labeling is the full run's
+    assert lines("selection-fixed", "round1/collaboration/collaboration.jsonl") == \
+        lines("full", "round1/collaboration/collaboration.jsonl")
+
+
+def test_majority_vote_and_vote_share():
+    from semievol_local.prompts import normalize_text
+    from semievol_local.selection import majority_vote, vote_share
+
+    assert majority_vote(["B", "A", "B", None]) == "B"
+    assert majority_vote(["A", "B"]) == "A"  # a tie goes to the answer given first
+    assert majority_vote([None, None]) is None
+    assert majority_vote(["Paris.", "paris", "Rome"], key=normalize_text) == "Paris."
+    assert vote_share(["B", "A", "B", "B"], "B") == 0.75 and vote_share(["A"], None) == 0.0

@@ -503,3 +503,37 @@ def test_one_writer_per_run_folder(tiny_q4, tiny_task, tmp_path):
 
     with exclusive(out):  # the kernel dropped the dead holder's lock
         pass
+
+
+def test_open_answer_demo_runs_in_sample_mode(tiny_q4, tmp_path):
+    """The shipped open-answer demo (the reviews answered with the word) runs the generative recipe end to
+    end, and its pseudo-labels are scored as eval scores open answers (normalized text, numbers within 1%)."""
+    from semievol_local.data import load_heldout, load_task
+    from semievol_local.demo_task import DEMO_OPEN_RUN, demo_folder, make_open_rows
+    from semievol_local.prompts import answers_match
+    from semievol_local.report import build_report, pseudo_label_stats
+
+    folder = demo_folder(open_answers=True)
+    task = load_task(folder)
+    assert not any(it.closed for s in task.splits.values() for it in s.items)
+    assert [it.answer for it in task["test"].items] == [r["answer"] for r in make_open_rows()["test"]]
+    small = tmp_path / "demo-open"  # its first rows: the tiny model's tokens are characters, so it trains slowly
+    for split, n in (("labeled", 16), ("unlabeled", 4), ("test", 3)):
+        write_split(small / f"{split}.csv", make_open_rows()[split][:n])
+    out = tmp_path / "open"
+    run_semievol(tiny_q4, small, out, DEMO_OPEN_RUN, TRAIN)
+    rep = build_report(out)
+    assert rep["mode"] == "sample"
+    recs = [json.loads(x) for x in (out / "round1/collaboration/collaboration.jsonl").read_text().splitlines()]
+    assert all(a["n_tokens"] <= 12 for r in recs for a in r["learners"])
+    held = dict(enumerate(load_heldout(small / "unlabeled.csv")))
+    ok = [answers_match(r["pseudo_label"], held[r["index"]].answer, closed=False) for r in pseudo(out)]
+    assert rep["pseudo_labels"]["round1"]["accuracy_all"] == pytest.approx(np.mean(ok))
+    # the same rule as eval, not string equality
+    from semievol_local.data import Item
+
+    gold = {0: Item(0, "q", (), "Paris"), 1: Item(1, "q", (), "42"), 2: Item(2, "q", (), "42")}
+    recs = [{"index": 0, "pseudo_label": "paris.", "consistent": True, "selected": True, "entropy": 0.1},
+            {"index": 1, "pseudo_label": "42.2", "consistent": True, "selected": True, "entropy": 0.2},
+            {"index": 2, "pseudo_label": "43", "consistent": True, "selected": True, "entropy": 0.3}]
+    assert pseudo_label_stats(recs, gold)["accuracy_all"] == pytest.approx(2 / 3)
