@@ -72,7 +72,7 @@ def options_from(*classes):
         for cls in classes:
             for f in dataclasses.fields(cls):
                 default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                flag = _flag(f)
+                flag = config.flag(f, toggle=True)
                 params.append(inspect.Parameter(_param(flag), inspect.Parameter.KEYWORD_ONLY, annotation=type(default),
                                                 default=typer.Option(default, flag, help=f.metadata.get("help"),
                                                                      rich_help_panel=cls.__doc__.splitlines()[0])))
@@ -80,7 +80,7 @@ def options_from(*classes):
         @functools.wraps(fn)
         def run(**kwargs):
             for cls in classes:
-                kwargs[_arg(cls)] = cls(**{f.name: kwargs.pop(_param(_flag(f))) for f in dataclasses.fields(cls)})
+                kwargs[_arg(cls)] = cls(**{f.name: kwargs.pop(_param(config.flag(f, toggle=True))) for f in dataclasses.fields(cls)})
                 config.check(kwargs[_arg(cls)])  # every option within its declared range, before anything runs
             return fn(**kwargs)
 
@@ -89,11 +89,6 @@ def options_from(*classes):
         return run
 
     return deco
-
-
-def _flag(f: dataclasses.Field) -> str:
-    """A config field's flag: its own (`flag=` in its metadata) or `--field-name`."""
-    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
 def _param(flag: str) -> str:

@@ -35,9 +35,11 @@ def opt(default, help: str, *, stages: tuple[str, ...] = (), min=None, max=None,
     return field(default=default, metadata=meta)
 
 
-def flag(f) -> str:
-    """A field's command-line flag: its own (`flag=` in its metadata) or `--field-name`."""
-    return (f.metadata.get("flag") or "--" + f.name.replace("_", "-")).split("/")[0]
+def flag(f, toggle: bool = False) -> str:
+    """A field's command-line flag: its own (`flag=` in its metadata) or `--field-name`. With `toggle` a
+    boolean keeps its `/--no-...` half (what the CLI declares); without, the name alone (what messages show)."""
+    full = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+    return full if toggle else full.split("/")[0]
 
 
 def _fmt(v) -> str:

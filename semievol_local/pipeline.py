@@ -25,7 +25,7 @@ from .evaluate import evaluate, resolve_mode
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .llama_engine import Engine, load
 from .prompts import extract_answer, fit_prompt, justify_messages, normalize_text
-from .runfolder import RunFolder, StageResult, digest, file_digest
+from .runfolder import RunFolder, StageResult, digest, exclusive, file_digest
 from .training import train_adapter
 
 log = logging.getLogger(__name__)
@@ -425,7 +425,7 @@ def run_semievol(model_path: Path, data: Path, out: Path, cfg: RunConfig, tcfg: 
     ecfg = ecfg or EngineConfig()
     for c in (cfg, tcfg, ecfg):  # every option within its declared range, before any data or model loads
         config.check(c)
-    with RunFolder.locked(out):  # one writer per run folder: a second command on it stops here
+    with exclusive(out):  # one writer per run folder: a second command on it stops here
         return _run(model_path, data, out, cfg, tcfg, ecfg, reporter, share)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import RunConfig
 from .data import Item, find_split_file, load_heldout
 from .errors import UserError
 from .files import atomic_write_json, atomic_write_text
@@ -64,7 +65,8 @@ def paired(a: dict, b: dict) -> dict | None:
     return {"n": len(common), "only_first": only_a, "only_second": only_b, "p_value": p}
 
 
-def pseudo_label_stats(records: list[dict], held: dict[int, Item], min_letter_mass: float = 0.5) -> dict:
+def pseudo_label_stats(records: list[dict], held: dict[int, Item],
+                       min_letter_mass: float = RunConfig.min_letter_mass) -> dict:
     """Accuracy of pseudo-labels against held-back answers, by kind, by entropy decile, by coverage. A
     pseudo-label is right by the same rule as a test answer (`answers_match`: letters exactly, numbers within
     1%, short text normalized)."""

@@ -157,8 +157,6 @@ class RunFolder:
     """A run's folder. `share` names sibling run folders whose sealed stages may be copied when their
     inputs are identical (benchmarks that vary one option reuse everything upstream of it)."""
 
-    locked = staticmethod(exclusive)
-
     def __init__(self, root: Path, share: tuple[Path, ...] = ()):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
