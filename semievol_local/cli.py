@@ -234,6 +234,72 @@ def run_eval(model, data, adapter, split, mode, limit, category_column, max_toke
         ui.info(f"wrote {json_out}")
 
 
+# --- predict / export -------------------------------------------------------------------------------
+
+@command(app, "predict")
+@options_from(EngineConfig)
+def predict_cmd(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
+    data: Path = typer.Option(..., "--data", "-d", help="Rows to label (CSV/JSONL with question, and options where "
+                              "there are any; answers not needed), or a task folder (see --split)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Where to write the rows with their predictions (.csv or .jsonl)."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", "-a", help="GGUF LoRA adapter: an adapter.gguf, a "
+                                           "`semievol train` folder, or a run folder (its last round's adapter)."),
+    split: str = typer.Option("unlabeled", "--split", help="Which split of a task folder."),
+    mode: str = typer.Option("auto", "--mode", help="score (option probabilities), sample (generate), or auto."),
+    max_tokens: int = typer.Option(256, "--max-tokens", min=1, help="Longest generated answer in sample mode."),
+    *, engine_config: EngineConfig,
+):
+    """Label new rows: each row with its predicted answer, its distribution (score mode) or text (sample mode) and
+    its entropy, in input order. An interrupted run resumes when the same command runs again."""
+    from . import config as cfg_mod, data as data_mod, export, llama_engine, models, predict
+    from .evaluate import resolve_mode
+    from .runfolder import file_digest
+
+    path = data_mod.find_split_file(data, split)
+    rows = data_mod.load_split(path, path.stem if data.is_file() else split, with_answers=False)
+    predict.check_out(out, rows, list(dict.fromkeys(k for _, r in data_mod.read_rows(path) for k in r)))
+    adapter_file = export.adapter_path(adapter) if adapter is not None else None
+    mode = resolve_mode(None if mode == "auto" else mode, rows.items)
+    model_path = models.resolve(model)
+    identity = {"model": file_digest(model_path), "adapter": file_digest(adapter_file) if adapter_file else None,
+                "data": file_digest(path), "mode": mode, "max_tokens": max_tokens if mode == "sample" else None,
+                "options": cfg_mod.identity("eval", engine_config)}
+    engine = llama_engine.load(model_path, engine_config)
+    engine.set_adapter(adapter_file)
+    with ui.progress(len(rows), f"predict {path.name}") as advance:
+        summary = predict.predict(engine, rows, out, mode=mode, max_tokens=max_tokens, identity=identity,
+                                  on_resume=lambda n: advance(n, status="resumed" if n else ""),
+                                  on_item=lambda r: advance(status=str(r["prediction"])[:12]))
+    if summary["prompts_shortened"]:
+        ui.warn(f"{summary['prompts_shortened']} prompt(s) were cut to fit the context (--n-ctx {engine.n_ctx}); "
+                "their rows say prompt_shortened")
+    ui.info(f"wrote {out}: {summary['rows']} rows" + (f" ({summary['resumed']} resumed)" if summary["resumed"] else ""))
+
+
+@command(app, "export")
+def export_cmd(
+    run: Path = typer.Argument(..., help="A finished run folder (`semievol run --out`)."),
+    out: Path = typer.Option(..., "--out", "-o", help="A new folder for the exported files."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="The run's task folder, where run.json's path "
+                                        "does not reach it (a run started from another folder)."),
+):
+    """Export a run: train.csv/.jsonl (labeled + selected pseudo-labels), chat.jsonl for mlx-lm, the adapter and
+    an Ollama Modelfile."""
+    from . import export, llama_engine
+
+    meta = export.run_meta(run)
+    model = Path(meta["model"])
+    if not model.is_file():
+        raise UserError(f"{run}: its model {model} is not there any more; the Modelfile needs the base GGUF")
+    export.final_adapter(run)  # a run without one fails here, before the model loads
+    engine = llama_engine.load(model)
+    summary = export.export_run(run, out, engine.template, engine.adds_bos, data=data)
+    ui.kv_table(f"exported {run}", {k: v for k, v in summary.items() if k != "out"})
+    for name in ("train.csv", "train.jsonl", "chat.jsonl", "mlx-lm/train.jsonl", "adapter.gguf", "Modelfile"):
+        ui.info(str(out / name))
+
+
 # --- train / adapter check / bench -------------------------------------------------------------
 
 @command(app, "train")
@@ -411,13 +477,40 @@ def bench_publish_cmd(
 @command(app, "run")
 @options_from(RunConfig, TrainConfig, EngineConfig)
 def run_cmd(
+    ctx: typer.Context,
     model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
-    data: Path = typer.Option(..., "--data", "-d", help="Task folder with labeled, unlabeled and test splits."),
-    out: Path = typer.Option(..., "--out", "-o", help="Run folder (running again resumes it)."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Task folder with labeled, unlabeled and test splits."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (running again resumes it)."),
+    config_file: Optional[Path] = typer.Option(None, "--config", help="Take the options from a TOML file (flag names "
+                                               "as keys, e.g. learners = 2) or a run folder's run.json (repeats that "
+                                               "run); options given on the command line win."),
     *, run_config: RunConfig, train_config: TrainConfig, engine_config: EngineConfig,
 ):
     """SemiEvol: warm-up, retrieval, collaboration, selection, final fine-tune, evaluation (and rounds)."""
+    if config_file is not None:
+        f = config.read_file(config_file)
+        run_config, train_config, engine_config = (
+            config.merged(cls, f[sec], _given(ctx, cls)) for sec, cls in config.SECTIONS.items())
+        model = model if _typed_in(ctx, "model") else f.get("model", model)
+        data = data or (Path(f["data"]) if "data" in f else None)
+        out = out or (Path(f["out"]) if "out" in f else None)
+    if data is None:
+        raise UserError("give --data (a task folder with labeled, unlabeled and test splits), or a --config that names data")
+    if out is None:
+        raise UserError("give --out (the run folder), or a --config that names out")
     run_pipeline(model, data, out, run_config, train_config, engine_config)
+
+
+def _typed_in(ctx: typer.Context, name: str) -> bool:
+    """Whether the user gave parameter `name` on the command line (not its default)."""
+    source = ctx.get_parameter_source(name)  # an enum of typer's own click (it may vendor one): compared by name
+    return getattr(source, "name", None) == "COMMANDLINE"
+
+
+def _given(ctx: typer.Context, cls) -> dict:
+    """The options of `cls` given on the command line, by field name (they win over a --config file)."""
+    return {f.name: ctx.params[p] for f in dataclasses.fields(cls)
+            if _typed_in(ctx, p := _param(config.flag(f, toggle=True)))}
 
 
 def run_pipeline(model, data, out, run_config, train_config, engine_config):

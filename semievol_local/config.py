@@ -11,10 +11,17 @@ value that reaches the code. Library functions take these objects; they never re
 """
 from __future__ import annotations
 
+import json
 import math
+import sys
 from dataclasses import dataclass, field, fields
 
 from .errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 # The pipeline's kinds of stage (the run folder's `warmup` and `roundN/final` are both `train`).
 STAGES = ("train", "retrieval", "collaboration", "selection", "eval")
@@ -184,3 +191,97 @@ class RunConfig:
 
 def field_names(cls) -> list[str]:
     return [f.name for f in fields(cls)]
+
+
+# --- a run as a file ----------------------------------------------------------------------------------
+
+SECTIONS = {"run": RunConfig, "train": TrainConfig, "engine": EngineConfig}
+FILE_KEYS = ("model", "data", "out")  # the command's own options that a file may also give
+
+
+def _flat_keys() -> dict[str, tuple[str, str]]:
+    """Top-level keys of a config file -> (section, field): each option's flag without dashes (`train-seed`,
+    `train_seed`), and its field name where no other option has that name (`adaptive_selection`)."""
+    keys: dict[str, tuple[str, str]] = {}
+    for sec, cls in SECTIONS.items():
+        for f in fields(cls):
+            name = flag(f)[2:]
+            keys[name] = keys[name.replace("-", "_")] = (sec, f.name)
+    names = [f.name for cls in SECTIONS.values() for f in fields(cls)]
+    for sec, cls in SECTIONS.items():
+        for f in fields(cls):
+            if names.count(f.name) == 1:
+                keys.setdefault(f.name, (sec, f.name))
+    return keys
+
+
+def _typed(where: str, f, v):
+    """`v` as the type of field `f`'s default, or a UserError naming the key."""
+    want = type(f.default)
+    if want is bool:
+        ok = isinstance(v, bool)
+    elif want is int:
+        ok = isinstance(v, int) and not isinstance(v, bool)
+    elif want is float:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+        v = float(v) if ok else v
+    else:
+        ok = isinstance(v, str)
+    if not ok:
+        kind = {bool: "true or false", int: "a whole number", float: "a number"}.get(want, "a string")
+        raise UserError(f"{where} = {v!r}: give {kind}")
+    return v
+
+
+def read_file(path) -> dict:
+    """A run's options from a TOML file or a run folder's run.json: {"model"?, "data"?, "out"?, "run": {...},
+    "train": {...}, "engine": {...}} with field names and checked types. Options go at the top level by flag
+    name (`learners = 2`, `train-seed = 1`) or in [run] / [train] / [engine] tables by field name (as run.json
+    writes them). An unknown key is an error, not ignored."""
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"--config {path}: file not found") from None
+    except IsADirectoryError:
+        raise UserError(f"--config {path}: a folder; give a .toml file or a run folder's run.json") from None
+    try:
+        if path.suffix == ".json":
+            doc = json.loads(raw)
+        else:
+            doc = tomllib.loads(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:  # TOMLDecodeError and JSONDecodeError are ValueErrors
+        raise UserError(f"--config {path}: does not parse ({e}); fix it or give a .toml/.json file") from None
+    if not isinstance(doc, dict):
+        raise UserError(f"--config {path}: expected a table of options")
+    out: dict = {sec: {} for sec in SECTIONS}
+    flat = _flat_keys()
+    by_name = {sec: {f.name: f for f in fields(cls)} for sec, cls in SECTIONS.items()}
+    for key, v in doc.items():
+        if key in SECTIONS and isinstance(v, dict):
+            for name, val in v.items():
+                if name not in by_name[key]:
+                    raise UserError(f"--config {path}: [{key}] has no option {name!r}")
+                out[key][name] = _typed(f"{path}: {key}.{name}", by_name[key][name], val)
+        elif key in FILE_KEYS:
+            if not isinstance(v, str):
+                raise UserError(f"{path}: {key} = {v!r}: give a string")
+            out[key] = v
+        elif key == "mode" and isinstance(doc.get("run"), dict) and "mode" in doc["run"]:
+            continue  # run.json also records the mode the run resolved to; its [run] table holds the option
+        elif key in flat:
+            sec, name = flat[key]
+            out[sec][name] = _typed(f"{path}: {key}", by_name[sec][name], v)
+        else:
+            raise UserError(f"--config {path}: unknown option {key!r}; see `semievol run --help` for the names")
+    return out
+
+
+def merged(cls, from_file: dict, given: dict):
+    """An options object: what the command line gave (`given`, field -> value) over the file's values over
+    the defaults; checked."""
+    cfg = cls(**{**from_file, **given})
+    check(cfg)
+    return cfg

@@ -83,7 +83,7 @@ def find_split_file(folder: Path, split: str) -> Path:
     return found[0]
 
 
-def _read_rows(path: Path) -> list[tuple[int, dict]]:
+def read_rows(path: Path) -> list[tuple[int, dict]]:
     """(line number, row dict) for every record in a CSV or JSONL file."""
     if not path.exists():
         raise UserError(f"{path}: file not found")
@@ -159,7 +159,7 @@ def load_split(path: Path, name: str, *, with_answers: bool = True) -> Split:
     """Read and validate one split. With `with_answers=False` the answer column is not even parsed."""
     path = Path(path)
     items: list[Item] = []
-    for index, (lineno, row) in enumerate(_read_rows(path)):
+    for index, (lineno, row) in enumerate(read_rows(path)):
         where = f"{path}:{lineno}"
         if "question" not in row:
             cols = ", ".join(map(str, row.keys()))

@@ -91,6 +91,8 @@ class Engine:
             source=meta.get("tokenizer.chat_template"),
             bos_token=self._token_text(self.llm.token_bos()),
             eos_token=self._token_text(self.llm.token_eos()))
+        # whether the tokenizer puts BOS before a text (SmolLM2's does not: its BOS is <|im_start|>, in the template)
+        self.adds_bos = bool(self.llm._model.add_bos_token()) if hasattr(self.llm._model, "add_bos_token") else True
         self._kv: list[int] = []  # tokens whose keys/values sit in the cache, in order
         self._adapters: dict[str, object] = {}
         self.adapter: tuple[str, float] | None = None
@@ -106,8 +108,7 @@ class Engine:
     def tokenize(self, text: str) -> list[int]:
         """Token ids of a rendered prompt; chat markers parse as special tokens; BOS added if the model wants one."""
         bos = self.template.bos_token
-        add_bos = bool(self.llm._model.add_bos_token()) if hasattr(self.llm._model, "add_bos_token") else True
-        add_bos = add_bos and not (bos and text.startswith(bos))
+        add_bos = self.adds_bos and not (bos and text.startswith(bos))
         return self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
 
     def detokenize(self, tokens: list[int]) -> str:

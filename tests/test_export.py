@@ -1,0 +1,178 @@
+"""`semievol export` and `semievol run --config`, on a tiny run: the exported set is what the final fine-tune
+trained on, mlx-lm's own dataset code reads chat.jsonl, the Modelfile's template renders our prompts, and a
+run.json repeats its run."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from conftest import make_rows, write_split
+from typer.testing import CliRunner
+
+from semievol_local import llama_engine, training
+from semievol_local.cli import app
+from semievol_local.data import load_split
+from semievol_local.export import row_item
+from semievol_local.pipeline import items_digest
+from semievol_local.prompts import question_messages
+
+
+def run(*args, code=0):
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    assert res.exit_code == code, (res.stdout, res.stderr, res.exception)
+    return res
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_q4, tmp_path_factory):
+    """A tiny run started from a TOML file (flag names as keys, one option in a table)."""
+    folder = tmp_path_factory.mktemp("task")
+    write_split(folder / "labeled.csv", make_rows(12, 1))
+    write_split(folder / "unlabeled.csv", make_rows(20, 2))
+    write_split(folder / "test.csv", make_rows(10, 3))
+    root = tmp_path_factory.mktemp("runs")
+    cfg = root / "run.toml"
+    cfg.write_text(f'model = "{tiny_q4}"\ndata = "{folder}"\nout = "{root / "run"}"\n'
+                   'epochs = 1.0\nbatch-size = 4\nsave-every = 1\nmin-letter-mass = 0\nlearners = 3\n'
+                   '[engine]\nn_ctx = 1024\n')
+    run("run", "--config", cfg)
+    return folder, root / "run"
+
+
+def test_a_toml_config_sets_the_run_options(finished):
+    _, out = finished
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["run"]["learners"] == 3 and meta["run"]["min_letter_mass"] == 0
+    assert meta["train"]["epochs"] == 1.0 and meta["train"]["batch_size"] == 4 and meta["engine"]["n_ctx"] == 1024
+
+
+def test_run_json_repeats_the_run_and_the_command_line_wins(finished, tmp_path):
+    """--config RUN/run.json gives every option of that run: the new run's stages have the same inputs (so the
+    same outputs); a flag on the command line overrides the file."""
+    _, out = finished
+    again = tmp_path / "again"
+    run("run", "--config", out / "run.json", "--out", again, "--limit-test", "4")
+    a, b = json.loads((out / "run.json").read_text()), json.loads((again / "run.json").read_text())
+    assert b["run"] == {**a["run"], "limit_test": 4} and b["train"] == a["train"] and b["engine"] == a["engine"]
+    for stage in ("warmup", "round1/retrieval", "round1/collaboration", "round1/selection", "round1/final"):
+        # every input but the upstream stages' output digests (a training log holds its own timings)
+        first, second = ({k: v for k, v in json.loads((r / stage / "inputs.json").read_text())["inputs"].items()
+                          if k not in ("warm", "retrieval", "collaboration", "init_adapter")} for r in (out, again))
+        assert first == second, stage
+    for stage in ("warmup", "round1/final"):  # and MLX trains the same weights
+        assert (again / stage / "adapters.safetensors").read_bytes() == (out / stage / "adapters.safetensors").read_bytes()
+    assert (again / "pseudo_labels.jsonl").read_text() == (out / "pseudo_labels.jsonl").read_text()
+
+
+# what each bad config covers -> (file name, text, message fragment)
+BAD_CONFIGS = [
+    ("unknown key", "run.toml", "learnerz = 2\n", "unknown option 'learnerz'"),
+    ("wrong type", "run.toml", 'learners = "two"\n', "learners = 'two': give a whole number"),
+    ("bool for a number", "run.toml", "theta = true\n", "give a number"),
+    ("out of range", "run.toml", "theta = 120\n", "--theta 120: give a value"),
+    ("unknown key in a table", "run.toml", "[train]\nlearning_rate = 1\n", "[train] has no option 'learning_rate'"),
+    ("not TOML", "run.toml", "learners = = 2\n", "does not parse"),
+    ("not JSON", "run.json", "{", "does not parse"),
+    ("missing file", None, "", "file not found"),
+]
+
+
+@pytest.mark.parametrize("case,name,text,message", BAD_CONFIGS, ids=[c[0] for c in BAD_CONFIGS])
+def test_a_bad_config_is_one_line_before_anything_runs(tiny_q4, tiny_task, tmp_path, case, name, text, message):
+    cfg = tmp_path / (name or "absent.toml")
+    if name:
+        cfg.write_text(text)
+    res = run("run", "--config", cfg, "--model", tiny_q4, "--data", tiny_task, "--out", tmp_path / "out", code=2)
+    assert message in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def exported(finished, tmp_path_factory):
+    folder, out = finished
+    dest = tmp_path_factory.mktemp("exports") / "fpb-export"
+    res = run("export", out, "--out", dest)
+    return folder, out, dest, res
+
+
+def test_export_writes_the_set_the_final_fine_tune_trained_on(exported):
+    folder, out, dest, _ = exported
+    split = load_split(dest / "train.csv", "labeled")  # ready to be a labeled split again
+    final = json.loads((out / "round1" / "final" / "inputs.json").read_text())["inputs"]["items"]
+    assert items_digest(split.items, True) == final  # the same rows, answers and order the final trained on
+    assert items_digest(load_split(dest / "train.jsonl", "labeled").items, True) == final
+    rows = [json.loads(ln) for ln in (dest / "train.jsonl").read_text().splitlines()]
+    pseudo = [json.loads(ln) for ln in (out / "pseudo_labels.jsonl").read_text().splitlines()]
+    chosen = [p for p in pseudo if p["selected"]]
+    assert [r["source"] for r in rows] == ["labeled"] * 12 + ["pseudo"] * len(chosen)
+    assert [(r["source_index"], r["answer"], r["round"]) for r in rows[12:]] == \
+        [(p["index"], p["pseudo_label"], 1) for p in chosen]
+    assert [r["entropy"] for r in rows[12:]] == pytest.approx([p["entropy"] for p in chosen])
+    assert (dest / "adapter.gguf").read_bytes() == (out / "round1" / "final" / "adapter.gguf").read_bytes()
+
+
+class GGUFTokenizer:
+    """What mlx-lm's dataset code asks of a tokenizer, answered with the GGUF's own template and tokenizer."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def apply_chat_template(self, messages, tools=None, add_generation_prompt=False, return_dict=False, **kw):
+        return self.engine.tokenize(self.engine.template.render(messages, generation_prompt=add_generation_prompt))
+
+
+def test_mlx_lm_reads_chat_jsonl_as_the_examples_our_trainer_uses(exported, tiny_q4):
+    from types import SimpleNamespace
+
+    from mlx_lm.tuner.datasets import ChatDataset, create_dataset, load_local_dataset
+
+    _, _, dest, _ = exported
+    engine = llama_engine.load(tiny_q4)
+    tok = GGUFTokenizer(engine)
+    args = SimpleNamespace(mask_prompt=True)
+    train, valid, test = load_local_dataset(dest / "mlx-lm", tok, args)  # what `mlx_lm.lora --data DIR` reads
+    assert isinstance(train, ChatDataset) and len(valid) == len(test) == 0
+    recs = [json.loads(ln) for ln in (dest / "chat.jsonl").read_text().splitlines()]
+    assert isinstance(create_dataset(recs, tok, args), ChatDataset) and len(train) == len(recs)
+    rows = [json.loads(ln) for ln in (dest / "train.jsonl").read_text().splitlines()]
+    ours = training.examples(engine, [row_item(r, i) for i, r in enumerate(rows)])
+    for i, (prompt, answer) in enumerate(ours):
+        tokens, offset = train.process(train[i])
+        assert offset == len(prompt)  # the loss starts where ours does
+        assert tokens[:len(prompt) + len(answer)] == prompt + answer  # ours end at end-of-turn; the template adds "\n"
+
+
+def test_the_modelfile_template_renders_the_prompt_we_train_on(exported, tiny_q4):
+    _, _, dest, _ = exported
+    text = (dest / "Modelfile").read_text()
+    assert re.search(r"^FROM (.+)$", text, re.M).group(1) == str(Path(tiny_q4).resolve())
+    assert re.search(r"^ADAPTER \./adapter\.gguf$", text, re.M)
+    assert 'PARAMETER stop "<|im_end|>"' in text
+    tmpl = re.search(r'TEMPLATE """(.*?)"""', text, re.S).group(1)
+    engine = llama_engine.load(tiny_q4)
+    item = row_item(json.loads((dest / "train.jsonl").read_text().splitlines()[0]))
+    msgs = question_messages(item)
+
+    def ollama(system: str, prompt: str) -> str:  # Go's {{ if .System }}A{{ else }}B{{ end }} and the two fields
+        m = re.fullmatch(r"\{\{ if \.System \}\}(.*)\{\{ else \}\}(.*)\{\{ end \}\}\{\{ \.Response \}\}(.*)", tmpl, re.S)
+        body = m.group(1) if system else m.group(2)
+        return body.replace("{{ .System }}", system).replace("{{ .Prompt }}", prompt)
+
+    assert ollama("", msgs[0]["content"]) == engine.template.prompt(msgs)
+    sys_msgs = [{"role": "system", "content": "Be brief."}, *msgs]
+    assert ollama("Be brief.", msgs[0]["content"]) == engine.template.prompt(sys_msgs)
+
+
+def test_export_refuses_a_used_folder_and_an_unfinished_run(exported, tmp_path):
+    _, out, dest, _ = exported
+    res = run("export", out, "--out", dest, code=2)
+    assert "already exists" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "run.json").write_text((out / "run.json").read_text())
+    res = run("export", unfinished, "--out", tmp_path / "x", code=2)
+    assert "no finished final fine-tune" in res.stderr and not (tmp_path / "x").exists()
+    res = run("export", tmp_path / "nothing", "--out", tmp_path / "y", code=2)
+    assert "not a run folder" in res.stderr and not (tmp_path / "y").exists()
