@@ -283,6 +283,8 @@ def export_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="A new folder for the exported files."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="The run's task folder, where run.json's path "
                                         "does not reach it (a run started from another folder)."),
+    peft: bool = typer.Option(False, "--peft", help="Also write peft/: the adapter for the Hugging Face base model "
+                              "(transformers + PEFT, vLLM), Q/K rows in Hugging Face order."),
 ):
     """Export a run: train.csv/.jsonl (labeled + selected pseudo-labels), chat.jsonl for mlx-lm, the adapter and
     an Ollama Modelfile."""
@@ -294,9 +296,10 @@ def export_cmd(
         raise UserError(f"{run}: its model {model} is not there any more; the Modelfile needs the base GGUF")
     export.final_adapter(run)  # a run without one fails here, before the model loads
     engine = llama_engine.load(model)
-    summary = export.export_run(run, out, engine.template, engine.adds_bos, data=data)
+    summary = export.export_run(run, out, engine.template, engine.adds_bos, data=data, peft=peft)
     ui.kv_table(f"exported {run}", {k: v for k, v in summary.items() if k != "out"})
-    for name in ("train.csv", "train.jsonl", "chat.jsonl", "mlx-lm/train.jsonl", "adapter.gguf", "Modelfile"):
+    for name in ("train.csv", "train.jsonl", "chat.jsonl", "mlx-lm/train.jsonl", "adapter.gguf", "Modelfile",
+                 *(["peft/adapter_model.safetensors", "peft/adapter_config.json"] if peft else [])):
         ui.info(str(out / name))
 
 

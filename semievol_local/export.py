@@ -18,6 +18,8 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from .data import Item, find_split_file, load_split
 from .errors import UserError
 from .files import atomic_write_text
@@ -163,9 +165,70 @@ def modelfile(model_path: Path, adapter_name: str, template: ChatTemplate, adds_
     return "\n".join(lines) + "\n"
 
 
+def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's converter `permute` of Q/K output rows (HF's rotate-half layout -> interleaved rope
+    pairs): the first axis back to the Hugging Face order. `w` is (out, ...) with out = n_head * head_dim."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def peft_adapter(adapter_dir: Path, model_path: Path) -> tuple[dict[str, np.ndarray], dict]:
+    """The MLX adapter of `adapter_dir` as Hugging Face PEFT LoRA tensors and adapter_config.json.
+
+    PEFT computes W x + (lora_alpha / r) B A x with A (r, in) and B (out, r); mlx-lm computes
+    W x + scale (x a) b with a (in, r) and b (r, out): A = a^T, B = b^T, lora_alpha = scale x r. On an
+    architecture whose GGUF permutes Q/K rows for interleaved rope (llama), B's rows of q_proj and k_proj are
+    put back in the Hugging Face order, so the adapter applies to the Hugging Face base model."""
+    from .blas import ensure_fast_blas
+
+    ensure_fast_blas()  # before MLX's first import (FACTS §3)
+    import mlx.core as mx
+
+    from .gguf_loader import ARCHITECTURES, Meta, read
+
+    cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    lora = cfg["lora_parameters"]
+    meta = Meta(Path(model_path), read(Path(model_path))[0])
+    n_head = meta.get("attention.head_count")
+    n_kv = meta.get("attention.head_count_kv", n_head)
+    interleaved = ARCHITECTURES[meta.arch].rope == "interleaved"
+    flat = {k: np.array(v.astype(mx.float32)) for k, v in mx.load(str(Path(adapter_dir) / "adapters.safetensors")).items()}
+    tensors, layers, modules = {}, set(), set()
+    for name in sorted(flat):
+        if not name.endswith(".lora_a"):
+            continue
+        mod = name[: -len(".lora_a")]
+        a, b = flat[name], flat[mod + ".lora_b"]  # (in, r), (r, out)
+        lora_b = b.T
+        if interleaved and mod.endswith(("q_proj", "k_proj")):
+            lora_b = unpermute_rows(lora_b, n_head if mod.endswith("q_proj") else n_kv)
+        tensors[f"base_model.model.{mod}.lora_A.weight"] = np.ascontiguousarray(a.T)
+        tensors[f"base_model.model.{mod}.lora_B.weight"] = np.ascontiguousarray(lora_b)
+        layers.add(int(mod.split(".")[2]))
+        modules.add(mod.rsplit(".", 1)[1])
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora["rank"],
+              "lora_alpha": lora["scale"] * lora["rank"], "lora_dropout": lora.get("dropout", 0.0), "bias": "none",
+              "fan_in_fan_out": False, "target_modules": sorted(modules), "layers_to_transform": sorted(layers),
+              "inference_mode": True, "base_model_name_or_path": None,
+              "semievol": {"gguf": str(model_path), "architecture": meta.arch}}
+    return tensors, config
+
+
+def write_peft(folder: Path, tensors: dict[str, np.ndarray], config: dict) -> None:
+    from .blas import ensure_fast_blas
+
+    ensure_fast_blas()
+    import mlx.core as mx
+
+    folder.mkdir()
+    mx.save_safetensors(str(folder / "adapter_model.safetensors"), {k: mx.array(v) for k, v in tensors.items()},
+                        metadata={"format": "pt"})
+    atomic_write_text(folder / "adapter_config.json", json.dumps(config, indent=2))
+
+
 # --- writing --------------------------------------------------------------------------------------
 
-def export_run(run: Path, out: Path, template: ChatTemplate, adds_bos: bool, *, data: Path | None = None) -> dict:
+def export_run(run: Path, out: Path, template: ChatTemplate, adds_bos: bool, *, data: Path | None = None,
+               peft: bool = False) -> dict:
     """Write train.csv, train.jsonl, chat.jsonl (and mlx-lm/train.jsonl, the same records where
     `mlx_lm.lora --data` looks), adapter.gguf and Modelfile into `out`, a new folder: built beside it and
     renamed into place, so a failure leaves nothing behind."""
@@ -190,6 +253,8 @@ def export_run(run: Path, out: Path, template: ChatTemplate, adds_bos: bool, *, 
         atomic_write_text(tmp / "mlx-lm" / "train.jsonl", chat)
         shutil.copyfile(adapter, tmp / "adapter.gguf")
         atomic_write_text(tmp / "Modelfile", modelfile(model, "adapter.gguf", template, adds_bos))
+        if peft:
+            write_peft(tmp / "peft", *peft_adapter(adapter.parent, model))
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.replace(tmp, out)

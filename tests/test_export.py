@@ -176,3 +176,78 @@ def test_export_refuses_a_used_folder_and_an_unfinished_run(exported, tmp_path):
     assert "no finished final fine-tune" in res.stderr and not (tmp_path / "x").exists()
     res = run("export", tmp_path / "nothing", "--out", tmp_path / "y", code=2)
     assert "not a run folder" in res.stderr and not (tmp_path / "y").exists()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # llama: Q/K rows permuted in the GGUF; qwen2: as in HF
+def test_the_peft_adapter_on_the_hugging_face_layout_gives_the_mlx_logits(arch, tmp_path):
+    """No torch here (PyPI's Linux wheel brings CUDA): the Hugging Face side is mlx-lm's own model class built
+    with Hugging Face's rope (rotate-half) on the base weights in Hugging Face's row order, with PEFT's merge
+    W + (lora_alpha / r) B A of the exported tensors, read by their PEFT names. Its logits must be ours: MLX
+    on the GGUF's own layout (interleaved rope) with the adapter as we train it."""
+    import dataclasses
+    import importlib
+
+    import mlx.core as mx
+    import numpy as np
+    from mlx.utils import tree_flatten
+    from tinymodel import write_tiny_gguf
+
+    from semievol_local import gguf_loader, mlx_engine
+    from semievol_local.config import TrainConfig
+    from semievol_local.export import peft_adapter, unpermute_rows
+
+    gg = write_tiny_gguf(tmp_path / f"{arch}.gguf", arch=arch, peaked=True)
+    model = gguf_loader.load_model(gg)
+    cfg = TrainConfig(num_layers=-1, rank=4, scale=2.0)
+    adapter_cfg = mlx_engine.apply_lora(model, cfg)
+    rng = np.random.default_rng(0)  # a trained-looking adapter: B is zero at initialization
+    model.load_weights([(n, mx.array(rng.normal(0, 0.05, p.shape).astype(np.float32)))
+                        for n, p in tree_flatten(model.trainable_parameters()) if n.endswith("lora_b")], strict=False)
+    (tmp_path / "ad").mkdir()
+    mlx_engine._export(tmp_path / "ad", dict(tree_flatten(model.trainable_parameters())), adapter_cfg,
+                       model.args.model_type, len(model.layers), cfg)
+    tokens = mx.array([[1, 5, 9, 23, 42, 7, 3, 11, 60, 2]])
+    ours = np.array(model(tokens).astype(mx.float32))
+
+    base = gguf_loader.load_model(gg)
+    module = importlib.import_module(f"mlx_lm.models.{gguf_loader.ARCHITECTURES[arch].mlx_module}")
+    hf = module.Model(module.ModelArgs.from_dict({**dataclasses.asdict(base.args), "rope_traditional": False}))
+    n_head, n_kv = base.args.num_attention_heads, base.args.num_key_value_heads
+    weights = {}
+    for name, w in tree_flatten(base.parameters()):
+        w = np.array(w)
+        if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            w = unpermute_rows(w, n_head if "q_proj" in name else n_kv)
+        weights[name] = w
+
+    def hf_logits():
+        hf.load_weights([(n, mx.array(w)) for n, w in weights.items()])
+        return np.array(hf(tokens).astype(mx.float32))
+
+    base_ours = np.array(base(tokens).astype(mx.float32))
+    assert np.abs(hf_logits() - base_ours).max() < 1e-3  # the Hugging Face base is the GGUF's model
+    tensors, pcfg = peft_adapter(tmp_path / "ad", gg)
+    assert pcfg["r"] == 4 and pcfg["lora_alpha"] == 8.0 and pcfg["layers_to_transform"] == [0, 1]
+    assert set(pcfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert len(tensors) == 2 * 7 * 2 and all(k.startswith("base_model.model.model.layers.") for k in tensors)
+    for key, a in tensors.items():
+        if key.endswith(".lora_A.weight"):
+            mod = key[len("base_model.model."):-len(".lora_A.weight")]
+            b = tensors[key.replace("lora_A", "lora_B")]
+            assert a.shape[0] == b.shape[1] == 4
+            weights[mod + ".weight"] = weights[mod + ".weight"] + pcfg["lora_alpha"] / pcfg["r"] * (b @ a)
+    with_adapter = hf_logits()
+    assert np.abs(with_adapter - base_ours).max() > 1e-2  # the adapter changes the logits...
+    assert np.abs(with_adapter - ours).max() < 1e-3  # ...exactly as MLX with the adapter has them
+
+
+def test_export_peft_writes_the_adapter_for_the_hugging_face_base(finished, tmp_path):
+    from safetensors.numpy import load_file
+
+    _, out = finished
+    res = run("export", out, "--out", tmp_path / "e", "--peft")
+    assert "mlx.core was imported" not in res.stderr
+    cfg = json.loads((tmp_path / "e" / "peft" / "adapter_config.json").read_text())
+    tensors = load_file(tmp_path / "e" / "peft" / "adapter_model.safetensors")  # what PEFT reads it with
+    assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM"
+    assert len(tensors) == 2 * len(cfg["target_modules"]) * len(cfg["layers_to_transform"])
