@@ -156,8 +156,8 @@ def ollama_template(template: ChatTemplate, adds_bos: bool) -> str:
 def modelfile(model_path: Path, adapter_name: str, template: ChatTemplate, adds_bos: bool) -> str:
     tmpl = ollama_template(template, adds_bos).replace('"""', '\\"\\"\\"')
     lines = ["# Written by `semievol export`: the base GGUF with the run's LoRA adapter, as llama.cpp serves them.",
-             "# The adapter answers prompts in the training format: the question, its lettered options, then",
-             '# Answer with the letter of the correct option, in the form "Answer: X".',
+             "# The adapter answers prompts in its training format (the user messages of chat.jsonl: the question,",
+             '# lettered options where there are any, and the instruction) with "Answer: ...".',
              f"FROM {Path(model_path).resolve()}", f"ADAPTER ./{adapter_name}", f'TEMPLATE """{tmpl}"""']
     if template.eos_token:
         lines.append(f'PARAMETER stop "{template.eos_token}"')
