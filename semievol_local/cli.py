@@ -106,7 +106,11 @@ def invocation(ctx: typer.Context) -> str:
     """The command being run, as a user would type it again: its path and every non-default option."""
     import shlex
 
-    parts = ["semievol", *ctx.command_path.split()[1:]]
+    names, c = [], ctx  # the subcommands' names, whatever started the program (`semievol`, `python -m ...`)
+    while c.parent is not None:
+        names.append(c.info_name)
+        c = c.parent
+    parts = ["semievol", *reversed(names)]
     for p in ctx.command.params:
         v = ctx.params.get(p.name)
         if isinstance(v, tuple):

@@ -71,7 +71,7 @@ def table(title: str, columns: list[str], rows: list[list], *, to_stderr: bool =
 
 def _fmt(v) -> str:
     if isinstance(v, float):
-        return f"{v:.3f}"
+        return f"{v:.1e}" if 0 < abs(v) < 5e-4 else f"{v:.3f}"  # a tiny p-value keeps its size, not 0.000
     return "-" if v is None else str(v)
 
 

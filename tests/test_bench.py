@@ -227,3 +227,19 @@ def test_majority_vote_and_vote_share():
     assert majority_vote([None, None]) is None
     assert majority_vote(["Paris.", "paris", "Rome"], key=normalize_text) == "Paris."
     assert vote_share(["B", "A", "B", "B"], "B") == 0.75 and vote_share(["A"], None) == 0.0
+
+
+def test_the_recorded_command_is_what_a_user_types_however_it_was_started():
+    """Started as `python -m semievol_local.cli`, the program's name must not leak into the published command."""
+    import typer
+
+    from semievol_local.cli import invocation
+
+    cmd = typer.main.get_command(app)
+    root = typer.Context(cmd, info_name="python -m semievol_local.cli")
+    group = typer.Context(cmd.commands["bench"], parent=root, info_name="bench")
+    quality = cmd.commands["bench"].commands["quality"]
+    ctx = typer.Context(quality, parent=group, info_name="quality")
+    ctx.params = {p.name: p.default for p in quality.params}
+    ctx.params["opt_learners"] = 2
+    assert invocation(ctx) == "semievol bench quality --learners 2"
