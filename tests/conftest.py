@@ -61,7 +61,11 @@ def make_rows(n: int, seed: int = 0, *, category: bool = True) -> list[dict]:
 
 @pytest.fixture
 def tiny_task(tmp_path) -> Path:
-    folder = tmp_path / "task"
+    return write_task(tmp_path / "task")
+
+
+def write_task(folder: Path) -> Path:
+    """The tiny task: 12 labeled, 20 unlabeled and 10 test questions."""
     write_split(folder / "labeled.csv", make_rows(12, 1))
     write_split(folder / "unlabeled.csv", make_rows(20, 2))
     write_split(folder / "test.csv", make_rows(10, 3))

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import make_rows, write_split
+from conftest import write_task
 from typer.testing import CliRunner
 
 from semievol_local import llama_engine, training
@@ -29,9 +29,7 @@ def run(*args, code=0):
 def finished(tiny_q4, tmp_path_factory):
     """A tiny run started from a TOML file (flag names as keys, one option in a table)."""
     folder = tmp_path_factory.mktemp("task")
-    write_split(folder / "labeled.csv", make_rows(12, 1))
-    write_split(folder / "unlabeled.csv", make_rows(20, 2))
-    write_split(folder / "test.csv", make_rows(10, 3))
+    write_task(folder)
     root = tmp_path_factory.mktemp("runs")
     cfg = root / "run.toml"
     cfg.write_text(f'model = "{tiny_q4}"\ndata = "{folder}"\nout = "{root / "run"}"\n'

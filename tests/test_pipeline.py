@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_rows, write_split
+from conftest import write_split, write_task
 
 from semievol_local.config import RunConfig, TrainConfig
 from semievol_local.pipeline import Learner, learner_configs, run_semievol
@@ -43,9 +43,7 @@ def full_run(tiny_q4, tmp_path_factory):
     from semievol_local.cli import app
 
     folder = tmp_path_factory.mktemp("task")
-    write_split(folder / "labeled.csv", make_rows(12, 1))
-    write_split(folder / "unlabeled.csv", make_rows(20, 2))
-    write_split(folder / "test.csv", make_rows(10, 3))
+    write_task(folder)
     out = tmp_path_factory.mktemp("runs") / "full"
     args = ["run", "--model", str(tiny_q4), "--data", str(folder), "--out", str(out), "--epochs", "1",
             "--batch-size", "4", "--save-every", "1", "--min-letter-mass", "0"]
