@@ -262,7 +262,8 @@ def predict_cmd(
 
     path = data_mod.find_split_file(data, split)
     rows = data_mod.load_split(path, path.stem if data.is_file() else split, with_answers=False)
-    predict.check_out(out, rows, list(dict.fromkeys(k for _, r in data_mod.read_rows(path) for k in r)))
+    raw = [r for _, r in data_mod.read_rows(path)]  # the rows as they are, written back with their predictions
+    predict.check_out(out, rows, list(dict.fromkeys(k for r in raw for k in r)))
     adapter_file = export.adapter_path(adapter) if adapter is not None else None
     mode = resolve_mode(None if mode == "auto" else mode, rows.items)
     model_path = models.resolve(model)
@@ -272,7 +273,7 @@ def predict_cmd(
     engine = llama_engine.load(model_path, engine_config)
     engine.set_adapter(adapter_file)
     with ui.progress(len(rows), f"predict {path.name}") as advance:
-        summary = predict.predict(engine, rows, out, mode=mode, max_tokens=max_tokens, identity=identity,
+        summary = predict.predict(engine, rows, raw, out, mode=mode, max_tokens=max_tokens, identity=identity,
                                   on_resume=lambda n: advance(n, status="resumed" if n else ""),
                                   on_item=lambda r: advance(status=str(r["prediction"])[:12]))
     if summary["prompts_shortened"]:

@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from .data import LETTERS, Split, read_rows
+from .data import LETTERS, Split
 from .errors import UserError
 from .evaluate import predict_item
 from .files import atomic_write_text
@@ -64,10 +64,10 @@ def _read_partial(path: Path, identity: dict) -> list[dict]:
     return rows
 
 
-def predict(engine: Engine, split: Split, out: Path, *, mode: str, max_tokens: int, identity: dict,
+def predict(engine: Engine, split: Split, rows: list[dict], out: Path, *, mode: str, max_tokens: int, identity: dict,
             on_resume: Callable[[int], None] = lambda n: None, on_item: Callable[[dict], None] = lambda rec: None) -> dict:
-    """Predict every row of `split` (loaded without answers) and write `out` (.csv or .jsonl): the input
-    columns as they were read, then the prediction columns. Returns counts (rows, resumed, shortened)."""
+    """Predict every row of `split` (loaded without answers) and write `out` (.csv or .jsonl): `rows`, the input
+    rows as `data.read_rows` read them, then the prediction columns. Returns counts (rows, resumed, shortened)."""
     partial = partial_path(out)
     done = _read_partial(partial, identity)
     resumed = len(done)
@@ -91,7 +91,6 @@ def predict(engine: Engine, split: Split, out: Path, *, mode: str, max_tokens: i
             os.fsync(f.fileno())
             done.append(rec)
             on_item(rec)
-    rows = [row for _, row in read_rows(split.path)]
     atomic_write_text(out, render(rows, done, out.suffix))
     partial.unlink()
     return {"rows": len(done), "resumed": resumed, "prompts_shortened": sum(r["prompt_shortened"] for r in done)}

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from semievol_local import llama_engine
 from semievol_local.cli import app
-from semievol_local.data import load_split
+from semievol_local.data import load_split, read_rows
 from semievol_local.predict import partial_path, predict
 
 
@@ -88,6 +88,7 @@ def test_an_interrupted_predict_resumes_and_gives_the_same_file(tiny_q4, tmp_pat
     out = tmp_path / "out.csv"
     engine = llama_engine.load(tiny_q4)
     split = load_split(src, "new", with_answers=False)
+    raw = [r for _, r in read_rows(src)]
     ident = {"test": 1}
     seen = []
 
@@ -97,15 +98,15 @@ def test_an_interrupted_predict_resumes_and_gives_the_same_file(tiny_q4, tmp_pat
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        predict(engine, split, out, mode="score", max_tokens=1, identity=ident, on_item=stop_after_four)
+        predict(engine, split, raw, out, mode="score", max_tokens=1, identity=ident, on_item=stop_after_four)
     assert not out.exists() and partial_path(out).read_text().count("\n") == 5  # header + 4 rows
-    resumed = predict(engine, split, out, mode="score", max_tokens=1, identity=ident)
+    resumed = predict(engine, split, raw, out, mode="score", max_tokens=1, identity=ident)
     assert resumed["resumed"] == 4 and out.read_text() == ref.read_text()
     # a partial left by other inputs (another adapter, model or file) is started over, not mixed in
     with pytest.raises(KeyboardInterrupt):
         seen.clear()
-        predict(engine, split, out, mode="score", max_tokens=1, identity=ident, on_item=stop_after_four)
-    assert predict(engine, split, out, mode="score", max_tokens=1, identity={"test": 2})["resumed"] == 0
+        predict(engine, split, raw, out, mode="score", max_tokens=1, identity=ident, on_item=stop_after_four)
+    assert predict(engine, split, raw, out, mode="score", max_tokens=1, identity={"test": 2})["resumed"] == 0
 
 
 def test_predict_killed_with_sigkill_resumes_where_it_stopped(tiny_q4, tmp_path):
