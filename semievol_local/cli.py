@@ -331,6 +331,9 @@ def train_cmd(
 
     items = data_mod.load_split(data_mod.find_split_file(data, split), split).items
     engine = llama_engine.load(models.resolve(model), engine_config)
+    if not training.lead_process():  # started by `mlx.launch`, not rank 0: compute its share, write and draw nothing
+        training.train_adapter(engine, items, train_config, out, resume=resume)
+        return
     reporter = ui.Reporter()
     t0 = time.perf_counter()
     with exclusive(out):  # one writer per folder

@@ -49,6 +49,13 @@ def flag(f, toggle: bool = False) -> str:
     return full if toggle else full.split("/")[0]
 
 
+def _hosts(text: str) -> None:
+    if text:
+        from .distributed import parse_hosts
+
+        parse_hosts(text)
+
+
 def _fmt(v) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
@@ -60,6 +67,8 @@ def check(cfg) -> None:
         v, m, name = getattr(cfg, f.name), f.metadata, flag(f)
         if m.get("choices") is not None and v not in m["choices"]:
             raise UserError(f"{name} {v!r}: choose one of {', '.join(map(str, m['choices']))}")
+        if m.get("valid") is not None:
+            m["valid"](v)  # the option's own check: raises a UserError naming it
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             continue
         if isinstance(v, float) and not math.isfinite(v):
@@ -124,6 +133,11 @@ class TrainConfig:
                                 "adapter with far less memory (SmolLM2 on fpb: peak 3.4 -> 1.9 GB), steps ~1.3x slower.")
     save_every: int = opt(50, "Write a resumable checkpoint (and the adapter so far) every N optimizer steps.", min=1)
     seed: int = opt(0, "Random seed for initialization, data order and dropout.", flag="--train-seed", stages=("train",))
+    hosts: str = opt("", "Train data-parallel with MLX's launcher (mlx.launch, ring backend): comma-separated IP "
+                     "addresses, one training process each, rank 0 first (127.0.0.1,127.0.0.1: two processes here). "
+                     "Every host needs this project installed and the model and run folder at the same paths. The "
+                     "adapter equals the one-process adapter up to float rounding.", flag="--train-hosts",
+                     valid=lambda v: _hosts(v))
 
 
 MODES = ("auto", "score", "sample")

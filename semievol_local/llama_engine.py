@@ -91,6 +91,7 @@ class Engine:
             source=meta.get("tokenizer.chat_template"),
             bos_token=self._token_text(self.llm.token_bos()),
             eos_token=self._token_text(self.llm.token_eos()))
+        self.eos_token = self.llm.token_eos()  # the id that ends an answer (-1: none)
         # whether the tokenizer puts BOS before a text (SmolLM2's does not: its BOS is <|im_start|>, in the template)
         self.adds_bos = bool(self.llm._model.add_bos_token()) if hasattr(self.llm._model, "add_bos_token") else True
         self._kv: list[int] = []  # tokens whose keys/values sit in the cache, in order

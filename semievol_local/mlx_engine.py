@@ -20,6 +20,7 @@ from .blas import ensure_fast_blas, gemm_gflops, trim_malloc, tune_malloc
 ensure_fast_blas()  # must run before the first `import mlx.core` (FACTS §3)
 
 import dataclasses  # noqa: E402
+import hashlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
@@ -158,20 +159,22 @@ TRUNK_CACHE_BYTES = 2 * 1024**3  # the most the frozen blocks' outputs may take;
 
 
 def _trunk(model: Model, seqs: list[batching.Seq], first: int, batch_size: int,
-           on_progress: Callable[[int, int], None] = lambda done, total: None) -> list[np.ndarray] | None:
-    """The output of blocks 0..first-1 for every sequence's inputs, (len - 1, D) float32 each, or None
-    when they would take more than TRUNK_CACHE_BYTES.
+           on_progress: Callable[[int, int], None] = lambda done, total: None,
+           only: np.ndarray | None = None) -> list[np.ndarray] | None:
+    """The output of blocks 0..first-1 for every sequence's inputs (or the sequences `only`; the others
+    get None), (len - 1, D) float32 each, or None when they would take more than TRUNK_CACHE_BYTES.
 
     Blocks below the first LoRA block are frozen and see no LoRA below them, so their output for a
     sequence never changes during training: computed once here, each step then runs (forward and
     backward) only the blocks that have LoRA. Right padding and causal attention make each row's valid
     positions independent of the batch it is computed in."""
     dim = model.args.hidden_size
-    if sum(len(t) - 1 for t, _ in seqs) * dim * 4 > TRUNK_CACHE_BYTES:
+    want = np.arange(len(seqs)) if only is None else np.unique(only)
+    if sum(len(seqs[i][0]) - 1 for i in want) * dim * 4 > TRUNK_CACHE_BYTES:
         log.info("frozen blocks' outputs exceed %d bytes: recomputed every step", TRUNK_CACHE_BYTES)
         return None
     out: list[np.ndarray | None] = [None] * len(seqs)
-    order = np.argsort([len(t) for t, _ in seqs], kind="stable")  # similar lengths together: little padding
+    order = want[np.argsort([len(seqs[i][0]) for i in want], kind="stable")]  # similar lengths together: little padding
     for i in range(0, len(order), batch_size):
         idx = order[i: i + batch_size]
         inputs = mx.array(batching.collate(seqs, idx)[0])  # (B, L)
@@ -180,8 +183,54 @@ def _trunk(model: Model, seqs: list[batching.Seq], first: int, batch_size: int,
         h = np.array(h, dtype=np.float32)
         for r, j in enumerate(idx):
             out[j] = h[r, : len(seqs[j][0]) - 1]
-        on_progress(i + len(idx), len(seqs))
+        on_progress(i + len(idx), len(order))
     return out
+
+
+# ----------------------------------------------------------------------------- data parallel (mx.distributed)
+
+def group():
+    """The MLX distributed group of this process: rank 0 of 1 unless started by `mlx.launch` (FACTS §10)."""
+    return mx.distributed.init()
+
+
+def _shard(idx: np.ndarray, rank: int, world: int) -> tuple[np.ndarray, bool]:
+    """This process's rows of a micro-batch (every world-th row from its rank), and whether it has none
+    (then it computes the first row with its mask zeroed: a zero gradient, but the same collective calls)."""
+    mine = idx[rank::world]
+    return (mine, False) if len(mine) else (idx[:1], True)
+
+
+def _all_sum(tree, g):
+    """The sum of a tree of arrays over every process, in one collective call (one flat buffer)."""
+    flat = tree_flatten(tree)
+    if g.size() == 1 or not flat:
+        return tree
+    buf = mx.distributed.all_sum(mx.concatenate([v.reshape(-1).astype(mx.float32) for _, v in flat]), group=g)
+    pieces, at = {}, 0
+    for k, v in flat:
+        pieces[k] = buf[at: at + v.size].reshape(v.shape).astype(v.dtype)
+        at += v.size
+    return tree_map_with_path(lambda path, _: pieces[path], tree)
+
+
+def _from_rank0(tree, g):
+    """Rank 0's values of a tree of arrays, on every process (a broadcast written as a sum)."""
+    if g.size() == 1:
+        return tree
+    return _all_sum(tree if g.rank() == 0 else tree_map(mx.zeros_like, tree), g)
+
+
+def _same_everywhere(what: str, value: str, g) -> None:
+    """Refuse to train when another process holds different `value` (a digest): every host must train on
+    the same examples, settings and starting point, or the averaged gradient means nothing."""
+    if g.size() == 1:
+        return
+    mine = mx.array([int(value[i: i + 6], 16) for i in range(0, 36, 6)], dtype=mx.int32)
+    total = mx.distributed.all_sum(mine, group=g)
+    if not mx.array_equal(total, mine * g.size()).item():
+        raise UserError(f"rank {g.rank()} of {g.size()}: {what} differ between the processes; every host needs "
+                        "the same model, data and options (the same files at the same paths)")
 
 
 def _trunk_batch(trunk: list[np.ndarray], idx, length: int) -> np.ndarray:
@@ -225,10 +274,17 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
     `init_adapter` (an adapter directory written by this function) starts from its LoRA weights instead of
     a fresh initialization; the LoRA settings must match it. `on_trunk(done, total)` reports the one
     pass over the frozen blocks (sequences done) before the first step.
+
+    Started by `mlx.launch` (N processes on one or more hosts), it trains data-parallel: every process
+    computes its share of each micro-batch (every N-th row), gradients are summed with
+    `mx.distributed.all_sum` before each optimizer step, so every process holds the same weights and the
+    step is the one-process step up to float rounding. Rank 0 alone writes files, validates and reports.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    on_step = on_step or (lambda info: None)
+    g = group()
+    rank, world, lead = g.rank(), g.size(), g.rank() == 0  # lead: the one process that writes and reports
+    on_step = on_step if on_step and lead else (lambda info: None)
     config.check(cfg)
     if valid_examples is None:
         train_examples, valid_examples = batching.split_validation(list(train_examples), cfg.val_fraction, cfg.seed)
@@ -243,7 +299,7 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
     adapter_cfg = apply_lora(model, cfg)
     if cfg.grad_checkpoint:
         checkpoint_blocks(model)
-    init_sha = _load_init_adapter(model, Path(init_adapter)) if init_adapter is not None else None
+    init_sha = _load_init_adapter(model, Path(init_adapter)) if init_adapter is not None and lead else None
     adapter_cfg.update(model=str(model_path), semievol_train_config=dataclasses.asdict(cfg))
     arch = model.args.model_type
 
@@ -263,13 +319,17 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
                 "data_sha256": batching.fingerprint(seqs), "val_sha256": batching.fingerprint(val_seqs),
                 "init_adapter_sha256": init_sha}
     ckpt_root = out_dir / "checkpoints"
-    discard_partial(ckpt_root)  # leftovers of a killed run: half-written checkpoints and temp files
-    for stale in out_dir.glob(".*.tmp-*"):
-        stale.unlink(missing_ok=True)
+    _same_everywhere("the training examples, options or starting adapter",
+                     hashlib.sha256(json.dumps({**identity, "init_adapter_sha256": None}, sort_keys=True).encode()
+                                    ).hexdigest(), g)
+    if lead:
+        discard_partial(ckpt_root)  # leftovers of a killed run: half-written checkpoints and temp files
+        for stale in out_dir.glob(".*.tmp-*"):
+            stale.unlink(missing_ok=True)
     records: list[dict] = []
     start = 0
     best, best_adapters = None, None  # the end-of-epoch adapter with the lowest validation loss so far
-    if resume:
+    if resume and lead:
         found = load_latest_checkpoint(ckpt_root)
         if found is None:
             log.info("no checkpoint in %s: training from step 0", ckpt_root)
@@ -283,11 +343,18 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
             if best is not None:
                 best_adapters = dict(arrays["best"])
             log.info("resuming from step %d of %d", start, total_steps)
+    if world > 1:  # every process starts from rank 0's weights, optimizer state and step
+        model.update(_from_rank0(model.trainable_parameters(), g))
+        optimizer.state.update(_from_rank0(optimizer.state, g))
+        start = int(mx.distributed.all_sum(mx.array(start if lead else 0), group=g).item())
 
     # ---- frozen trunk: the blocks below the first LoRA block run once per sequence, not once per step
     tic = time.perf_counter()
     first = len(model.layers) - adapter_cfg["num_layers"] if gguf_loader.spec_of(model).trunk_cache else 0
-    trunk = _trunk(model, seqs, first, cfg.batch_size, on_trunk or (lambda done, total: None)) if first > 0 else None
+    ahead = plan[start * cfg.grad_accum:]
+    only = np.concatenate([_shard(idx, rank, world)[0] for idx in ahead]) if world > 1 and ahead else None
+    trunk = _trunk(model, seqs, first, cfg.batch_size, (on_trunk if on_trunk and lead else lambda done, total: None),
+                   only=only) if first > 0 else None
     trunk_seconds = time.perf_counter() - tic
     if trunk is None:
         first = 0
@@ -304,6 +371,7 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
         if prev_grad is not None:
             grad = tree_map(mx.add, grad, prev_grad)
         if do_update:
+            grad = _all_sum(grad, g)  # data parallel: the whole step's gradient (a no-op in one process)
             if cfg.grad_clip > 0:
                 grad, _ = optim.clip_grad_norm(grad, cfg.grad_clip)
             optimizer.update(model, grad)
@@ -321,38 +389,48 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
         # references, not copies (MLX arrays are immutable): the weights of the last two steps, for NaN recovery
         prev_good, good = good, dict(tree_flatten(model.trainable_parameters()))
         mx.random.seed(cfg.seed * 1_000_003 + s)  # dropout masks: a function of (seed, step), so resuming needs no RNG state
-        micro = [batching.collate(seqs, idx) for idx in plan[s * cfg.grad_accum: (s + 1) * cfg.grad_accum]]
-        if trunk is not None:  # token ids -> the cached hidden states they lead to
-            micro = [(_trunk_batch(trunk, idx, b[0].shape[1]), *b[1:])
-                     for idx, b in zip(plan[s * cfg.grad_accum: (s + 1) * cfg.grad_accum], micro)]
-        n_answer = float(sum(b[3].sum() for b in micro))
+        step_plan = plan[s * cfg.grad_accum: (s + 1) * cfg.grad_accum]
+        n_answer = float(sum(batching.collate(seqs, idx)[3].sum() for idx in step_plan))  # the whole step's
         if n_answer == 0:
             raise UserError(f"Training batch {s + 1} has no answer tokens to learn from; check that answers are not empty.")
-        n_input = sum(int(len(seqs[i][0]) - 1) for idx in plan[s * cfg.grad_accum: (s + 1) * cfg.grad_accum] for i in idx)
+        n_input = sum(int(len(seqs[i][0]) - 1) for idx in step_plan for i in idx)
+        micro = []
+        for idx in step_plan:
+            if world > 1:  # this process's rows of the micro-batch
+                idx, idle = _shard(idx, rank, world)
+            b = batching.collate(seqs, idx)
+            if world > 1 and idle:
+                b = (*b[:3], np.zeros_like(b[3]))
+            if trunk is not None:  # token ids -> the cached hidden states they lead to
+                b = (_trunk_batch(trunk, idx, b[0].shape[1]), *b[1:])
+            micro.append(b)
         norm = mx.array(n_answer, dtype=mx.float32)
         loss, grad = mx.array(0.0), None
         for j, batch in enumerate(micro):
             part, grad = step(*map(mx.array, batch), norm, grad, j == len(micro) - 1)
             loss = loss + part
             mx.eval(state, loss, grad)
+        if world > 1:
+            loss = mx.distributed.all_sum(loss, group=g)
         loss_v = loss.item()
         lr = optimizer.learning_rate.item()  # the rate this step used
         if not math.isfinite(loss_v):
-            _export(out_dir, prev_good, adapter_cfg, arch, len(model.layers), cfg)
-            write_log()
+            if lead:
+                _export(out_dir, prev_good, adapter_cfg, arch, len(model.layers), cfg)
+                write_log()
             raise UserError(f"Training loss became {loss_v} at step {s + 1} of {total_steps} (lr {lr:.2e}); the adapter "
                             f"as it was after step {max(s - 1, 0)} (the last finite loss) is saved in {out_dir}. "
                             f"Lower the learning rate (now {cfg.lr:g}) or set grad_clip.")
         rec = {"step": s + 1, "total_steps": total_steps, "epoch": (s + 1) * cfg.grad_accum / batches_per_epoch,
                "loss": loss_v, "lr": lr, "tokens_per_s": n_input / (time.perf_counter() - tic)}
         epoch_end = int((s + 1) * cfg.grad_accum / batches_per_epoch) > int(s * cfg.grad_accum / batches_per_epoch)
-        if val_seqs and (epoch_end or s + 1 == total_steps):  # the validation slice chooses among epoch ends
+        if lead and val_seqs and (epoch_end or s + 1 == total_steps):  # the validation slice chooses among epoch ends
             rec["val_loss"] = _val_loss(model, val_seqs, cfg.batch_size)
             if best is None or rec["val_loss"] < best["val_loss"]:
                 best = {"step": s + 1, "val_loss": rec["val_loss"]}
                 best_adapters = dict(tree_flatten(model.trainable_parameters()))
         records.append(rec)
-        if (s + 1) % cfg.save_every == 0 or s + 1 == total_steps:
+        if lead and ((s + 1) % cfg.save_every == 0 or s + 1 == total_steps):
             adapters = dict(tree_flatten(model.trainable_parameters()))
             _export(out_dir, adapters, adapter_cfg, arch, len(model.layers), cfg)
             write_log()
@@ -362,17 +440,18 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
             save_checkpoint(ckpt_root, s + 1, arrays, {"step": s + 1, "identity": identity, "log": records, "best": best})
         on_step(dict(rec))
     model.eval()
-    if best is not None and best["step"] != total_steps:  # an earlier epoch validated better: that is the adapter
+    if lead and best is not None and best["step"] != total_steps:  # an earlier epoch validated better: that is the adapter
         _export(out_dir, best_adapters, adapter_cfg, arch, len(model.layers), cfg)
 
     steps_run = [r for r in records[start:]]
-    return {"steps": total_steps, "resumed_from": start, "final_loss": records[-1]["loss"],
+    return {"steps": total_steps, "resumed_from": start, "final_loss": records[-1]["loss"] if records else None,
             "frozen_blocks_cached": first, "trunk_seconds": trunk_seconds if first else 0.0,
             "train_rows": len(seqs), "validation_rows": len(val_seqs),
             "chosen_step": best["step"] if best is not None else total_steps,
             "val_loss": best["val_loss"] if best is not None else None, "train_seconds": time.perf_counter() - t_run,
             "tokens_per_s": float(np.mean([r["tokens_per_s"] for r in steps_run])) if steps_run else None,
             "trainable_params": sum(v.size for _, v in tree_flatten(model.trainable_parameters())),
+            "processes": world,
             "out_dir": str(out_dir), "adapter_gguf": str(out_dir / "adapter.gguf")}
 
 

@@ -33,7 +33,7 @@ def examples(engine: Engine, items: Sequence[Item]) -> list[tuple[list[int], lis
     Prompt and answer are tokenized as one text and split where the prompt's own tokens stop matching, so
     the boundary gets the tokens inference sees (scoring tokenizes `<prompt>Answer:` as one text too);
     a SentencePiece or BPE merge across the boundary cannot differ between training and inference."""
-    eot = engine.llm.token_eos()
+    eot = engine.eos_token
     out = []
     for it in items:
         if it.answer is None:
@@ -53,25 +53,36 @@ def train_adapter(engine: Engine, items: Sequence[Item], cfg: TrainConfig, out_d
                   on_step: Callable[[dict], None] | None = None,
                   on_trunk: Callable[[int, int], None] | None = None) -> dict:
     """Train LoRA on `items` with MLX into `out_dir` (adapter.gguf among the outputs) and gate on parity."""
-    from . import mlx_engine
-
-    from . import batching
+    from . import batching, distributed, mlx_engine
 
     exs = examples(engine, items)
     # which rows train and which (with --val-fraction) only choose the checkpoint: written down, by position
     held = batching.validation_positions(len(exs), cfg.val_fraction, cfg.seed)
     held_set = set(held)
+    lead = lead_process()
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    atomic_write_json(Path(out_dir) / "rows.json", {
-        "trained": len(exs) - len(held), "validation": len(held),
-        "validation_rows": [{"position": i, "index": items[i].index, "question": items[i].question[:80]} for i in held]})
-    summary = mlx_engine.train(engine.model_path, [e for i, e in enumerate(exs) if i not in held_set], cfg, out_dir,
-                               valid_examples=[exs[i] for i in held], resume=resume, init_adapter=init_adapter,
-                               on_step=on_step, on_trunk=on_trunk)
-    if check:
+    if lead:
+        atomic_write_json(Path(out_dir) / "rows.json", {
+            "trained": len(exs) - len(held), "validation": len(held),
+            "validation_rows": [{"position": i, "index": items[i].index, "question": items[i].question[:80]} for i in held]})
+    if cfg.hosts and not lead_process():
+        raise UserError("--train-hosts starts its own processes; do not also run this command under mlx.launch")
+    trainer = distributed.train if cfg.hosts else mlx_engine.train  # several processes, or this one
+    summary = trainer(engine.model_path, [e for i, e in enumerate(exs) if i not in held_set], cfg, out_dir,
+                      valid_examples=[exs[i] for i in held], resume=resume, init_adapter=init_adapter,
+                      on_step=on_step, on_trunk=on_trunk)
+    if check and lead:
         parity = check_adapter(engine, out_dir, [p + a for p, a in exs[:4]])
         summary = {**summary, "parity": parity}
     return summary
+
+
+def lead_process() -> bool:
+    """Whether this process writes and reports: always, unless `mlx.launch` started it as rank 1 or later
+    of a data-parallel training (MLX sets MLX_RANK; reading it does not start MLX)."""
+    import os
+
+    return int(os.environ.get("MLX_RANK", "0") or 0) == 0
 
 
 def check_adapter(engine: Engine, adapter_dir: Path, sequences: list[list[int]]) -> dict:

@@ -1,0 +1,149 @@
+"""Data-parallel training on more than one process or host, through MLX's own launcher (`mlx.launch`).
+
+`train` writes what a fine-tune needs (token ids, options, paths) into the output folder, starts
+`mlx.launch --backend ring --hosts ...` with this module as the program, and follows rank 0's progress,
+which the worker prints as JSON lines. Each worker runs `mlx_engine.train`, which shards every micro-batch
+over the processes and sums gradients with `mx.distributed.all_sum` (FACTS §10). The caller gets the same
+summary, callbacks and files as from an in-process `mlx_engine.train`.
+
+Started by hand instead (`mlx.launch ... -- semievol train ...`), `semievol train` does the same without
+this module: every rank runs the command and rank 0 alone writes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import UserError
+from .files import atomic_write_json
+
+SPEC = ".launch.json"  # in the output folder: what every worker trains
+PROGRESS, DONE, ERROR = "semievol-progress ", "semievol-done ", "semievol-error "
+
+
+def parse_hosts(text: str) -> list[str]:
+    """The IP addresses of `--train-hosts` (the ring backend connects by address, not by name)."""
+    hosts = [h.strip() for h in text.split(",") if h.strip()]
+    for h in hosts:
+        try:
+            ipaddress.ip_address(h)
+        except ValueError:
+            raise UserError(f"--train-hosts {text!r}: {h!r} is not an IP address; MLX's ring backend needs "
+                            "addresses, e.g. 192.168.1.10,192.168.1.11 (127.0.0.1 twice: two local processes)") from None
+    if len(hosts) == 1:
+        raise UserError(f"--train-hosts {text!r}: one host is one process; give two or more addresses "
+                        "or leave the option out")
+    return hosts
+
+
+def launcher() -> Path:
+    """mlx.launch, installed with mlx beside this Python."""
+    exe = Path(sys.executable).parent / "mlx.launch"
+    if not exe.exists():
+        found = shutil.which("mlx.launch")
+        if not found:
+            raise UserError("--train-hosts needs MLX's launcher (mlx.launch), which comes with the mlx package; "
+                            "reinstall semievol-local (`just setup`)")
+        exe = Path(found)
+    return exe
+
+
+def free_port(n: int) -> int:
+    """A first port P such that P..P+n-1 are free here now (ring ranks listen on P + rank on their host)."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("", 0))
+            first = s.getsockname()[1]
+        if first + n > 65535:
+            continue
+        held = []
+        try:
+            for i in range(n):
+                t = socket.socket()
+                held.append(t)
+                t.bind(("", first + i))
+            return first
+        except OSError:
+            continue
+        finally:
+            for t in held:
+                t.close()
+    raise UserError("found no free TCP ports for the training processes")
+
+
+def train(model_path, train_examples, cfg, out_dir: Path, *, valid_examples=None, resume: bool = False,
+          init_adapter=None, on_step: Callable[[dict], None] | None = None,
+          on_trunk: Callable[[int, int], None] | None = None) -> dict:
+    """`mlx_engine.train` (same arguments) over the processes of `cfg.hosts`; returns rank 0's summary."""
+    hosts = parse_hosts(cfg.hosts)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec = {"model": str(Path(model_path).resolve()), "train": [list(map(list, e)) for e in train_examples],
+            "valid": [list(map(list, e)) for e in valid_examples or []],
+            "config": dataclasses.asdict(dataclasses.replace(cfg, hosts="")), "out_dir": str(out_dir.resolve()),
+            "resume": resume, "init_adapter": str(Path(init_adapter).resolve()) if init_adapter else None}
+    atomic_write_json(out_dir / SPEC, spec)
+    cmd = [str(launcher()), "--backend", "ring", "--hosts", ",".join(hosts), "--starting-port", str(free_port(len(hosts))),
+           "--", sys.executable, "-m", "semievol_local.distributed", str((out_dir / SPEC).resolve())]
+    summary, errors, tail = None, [], []
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+        try:
+            for line in proc.stdout:  # mlx.launch merges every rank's output; rank 0 alone prints progress
+                if line.startswith(PROGRESS):
+                    msg = json.loads(line[len(PROGRESS):])
+                    if "trunk" in msg and on_trunk:
+                        on_trunk(*msg["trunk"])
+                    elif "step" in msg and on_step:
+                        on_step(msg["step"])
+                elif line.startswith(DONE):
+                    summary = json.loads(line[len(DONE):])
+                elif ERROR in line:
+                    errors.append(line.split(ERROR, 1)[1].strip())
+                elif line.strip():
+                    tail = (tail + [line.rstrip()])[-20:]
+        except BaseException:  # interrupted: take the processes down with us (the checkpoints stay)
+            proc.terminate()
+            raise
+    if summary is None:  # mlx.launch exits 0 whatever its processes did: the summary line is the proof
+        if errors:
+            raise UserError(errors[0])
+        raise UserError(f"data-parallel training on {cfg.hosts} stopped without finishing; the launcher said:\n"
+                        + "\n".join(tail[-8:]))
+    (out_dir / SPEC).unlink(missing_ok=True)
+    return summary
+
+
+def _worker(spec_path: str) -> int:
+    """One process of the launched training (every rank runs this)."""
+    from . import mlx_engine
+    from .config import TrainConfig
+
+    spec = json.loads(Path(spec_path).read_text())
+    lead = mlx_engine.group().rank() == 0
+
+    def say(prefix, obj):
+        if lead:
+            print(prefix + json.dumps(obj), flush=True)
+
+    try:
+        summary = mlx_engine.train(
+            spec["model"], [tuple(e) for e in spec["train"]], TrainConfig(**spec["config"]), spec["out_dir"],
+            valid_examples=[tuple(e) for e in spec["valid"]], resume=spec["resume"], init_adapter=spec["init_adapter"],
+            on_step=lambda info: say(PROGRESS, {"step": info}),
+            on_trunk=lambda done, total: say(PROGRESS, {"trunk": [done, total]}))
+    except UserError as e:
+        print(ERROR + str(e).replace("\n", " "), flush=True)
+        return 2
+    say(DONE, summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker(sys.argv[1]))
