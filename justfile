@@ -16,6 +16,10 @@ test: setup
 test-fast: setup
     {{py}} -m pytest -q -m "not slow"
 
+# llama.cpp's HTTP server for `semievol serve` / `--server`: built once from the same llama.cpp source (not part of setup)
+llama-server: setup
+    {{venv}}/bin/semievol serve --build-only
+
 # Idempotent set-up: virtualenv, package + dependencies, the default model, an optimized BLAS on Linux
 setup:
     #!/usr/bin/env bash

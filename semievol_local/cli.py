@@ -210,7 +210,7 @@ def eval_cmd(
 
 
 def run_eval(model, data, adapter, split, mode, limit, category_column, max_tokens, json_out, engine_config):
-    from . import data as data_mod, evaluate, llama_engine, models
+    from . import data as data_mod, engines, evaluate, models
     from .files import atomic_write_json
 
     if adapter is not None and not adapter.is_file():
@@ -221,7 +221,7 @@ def run_eval(model, data, adapter, split, mode, limit, category_column, max_toke
     if data.is_dir() and split != "labeled" and any((data / f"labeled{e}").exists() for e in data_mod.EXTENSIONS):
         prior = [it.answer for it in data_mod.load_split(data_mod.find_split_file(data, "labeled"), "labeled").items]
     model_path = models.resolve(model)
-    engine = llama_engine.load(model_path, engine_config)
+    engine = engines.load(model_path, engine_config)  # in process, or the llama-servers of --server
     engine.set_adapter(adapter)
     category_column = category_column or task_split.category_column()
     n = min(limit or len(task_split), len(task_split))
@@ -256,7 +256,7 @@ def predict_cmd(
 ):
     """Label new rows: each row with its predicted answer, its distribution (score mode) or text (sample mode) and
     its entropy, in input order. An interrupted run resumes when the same command runs again."""
-    from . import config as cfg_mod, data as data_mod, export, llama_engine, models, predict
+    from . import config as cfg_mod, data as data_mod, engines, export, models, predict
     from .evaluate import resolve_mode
     from .runfolder import file_digest
 
@@ -270,7 +270,7 @@ def predict_cmd(
     identity = {"model": file_digest(model_path), "adapter": file_digest(adapter_file) if adapter_file else None,
                 "data": file_digest(path), "mode": mode, "max_tokens": max_tokens if mode == "sample" else None,
                 "options": cfg_mod.identity("eval", engine_config)}
-    engine = llama_engine.load(model_path, engine_config)
+    engine = engines.load(model_path, engine_config)  # in process, or the llama-servers of --server
     engine.set_adapter(adapter_file)
     with ui.progress(len(rows), f"predict {path.name}") as advance:
         summary = predict.predict(engine, rows, raw, out, mode=mode, max_tokens=max_tokens, identity=identity,
@@ -459,6 +459,31 @@ def bench_pseudo_label_cmd(
     _publish(result, json_out)
 
 
+@command(bench_app, "servers")
+@options_from(RunConfig, TrainConfig, EngineConfig)
+def bench_servers_cmd(
+    ctx: typer.Context,
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
+    data: Path = typer.Option(..., "--data", "-d", help="Task folder with labeled and unlabeled splits (with options)."),
+    n_items: int = typer.Option(100, "--n-items", "-n", help="Unlabeled questions to pseudo-label each way."),
+    n_servers: int = typer.Option(2, "--servers", min=2, help="Local llama-servers of the fleet rows (1 thread each)."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="Warm-up adapter.gguf (default: train one on the "
+                                           "labeled split into --out)."),
+    out: Path = typer.Option(Path("runs/bench-servers"), "--out", "-o", help="Folder for the warm-up, retrieval and "
+                             "the servers' logs."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the table here."),
+    *, run_config: RunConfig, train_config: TrainConfig, engine_config: EngineConfig,
+):
+    """Collaboration in process vs through 1 and N local llama-servers (and N with one killed): speed, same labels."""
+    from . import bench, models
+
+    if engine_config.server:
+        raise UserError("--server: this benchmark starts its own local llama-servers; leave it out")
+    result = bench.servers(models.resolve(model), data, n_items, out, run_config, train_config, engine_config,
+                           reporter=ui.Reporter(), adapter=adapter, n_servers=n_servers, command=invocation(ctx))
+    _publish(result, json_out)
+
+
 @command(bench_app, "publish")
 def bench_publish_cmd(
     results: list[Path] = typer.Argument(..., help="JSON files written by `semievol bench ... --json`."),
@@ -539,6 +564,51 @@ def report_cmd(run: Path = typer.Argument(..., help="A run folder written by `se
     from . import report
 
     ui.run_report(report.build_report(run))
+
+
+@command(app, "serve")
+def serve_cmd(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
+    adapter: list[Path] = typer.Option([], "--adapter", "-a", help="A GGUF LoRA adapter to load (repeatable), or "
+                                       "a `semievol train` folder."),
+    run: Optional[Path] = typer.Option(None, "--run", help="A run folder: load the adapter of every finished stage, "
+                                       "and restart the servers with each new one the run trains."),
+    servers: int = typer.Option(1, "--servers", "-n", min=1, help="How many llama-server processes to start."),
+    port: int = typer.Option(0, "--port", "-p", min=0, max=65535, help="Port of the first server (the next "
+                             "ones count up); 0: free ports."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; 0.0.0.0 for other machines."),
+    threads: int = typer.Option(0, "--threads", "-t", min=0, help="CPU threads per server (0: the cores, shared "
+                                "among the servers)."),
+    parallel: int = typer.Option(1, "--parallel", min=1, help="Slots per server (questions it works on at once)."),
+    n_ctx: int = typer.Option(2048, "--n-ctx", min=64, help="Context per slot; at least the run's --n-ctx."),
+    build_only: bool = typer.Option(False, "--build-only", help="Only get the llama-server binary (build it if "
+                                    "needed), print its path and exit."),
+):
+    """Start local llama-servers for `semievol run --server`: prints their URLs, serves until Ctrl-C."""
+    from . import export, llama_server, models
+    from .llama_engine import Engine, default_threads
+
+    exe = llama_server.binary(say=ui.info)
+    if build_only:
+        typer.echo(str(exe))
+        return
+    model_path = models.resolve(model)
+    arch = Engine(model_path, vocab_only=True).architecture
+    fixed = [export.adapter_path(a) for a in adapter]
+    if run is not None and not run.is_dir():
+        raise UserError(f"--run {run}: no such folder; give the run's --out folder (it may not exist yet: create it)")
+    threads = threads or max(1, default_threads() // servers)
+    ports = [port + i for i in range(servers)] if port else [llama_server.free_port() for _ in range(servers)]
+    logs = Path(os.environ.get("TMPDIR", "/tmp"))
+    fleet = llama_server.Local(model_path, arch, ports, host=host, threads=threads, parallel=parallel, n_ctx=n_ctx,
+                               adapters=fixed, run=run, log_prefix=logs / f"semievol-llama-server-{os.getpid()}")
+    with fleet:
+        for u in fleet.urls:
+            typer.echo(u)
+        ui.info(f"{servers} llama-server(s), {threads} thread(s) and {parallel} slot(s) each, "
+                f"{len(fleet.adapters)} adapter(s){' (and each new one of ' + str(run) + ')' if run else ''}: "
+                f"use --server {','.join(fleet.urls)}   (Ctrl-C stops them)")
+        fleet.serve(on_restart=lambda n: ui.info(f"restarted with {n} adapter(s)"))
 
 
 @command(app, "demo")

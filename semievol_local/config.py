@@ -49,6 +49,13 @@ def flag(f, toggle: bool = False) -> str:
     return full if toggle else full.split("/")[0]
 
 
+def _urls(text: str) -> None:
+    if text:
+        from .server_engine import parse_urls
+
+        parse_urls(text)
+
+
 def _hosts(text: str) -> None:
     if text:
         from .distributed import parse_hosts
@@ -100,6 +107,12 @@ class EngineConfig:
     n_threads: int = opt(0, "CPU threads for llama.cpp (0: one per physical core).", min=0)
     n_gpu_layers: int = opt(-1, "Layers to offload to a GPU when llama.cpp was built with one (-1: all).", min=-1)
     adapter_scale: float = opt(1.0, "Scale applied to a LoRA adapter in llama.cpp.", stages=("collaboration", "eval"))
+    server: str = opt("", "Ask llama-servers instead of llama.cpp in this process: comma-separated http://HOST:PORT "
+                      "URLs, or a file with one per line. They must serve this model, with the run's adapters "
+                      "loaded (--lora); `semievol serve` starts them. Results equal the in-process engine's.",
+                      valid=lambda v: _urls(v))
+    server_timeout: float = opt(300.0, "Seconds to wait for one llama-server answer before asking another server.",
+                                gt=0)
 
 
 @dataclass

@@ -15,7 +15,8 @@ import numpy as np
 
 from .data import LETTERS, Item, Split
 from .errors import UserError
-from .llama_engine import Engine
+from . import engines
+from .engines import InferenceEngine as Engine
 from .prompts import answers_match, extract_answer, fit_prompt
 
 MODES = ("score", "sample")
@@ -118,17 +119,20 @@ def evaluate(engine: Engine, split: Split, *, mode: str | None = None, limit: in
         raise UserError(f"{split.path}: no column {category_column!r} (metadata columns: {cols})")
     engine.reset()  # results depend on this split alone, not on what the engine ran before
     t0 = time.perf_counter()
-    preds, truncated = [], 0
-    for item in items:
-        pred, cut = predict_item(engine, item, mode=mode, max_tokens=max_tokens)
+    by_pos, truncated = {}, 0
+    asked = engines.each(engine, range(len(items)),
+                         lambda eng, i: predict_item(eng, items[i], mode=mode, max_tokens=max_tokens))
+    for i, (pred, cut) in asked:  # over a fleet of llama-servers they finish out of order
+        item = items[i]
         truncated += cut
         pred.gold = item.answer
         pred.correct = answers_match(pred.predicted, item.answer, closed=item.closed)
         if category_column:
             pred.category = str(item.meta.get(category_column))
-        preds.append(pred)
+        by_pos[i] = pred
         if on_item:
             on_item(pred)
+    preds = [by_pos[i] for i in range(len(items))]
     seconds = time.perf_counter() - t0
     per_cat: dict[str, list[bool]] = defaultdict(list)
     for p in preds:

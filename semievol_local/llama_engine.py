@@ -67,7 +67,9 @@ class Sample:
 class Engine:
     """A GGUF model loaded in llama.cpp."""
 
-    def __init__(self, model_path: Path, cfg: EngineConfig | None = None):
+    def __init__(self, model_path: Path, cfg: EngineConfig | None = None, *, vocab_only: bool = False):
+        """`vocab_only`: the tokenizer and metadata without the weights (tokenize, templates, embed; no
+        forward passes), for a process whose forward passes run elsewhere (`server_engine`)."""
         import llama_cpp
 
         self._lc = llama_cpp
@@ -77,12 +79,14 @@ class Engine:
         try:
             with suppress_stdout_stderr(disable=False):  # llama.cpp logs from C even with verbose=False
                 self.llm = llama_cpp.Llama(
-                    model_path=str(model_path), n_ctx=cfg.n_ctx, n_batch=512, n_threads=self.n_threads,
-                    n_threads_batch=self.n_threads, n_gpu_layers=cfg.n_gpu_layers, logits_all=False, verbose=False)
+                    model_path=str(model_path), n_ctx=64 if vocab_only else cfg.n_ctx, n_batch=512,
+                    n_threads=self.n_threads, n_threads_batch=self.n_threads, n_gpu_layers=cfg.n_gpu_layers,
+                    logits_all=False, vocab_only=vocab_only, verbose=False)
         except (ValueError, RuntimeError) as e:
             raise UserError(f"{model_path}: llama.cpp cannot load this model ({e}); its architecture or "
                             "quantization is not supported by this llama.cpp build") from None
         self.n_ctx = self.llm.n_ctx()
+        self.vocab_only = vocab_only
         self.n_vocab = self.llm.n_vocab()
         self._vocab = llama_cpp.llama_model_get_vocab(self.llm._model.model)
         meta = self.llm.metadata
@@ -243,9 +247,10 @@ class Engine:
         """Mean-pooled, L2-normalized hidden states (N, dim): retrieval vectors (FACTS §8: MEAN beats LAST)."""
         if self._embedder is None:
             # A second context on the same mmap'ed weights, in embedding mode.
+            n_ctx = self.n_ctx if not self.vocab_only else (self.cfg.n_ctx or 2048)  # as the in-process context
             with suppress_stdout_stderr(disable=False):
                 self._embedder = self._lc.Llama(
-                    model_path=str(self.model_path), n_ctx=self.n_ctx, n_batch=self.n_ctx, n_ubatch=self.n_ctx,
+                    model_path=str(self.model_path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
                     n_threads=self.n_threads, n_threads_batch=self.n_threads, n_gpu_layers=self.cfg.n_gpu_layers,
                     embedding=True, pooling_type=self._lc.LLAMA_POOLING_TYPE_MEAN, verbose=False)
         vecs = np.asarray([self._embedder.embed(t, truncate=True) for t in texts], dtype=np.float32)
@@ -300,3 +305,9 @@ def load(model_path: Path, cfg: EngineConfig | None = None) -> Engine:
             _LOADED.pop(other).close()
         _LOADED[key] = Engine(model_path, cfg)
     return _LOADED[key]
+
+
+def unload() -> None:
+    """Close the process's loaded model (the next `load` loads it again)."""
+    for key in list(_LOADED):
+        _LOADED.pop(key).close()

@@ -23,7 +23,8 @@ from .config import EngineConfig, RunConfig, TrainConfig
 from .data import LETTERS, Item, Task, load_task
 from .evaluate import evaluate, resolve_mode
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_text
-from .llama_engine import Engine, load
+from . import engines
+from .engines import InferenceEngine as Engine, load
 from .prompts import extract_answer, fit_prompt, justify_messages, normalize_text
 from .runfolder import RunFolder, StageResult, digest, exclusive, file_digest
 from .training import train_adapter
@@ -288,25 +289,30 @@ def stage_collaboration(run: RunFolder, name: str, engine: Engine, labeled: list
         neighbours = np.load(retrieved.path("neighbours.npy"))
         warm_path = warm.path("adapter.gguf") if warm else None
         partial = work / "collaboration.partial.jsonl"
-        done = _read_complete_lines(partial)  # a killed run's finished questions, to resume from
+        done = {r["position"]: r for r in _read_complete_lines(partial)}  # a killed run's finished questions
+
+        def one(eng, pos: int) -> dict:
+            item, demos = unlabeled[pos], [labeled[i] for i in neighbours[pos]]
+            if cfg.labeler == "self-consistency":
+                return self_consistency_one(eng, item, demos, mode, cfg, warm_path)
+            return collaborate_one(eng, item, demos, learners, mode, cfg, warm_path)
+
         with open(partial, "a", encoding="utf-8") as f, \
                 reporter.progress(len(unlabeled), "collaborate", "questions") as advance:
             advance(len(done))
-            for pos in range(len(done), len(unlabeled)):
-                item = unlabeled[pos]
-                demos = [labeled[i] for i in neighbours[pos]]
-                if cfg.labeler == "self-consistency":
-                    rec = self_consistency_one(engine, item, demos, mode, cfg, warm_path)
-                else:
-                    rec = collaborate_one(engine, item, demos, learners, mode, cfg, warm_path)
+            # in order in process; over a fleet of llama-servers as they finish (a question's record does
+            # not depend on which engine, lane or order computed it)
+            for pos, rec in engines.each(engine, [p for p in range(len(unlabeled)) if p not in done], one):
                 rec["position"] = pos
                 f.write(json.dumps(rec) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
-                done.append(rec)
+                done[pos] = rec
                 advance(status="agree" if rec["consistent"] else "justified")
-        os.replace(partial, work / "collaboration.jsonl")
-        return {"questions": len(done), "consistent": int(sum(r["consistent"] for r in done)), **prompt_counts(done)}
+        recs = [done[p] for p in range(len(unlabeled))]
+        atomic_write_text(work / "collaboration.jsonl", "".join(json.dumps(r) + "\n" for r in recs))
+        partial.unlink()
+        return {"questions": len(recs), "consistent": int(sum(r["consistent"] for r in recs)), **prompt_counts(recs)}
 
     return _stage(run, name, inputs, build, reporter)
 
@@ -335,6 +341,31 @@ def _read_complete_lines(path: Path) -> list[dict]:
     return recs
 
 
+def select_records(recs: list[dict], cfg: RunConfig, closed: bool = True):
+    """The keep-mask of `--selection` over collaboration records, with what decided it: (keep, entropy,
+    letter mass, vote share, sure) per record."""
+    ent = np.array([label_entropy(r) for r in recs], dtype=np.float64)
+    has_label = np.array([r["pseudo_label"] is not None for r in recs])
+    mass = [label_mass(r) for r in recs]
+    # score mode: an answer whose letters got little of the model's probability is not a confident one,
+    # however peaked its renormalised distribution: adaptive selection never keeps it
+    sure = np.array([m is None or m >= cfg.min_letter_mass for m in mass])
+    norm = (lambda x: x) if closed else (lambda x: None if x is None else normalize_text(x))
+    shares = np.array([selection.vote_share([norm(a["answer"]) for a in r["learners"]], norm(r["pseudo_label"]))
+                       for r in recs])
+    if not cfg.adaptive_selection:
+        keep = np.ones(len(recs), dtype=bool)
+    elif cfg.selection == "vote":  # the self-consistency baseline: the vote alone, no entropy
+        keep = shares >= cfg.min_vote_share - 1e-12
+    elif cfg.selection == "fixed":  # a baseline: one entropy bar for every task and run, no percentile
+        keep = (ent <= cfg.max_entropy) & sure
+    else:
+        only = np.array([r["justified"] for r in recs]) if cfg.justified_only else None
+        groups = [str(r["pseudo_label"]) for r in recs] if cfg.threshold == "per-class" and closed else None
+        keep = selection.select(ent, cfg.theta, only=only, groups=groups) & sure
+    return keep & has_label, ent, mass, shares, sure
+
+
 def stage_selection(run: RunFolder, name: str, collab: StageResult, cfg: RunConfig, reporter,
                     closed: bool = True) -> StageResult:
     """Entropy, letter mass and vote share per pseudo-label, and the keep-mask of `--selection`: the
@@ -346,26 +377,7 @@ def stage_selection(run: RunFolder, name: str, collab: StageResult, cfg: RunConf
 
     def build(work: Path):
         recs = [json.loads(ln) for ln in collab.path("collaboration.jsonl").read_text().splitlines()]
-        ent = np.array([label_entropy(r) for r in recs], dtype=np.float64)
-        has_label = np.array([r["pseudo_label"] is not None for r in recs])
-        mass = [label_mass(r) for r in recs]
-        # score mode: an answer whose letters got little of the model's probability is not a confident one,
-        # however peaked its renormalised distribution: adaptive selection never keeps it
-        sure = np.array([m is None or m >= cfg.min_letter_mass for m in mass])
-        norm = (lambda x: x) if closed else (lambda x: None if x is None else normalize_text(x))
-        shares = np.array([selection.vote_share([norm(a["answer"]) for a in r["learners"]], norm(r["pseudo_label"]))
-                           for r in recs])
-        if not cfg.adaptive_selection:
-            keep = np.ones(len(recs), dtype=bool)
-        elif cfg.selection == "vote":  # the self-consistency baseline: the vote alone, no entropy
-            keep = shares >= cfg.min_vote_share - 1e-12
-        elif cfg.selection == "fixed":  # a baseline: one entropy bar for every task and run, no percentile
-            keep = (ent <= cfg.max_entropy) & sure
-        else:
-            only = np.array([r["justified"] for r in recs]) if cfg.justified_only else None
-            groups = [str(r["pseudo_label"]) for r in recs] if cfg.threshold == "per-class" and closed else None
-            keep = selection.select(ent, cfg.theta, only=only, groups=groups) & sure
-        keep &= has_label
+        keep, ent, mass, shares, sure = select_records(recs, cfg, closed)
         lines = [json.dumps({"index": r["index"], "pseudo_label": r["pseudo_label"], "entropy": float(e),
                              "letter_mass": m, "vote_share": float(v), "consistent": r["consistent"],
                              "justified": r["justified"],

@@ -20,7 +20,8 @@ from .data import LETTERS, Split
 from .errors import UserError
 from .evaluate import predict_item
 from .files import atomic_write_text
-from .llama_engine import Engine
+from . import engines
+from .engines import InferenceEngine as Engine
 
 FORMATS = (".csv", ".jsonl")
 # the columns predict adds to every row (an input column of the same name would be overwritten: refused)
@@ -69,16 +70,20 @@ def predict(engine: Engine, split: Split, rows: list[dict], out: Path, *, mode: 
     """Predict every row of `split` (loaded without answers) and write `out` (.csv or .jsonl): `rows`, the input
     rows as `data.read_rows` read them, then the prediction columns. Returns counts (rows, resumed, shortened)."""
     partial = partial_path(out)
-    done = _read_partial(partial, identity)
+    # finished rows by position (a partial written before rows were numbered is in input order)
+    done = {r.pop("row", i): r for i, r in enumerate(_read_partial(partial, identity))}
     resumed = len(done)
     on_resume(resumed)
     with open(partial, "w", encoding="utf-8") as f:  # rewritten clean: header, then the rows kept
         f.write(json.dumps({"identity": identity}) + "\n")
-        f.writelines(json.dumps(r) + "\n" for r in done)
+        f.writelines(json.dumps({"row": i, **r}) + "\n" for i, r in sorted(done.items()))
         f.flush()
         engine.reset()
-        for item in split.items[len(done):]:
-            pred, cut = predict_item(engine, item, mode=mode, max_tokens=max_tokens)
+        todo = [i for i in range(len(split.items)) if i not in done]
+        # in order in process; over a fleet of llama-servers concurrently, as they finish
+        for i, (pred, cut) in engines.each(engine, todo, lambda eng, i: predict_item(eng, split.items[i], mode=mode,
+                                                                                     max_tokens=max_tokens)):
+            item = split.items[i]
             rec = {"prediction": pred.predicted, "entropy": pred.entropy, "prompt_shortened": bool(cut)}
             if item.closed and pred.predicted is not None:
                 rec["prediction_text"] = item.options[LETTERS.index(pred.predicted)]
@@ -86,14 +91,15 @@ def predict(engine: Engine, split: Split, rows: list[dict], out: Path, *, mode: 
                 rec["probs"] = dict(zip(item.letters, pred.probs))
             if pred.text is not None:
                 rec["text"] = pred.text
-            f.write(json.dumps(rec) + "\n")
+            f.write(json.dumps({"row": i, **rec}) + "\n")
             f.flush()
             os.fsync(f.fileno())
-            done.append(rec)
+            done[i] = rec
             on_item(rec)
-    atomic_write_text(out, render(rows, done, out.suffix))
+    preds = [done[i] for i in range(len(split.items))]
+    atomic_write_text(out, render(rows, preds, out.suffix))
     partial.unlink()
-    return {"rows": len(done), "resumed": resumed, "prompts_shortened": sum(r["prompt_shortened"] for r in done)}
+    return {"rows": len(preds), "resumed": resumed, "prompts_shortened": sum(r["prompt_shortened"] for r in preds)}
 
 
 def render(rows: list[dict], preds: list[dict], fmt: str) -> str:

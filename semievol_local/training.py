@@ -90,13 +90,17 @@ def check_adapter(engine: Engine, adapter_dir: Path, sequences: list[list[int]])
     from . import mlx_engine
     from .parity import compare_logits
 
-    # llama.cpp's side on the engine this process already holds (no second model load), adapter at scale 1
-    previous = engine.adapter
-    engine.set_adapter(Path(adapter_dir) / "adapter.gguf", 1.0)
-    try:
-        ref = np.concatenate([engine.logits(s) for s in sequences])
-    finally:
-        engine.set_adapter(Path(previous[0]) if previous else None, previous[1] if previous else None)
+    if getattr(engine, "vocab_only", True):  # forward passes run elsewhere (llama-servers): llama.cpp here, once
+        from .parity import llama_logits_many
+
+        ref = np.concatenate(llama_logits_many(engine.model_path, Path(adapter_dir) / "adapter.gguf", sequences))
+    else:  # llama.cpp's side on the engine this process already holds (no second model load), adapter at scale 1
+        previous = engine.adapter
+        engine.set_adapter(Path(adapter_dir) / "adapter.gguf", 1.0)
+        try:
+            ref = np.concatenate([engine.logits(s) for s in sequences])
+        finally:
+            engine.set_adapter(Path(previous[0]) if previous else None, previous[1] if previous else None)
     parity = compare_logits(ref, mlx_engine.adapter_logits(engine.model_path, adapter_dir, sequences))
     if parity["kl_mean"] > MAX_KL or parity["top1_agreement"] < MIN_TOP1:
         # no usable-looking adapter.gguf may stay behind for a script to pick up

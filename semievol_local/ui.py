@@ -188,6 +188,12 @@ def bench_tables(result: dict) -> None:
               [[mode] + [result[mode].get(c) for c in cols] for mode in ("sample", "score")])
         kv_table("score mode vs the paper's recipe", {"ratio": result["ratio"], **result["goal"]})
         return
+    if result.get("benchmark") == "servers":
+        rows = result["rows"]
+        table(f"collaboration on {result['n_items']} questions (score mode)", list(rows[0]),
+              [list(r.values()) for r in rows])
+        kv_table("the same as in process", result["goal"])
+        return
     from .bench import TITLES, heading
 
     for name, rows in result.get("tables", {}).items():
