@@ -324,7 +324,7 @@ def servers(model_path: Path, data: Path, n_items: int, out: Path, cfg: RunConfi
                 procs.append(proc)
                 urls.append(url)
             fleet = engines.load(model_path, dataclasses.replace(ecfg, server=",".join(urls)))
-            name = f"{n} llama-server{'s' if n > 1 else ''}, 1 thread each" + (", one killed at 1/3" if kill else "")
+            name = f"{n} server{'s' if n > 1 else ''} x 1 thread" + (", 1 killed at 1/3" if kill else "")
             recs, secs = collaborate(fleet, name, kill=(lambda: procs[0].kill()) if kill else None)
             fleet.close()
         finally:
