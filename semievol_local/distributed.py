@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -90,8 +91,12 @@ def train(model_path, train_examples, cfg, out_dir: Path, *, valid_examples=None
             "config": dataclasses.asdict(dataclasses.replace(cfg, hosts="")), "out_dir": str(out_dir.resolve()),
             "resume": resume, "init_adapter": str(Path(init_adapter).resolve()) if init_adapter else None}
     atomic_write_json(out_dir / SPEC, spec)
+    env = []
+    if all(ipaddress.ip_address(h).is_loopback for h in hosts):  # processes of this machine share its cores
+        n = str(max(1, (os.cpu_count() or 1) // len(hosts)))
+        env = ["--env", f"OPENBLAS_NUM_THREADS={n}", "--env", f"OMP_NUM_THREADS={n}"]
     cmd = [str(launcher()), "--backend", "ring", "--hosts", ",".join(hosts), "--starting-port", str(free_port(len(hosts))),
-           "--", sys.executable, "-m", "semievol_local.distributed", str((out_dir / SPEC).resolve())]
+           *env, "--", sys.executable, "-m", "semievol_local.distributed", str((out_dir / SPEC).resolve())]
     summary, errors, tail = None, [], []
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
         try:

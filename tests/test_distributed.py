@@ -129,7 +129,7 @@ def test_processes_with_different_data_refuse_to_train(tiny_model, tiny_task, tm
               f"'--data', {str(tiny_task)!r} if os.environ['MLX_RANK'] == '0' else {str(other)!r}]; main()")
     res = launch(2, [sys.executable, "-c", script], timeout=300)
     # (mlx.launch itself exits 0 whatever its processes did: it reports their exit codes in warnings)
-    assert "rank 0 exited with code 2" in res.stderr, res.stdout + res.stderr
+    assert re.search(r"rank \d exited with code 2", res.stderr), res.stdout + res.stderr  # whichever saw it first
     assert "differ between the processes" in res.stderr
     assert "Traceback" not in res.stdout + res.stderr
     assert not (tmp_path / "o" / "adapter.gguf").exists()
