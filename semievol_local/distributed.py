@@ -16,6 +16,7 @@ import ipaddress
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -98,7 +99,10 @@ def train(model_path, train_examples, cfg, out_dir: Path, *, valid_examples=None
     cmd = [str(launcher()), "--backend", "ring", "--hosts", ",".join(hosts), "--starting-port", str(free_port(len(hosts))),
            *env, "--", sys.executable, "-m", "semievol_local.distributed", str((out_dir / SPEC).resolve())]
     summary, errors, tail = None, [], []
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
+    # its own session: on an interrupt the launcher and its local processes go down together (remote ranks lose
+    # their ssh session); no stdin, which mlx.launch would otherwise set non-blocking under our terminal
+    with subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          bufsize=1, start_new_session=True) as proc:
         try:
             for line in proc.stdout:  # mlx.launch merges every rank's output; rank 0 alone prints progress
                 if line.startswith(PROGRESS):
@@ -114,7 +118,10 @@ def train(model_path, train_examples, cfg, out_dir: Path, *, valid_examples=None
                 elif line.strip():
                     tail = (tail + [line.rstrip()])[-20:]
         except BaseException:  # interrupted: take the processes down with us (the checkpoints stay)
-            proc.terminate()
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
             raise
     if summary is None:  # mlx.launch exits 0 whatever its processes did: the summary line is the proof
         if errors:
