@@ -6,7 +6,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,31 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from semievol_local.distributed import free_port
+
 LAUNCH = Path(sys.executable).parent / "mlx.launch"
 pytestmark = pytest.mark.skipif(not LAUNCH.exists(), reason="mlx.launch is not installed beside this Python")
-
-
-def free_ports(n: int) -> int:
-    """A first port P with P..P+n-1 free on 127.0.0.1 now (the ring backend listens on P + rank)."""
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            p = s.getsockname()[1]
-        if p + n >= 65536:
-            continue
-        try:
-            socks = []
-            for i in range(n):
-                t = socket.socket()
-                socks.append(t)
-                t.bind(("127.0.0.1", p + i))
-            return p
-        except OSError:
-            continue
-        finally:
-            for t in socks:
-                t.close()
-    raise RuntimeError("no free ports")
 
 
 def semievol(*args) -> list[str]:
@@ -46,7 +24,7 @@ def semievol(*args) -> list[str]:
 
 
 def launch(n: int, command: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
-    cmd = [str(LAUNCH), "--backend", "ring", "-n", str(n), "--starting-port", str(free_ports(n)), "--", *command]
+    cmd = [str(LAUNCH), "--backend", "ring", "-n", str(n), "--starting-port", str(free_port(n)), "--", *command]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
