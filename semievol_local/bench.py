@@ -189,6 +189,64 @@ def quality(model_path: Path, datas: list[Path], out: Path, suites: list[str], c
             "tables": tables}
 
 
+def whole_run(model_path: Path, data: Path, out: Path, cfg: RunConfig, tcfg: TrainConfig, ecfg: EngineConfig,
+              reporter=None, command: str = "") -> dict:
+    """One `semievol run`, then each stage beside its own limit measured in the same process: llama.cpp's raw
+    prompt rate (random tokens, empty cache, the stage's mean decode size, same weights and threads) for the
+    stages that run llama.cpp, the float32 GEMM roofline (before and after the run) for the fine-tunes."""
+    from .blas import gemm_gflops
+
+    if ecfg.server:
+        raise UserError("bench run measures llama.cpp in this process; leave out --server")
+    if (Path(out) / "run.json").exists():
+        raise UserError(f"--out {out}: already holds a run, whose finished stages would be reused and not timed; "
+                        "give a new folder")
+    gflops_before = gemm_gflops()
+    pipeline.run_semievol(model_path, data, out, cfg, tcfg, ecfg, reporter)
+    gflops = (gflops_before + gemm_gflops()) / 2
+    rep = build_report(out)
+    engine = load(model_path, ecfg)  # the run's own engine (one per process)
+    engine.set_adapter(None)
+    raw: dict[int, float] = {}
+    rows = []
+    for name, st in rep["stages"].items():
+        f, sec = st["figures"], st["seconds"]
+        row = {"stage": stage_label(name, st), "seconds": round(sec, 1), "tokens": None, "tokens_per_s": None,
+               "limit": None, "fraction": None, "peak_rss_mb": round(st["peak_rss_mb"])}
+        if f.get("decodes"):
+            size = max(1, round(f["tokens_computed"] / f["decodes"]))
+            if size not in raw:
+                raw[size] = engine.prefill_rate(size)
+            rate = f["tokens_computed"] / sec if sec else None
+            row.update(tokens=f["tokens_computed"], tokens_per_s=round(rate, 1) if rate else None,
+                       limit=f"prefill {raw[size]:.0f} tok/s ({size} tok)",
+                       fraction=round(rate / raw[size], 3) if rate else None)
+        elif f.get("flops"):
+            trained = sum(r.get("tokens", 0) for r in _train_log(Path(out) / name))
+            row.update(tokens=trained or None, tokens_per_s=round(trained / sec, 1) if trained and sec else None,
+                       limit=f"GEMM {gflops:.0f} GFLOPS", fraction=round(f["flops"] / (sec * gflops * 1e9), 3))
+        rows.append(row)
+    total = sum(st["seconds"] for st in rep["stages"].values())
+    peak = max((st["peak_rss_mb"] for st in rep["stages"].values()), default=None)
+    st = _last_pseudo(rep)
+    return {"benchmark": "run", "machine": machine(), "command": command, "model": str(model_path), "task": str(data),
+            "weights": engine.weights.kind, "run": dataclasses.asdict(cfg), "train": dataclasses.asdict(tcfg),
+            "gemm_gflops": gflops, "prefill_tokens_per_s": {str(k): v for k, v in sorted(raw.items())},
+            "tables": {"main": [{"task": Path(data).name, **rep["accuracy"],
+                                 "p_vs_sft": (rep.get("semievol_vs_sft_paired") or {}).get("p_value"),
+                                 "pseudo_label_accuracy_selected": st.get("accuracy_selected"),
+                                 "selected": st.get("selected")}],
+                       "stages": rows},
+            "whole_run": {"task": Path(data).name, "seconds": round(total, 1), "peak_rss_mb": peak,
+                          "untimed_attempts": any(s.get("untimed_attempts") for s in rep["stages"].values()),
+                          "goal": {"minutes_at_most_30": total <= 1800, "peak_at_most_3_gb": bool(peak and peak <= 3000)}}}
+
+
+def _train_log(stage: Path) -> list[dict]:
+    path = stage / "train_log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
 def _last_pseudo(rep: dict) -> dict:
     stats = rep.get("pseudo_labels") or {}
     return stats[max(stats, key=lambda name: int(name[5:]))] if stats else {}
@@ -319,7 +377,7 @@ def servers(model_path: Path, data: Path, n_items: int, out: Path, cfg: RunConfi
         procs, urls = [], []
         try:
             for i in range(n):
-                proc, url = llama_server.start(model_path, adapters=[warm_path], n_ctx=ecfg.n_ctx, threads=1,
+                proc, url = llama_server.start(engine.weights.path, adapters=[warm_path], n_ctx=ecfg.n_ctx, threads=1,
                                                log_path=logs / f"server-{n}-{i}.log")
                 procs.append(proc)
                 urls.append(url)
@@ -378,7 +436,9 @@ TITLES = {"main": "Main table (test accuracy; error reduction is relative)",
           "ablation": "Ablations (paper Table 2)", "sensitivity": "Sensitivity to n and theta (paper Fig. 3)",
           "rounds": "Rounds (paper Fig. 7; round 0 is SFT)",
           "baselines": "Baselines (p: exact McNemar against SemiEvol on the same test questions)",
-          "whole_run": "Whole run, per stage"}
+          "whole_run": "Whole run, per stage",
+          "stages": "Per stage: llama.cpp tokens evaluated (after prefix reuse) or trained, and the fraction of the "
+                    "stage's own limit measured in the same run"}
 
 
 def markdown(results: list[dict]) -> str:

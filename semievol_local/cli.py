@@ -154,10 +154,15 @@ def models_info(model: str = typer.Argument(models_default := "smollm2-135m", he
     """Architecture, parameters, quantization per tensor kind, context, chat template, MLX support."""
     from . import models
 
+    from .llama_engine import plan_weights
+
     info = models.inspect(models.resolve(model))
     d = info.as_dict()
     d["parameters"] = f"{info.n_params / 1e6:.1f} M"
     d["chat_template"] = "yes" if info.chat_template else "no (a plain fallback format is used)"
+    w = plan_weights(info.path, EngineConfig())
+    d["llama.cpp computes with"] = (f"{w.why}: {w.path}" + ("" if w.path.is_file() else " (made on first use)")
+                                    if w.kind == "f32" else f"the file ({w.why}; --weights f32 for a float32 copy)")
     ui.kv_table(f"model {model}", d)
 
 
@@ -258,6 +263,7 @@ def predict_cmd(
     its entropy, in input order. An interrupted run resumes when the same command runs again."""
     from . import config as cfg_mod, data as data_mod, engines, export, models, predict
     from .evaluate import resolve_mode
+    from .pipeline import weights_identity
     from .runfolder import file_digest
 
     path = data_mod.find_split_file(data, split)
@@ -267,10 +273,10 @@ def predict_cmd(
     adapter_file = export.adapter_path(adapter) if adapter is not None else None
     mode = resolve_mode(None if mode == "auto" else mode, rows.items)
     model_path = models.resolve(model)
-    identity = {"model": file_digest(model_path), "adapter": file_digest(adapter_file) if adapter_file else None,
+    engine = engines.load(model_path, engine_config)  # in process, or the llama-servers of --server
+    identity = {"model": weights_identity(engine), "adapter": file_digest(adapter_file) if adapter_file else None,
                 "data": file_digest(path), "mode": mode, "max_tokens": max_tokens if mode == "sample" else None,
                 "options": cfg_mod.identity("eval", engine_config)}
-    engine = engines.load(model_path, engine_config)  # in process, or the llama-servers of --server
     engine.set_adapter(adapter_file)
     with ui.progress(len(rows), f"predict {path.name}") as advance:
         summary = predict.predict(engine, rows, raw, out, mode=mode, max_tokens=max_tokens, identity=identity,
@@ -435,6 +441,25 @@ def bench_quality_cmd(
     _publish(result, json_out)
 
 
+@command(bench_app, "run")
+@options_from(RunConfig, TrainConfig, EngineConfig)
+def bench_run_cmd(
+    ctx: typer.Context,
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
+    data: Path = typer.Option(..., "--data", "-d", help="Task folder (labeled, unlabeled, test)."),
+    out: Path = typer.Option(Path("runs/bench-run"), "--out", "-o", help="A new folder for the run."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the per-stage table, machine and command here."),
+    *, run_config: RunConfig, train_config: TrainConfig, engine_config: EngineConfig,
+):
+    """The whole `semievol run`, timed: per stage seconds, tokens, tokens/s, the stage's own limit measured in
+    the same run (llama.cpp's raw prompt rate; the float32 GEMM roofline for training), fraction, peak RSS."""
+    from . import bench, models
+
+    result = bench.whole_run(models.resolve(model), data, out, run_config, train_config, engine_config,
+                             reporter=ui.Reporter(), command=invocation(ctx))
+    _publish(result, json_out)
+
+
 @command(bench_app, "pseudo-label")
 @options_from(RunConfig, TrainConfig, EngineConfig)
 def bench_pseudo_label_cmd(
@@ -581,26 +606,32 @@ def serve_cmd(
                                 "among the servers)."),
     parallel: int = typer.Option(1, "--parallel", min=1, help="Slots per server (questions it works on at once)."),
     n_ctx: int = typer.Option(2048, "--n-ctx", min=64, help="Context per slot; at least the run's --n-ctx."),
+    weights: str = typer.Option("auto", "--weights", help="What the servers compute with, as the run's --weights: "
+                                "auto, f32 or file."),
     build_only: bool = typer.Option(False, "--build-only", help="Only get the llama-server binary (build it if "
                                     "needed), print its path and exit."),
 ):
     """Start local llama-servers for `semievol run --server`: prints their URLs, serves until Ctrl-C."""
     from . import export, llama_server, models
-    from .llama_engine import Engine, default_threads
+    from .llama_engine import Engine, default_threads, inference_weights
 
+    if weights not in config.WEIGHTS:
+        raise UserError(f"--weights {weights}: choose one of {', '.join(config.WEIGHTS)}")
     exe = llama_server.binary(say=ui.info)
     if build_only:
         typer.echo(str(exe))
         return
     model_path = models.resolve(model)
     arch = Engine(model_path, vocab_only=True).architecture
+    # the weights a run with the same --weights computes with (llama-server has no GPU here: as on a CPU)
+    served = inference_weights(model_path, EngineConfig(weights=weights, n_gpu_layers=0)).path
     fixed = [export.adapter_path(a) for a in adapter]
     if run is not None and not run.is_dir():
         raise UserError(f"--run {run}: no such folder; give the run's --out folder (it may not exist yet: create it)")
     threads = threads or max(1, default_threads() // servers)
     ports = [port + i for i in range(servers)] if port else [llama_server.free_port() for _ in range(servers)]
     logs = Path(os.environ.get("TMPDIR", "/tmp"))
-    fleet = llama_server.Local(model_path, arch, ports, host=host, threads=threads, parallel=parallel, n_ctx=n_ctx,
+    fleet = llama_server.Local(served, arch, ports, host=host, threads=threads, parallel=parallel, n_ctx=n_ctx,
                                adapters=fixed, run=run, log_prefix=logs / f"semievol-llama-server-{os.getpid()}")
     with fleet:
         for u in fleet.urls:

@@ -82,8 +82,9 @@ def free_port(n: int) -> int:
 
 def train(model_path, train_examples, cfg, out_dir: Path, *, valid_examples=None, resume: bool = False,
           init_adapter=None, on_step: Callable[[dict], None] | None = None,
-          on_trunk: Callable[[int, int], None] | None = None) -> dict:
-    """`mlx_engine.train` (same arguments) over the processes of `cfg.hosts`; returns rank 0's summary."""
+          on_trunk: Callable[[int, int], None] | None = None, trunk_store: Path | None = None) -> dict:
+    """`mlx_engine.train` (same arguments; no `trunk_store`: each process computes its own rows) over the
+    processes of `cfg.hosts`; returns rank 0's summary."""
     hosts = parse_hosts(cfg.hosts)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

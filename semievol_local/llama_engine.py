@@ -10,6 +10,8 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +66,109 @@ class Sample:
         return float(-self.logprobs.mean()) if len(self.logprobs) else float("inf")
 
 
+# --- which weights llama.cpp computes with -------------------------------------------------------------
+# llama.cpp's CPU kernels for Q4_1 (and, less so, the K-quants) evaluate prompts 1.3-3.4x slower than float32 here
+# (FACTS §11, `bench run`), and float32 dequantized from the file holds exactly the weights MLX trains on.
+
+@dataclass(frozen=True)
+class Weights:
+    path: Path  # the file llama.cpp loads
+    kind: str  # "file" (the GGUF as given) or "f32" (a cached float32 copy of it)
+    why: str  # in a phrase, for `models info` and the log
+
+
+def weights_dir() -> Path:
+    """Where float32 copies are cached: $SEMIEVOL_WEIGHTS, else ~/.cache/semievol/weights."""
+    if os.environ.get("SEMIEVOL_WEIGHTS"):
+        return Path(os.environ["SEMIEVOL_WEIGHTS"])
+    root = os.environ.get("XDG_CACHE_HOME")
+    return (Path(root) if root else Path.home() / ".cache") / "semievol" / "weights"
+
+
+def _ram_bytes() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def plan_weights(model_path: Path, cfg: EngineConfig) -> Weights:
+    """The file llama.cpp should compute with for `cfg.weights` (nothing is written here)."""
+    import llama_cpp
+
+    from .models import read_gguf
+    from .runfolder import file_digest
+
+    model_path = Path(model_path)
+    if cfg.weights == "file":
+        return Weights(model_path, "file", "--weights file")
+    tensors = read_gguf(model_path).tensors
+    types = {t.tensor_type.name for t in tensors}
+    f32_bytes = 4 * sum(int(t.n_elements) for t in tensors)
+    if types <= {"F32"}:
+        return Weights(model_path, "file", "the file is float32")
+    if cfg.weights == "auto":
+        if types <= {"F32", "F16", "BF16"}:
+            return Weights(model_path, "file", "the file is not quantized")
+        if cfg.n_gpu_layers != 0 and llama_cpp.llama_supports_gpu_offload():
+            return Weights(model_path, "file", "a GPU computes with the quantized weights")
+        ram = _ram_bytes()
+        if ram and f32_bytes > ram / 4:
+            return Weights(model_path, "file", f"a float32 copy ({f32_bytes / 1e9:.1f} GB) would take more than "
+                                               f"a quarter of the RAM ({ram / 1e9:.0f} GB)")
+    name = f"{model_path.stem}-{file_digest(model_path)[:16]}-f32.gguf"
+    return Weights(weights_dir() / name, "f32", f"float32 copy of {model_path.name} ({f32_bytes / 1e9:.2f} GB), "
+                                                "the weights MLX trains on, faster prompts on a CPU")
+
+
+def inference_weights(model_path: Path, cfg: EngineConfig) -> Weights:
+    """`plan_weights`, with the float32 copy made (once, cached) where the plan wants one."""
+    w = plan_weights(model_path, cfg)
+    if w.kind == "f32" and not w.path.is_file():
+        try:
+            _write_f32(Path(model_path), w.path, cfg.n_threads or default_threads())
+        except UserError:
+            if cfg.weights == "f32":
+                raise
+            log.warning("computing with %s as given: no float32 copy could be made", model_path)
+            return Weights(Path(model_path), "file", "no float32 copy could be made")
+    return w
+
+
+def _write_f32(src: Path, dst: Path, n_threads: int) -> None:
+    """Dequantize a GGUF to float32 with llama.cpp's own quantizer; the copy appears whole or not at all."""
+    import llama_cpp
+
+    from .models import read_gguf
+
+    need = 4 * sum(int(t.n_elements) for t in read_gguf(src).tensors) + (64 << 20)
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(dst.parent).free
+    except OSError as e:
+        raise UserError(f"{dst.parent}: cannot hold the float32 copy of {src.name} ({e.strerror or e}); set "
+                        "SEMIEVOL_WEIGHTS to a writable folder, or use --weights file") from None
+    if free < need:
+        raise UserError(f"{dst.parent}: {free / 1e9:.1f} GB free, the float32 copy of {src.name} needs "
+                        f"{need / 1e9:.1f} GB; free space, set SEMIEVOL_WEIGHTS to another folder, or use --weights file")
+    log.info("writing a float32 copy of %s to %s (once)", src, dst)
+    tmp = dst.with_name(f"{dst.name}.{os.getpid()}.tmp")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_ALL_F32
+    params.allow_requantize = True
+    params.nthread = n_threads
+    try:
+        with suppress_stdout_stderr(disable=False):
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+        if rc != 0:
+            raise UserError(f"{src}: llama.cpp could not write a float32 copy (code {rc}); use --weights file")
+        os.replace(tmp, dst)
+    except OSError as e:
+        raise UserError(f"{dst}: the float32 copy could not be written ({e.strerror or e}); use --weights file") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 class Engine:
     """A GGUF model loaded in llama.cpp."""
 
@@ -76,15 +181,10 @@ class Engine:
         self.cfg = cfg = cfg or EngineConfig()
         self.model_path = Path(model_path)
         self.n_threads = cfg.n_threads or default_threads()
-        try:
-            with suppress_stdout_stderr(disable=False):  # llama.cpp logs from C even with verbose=False
-                self.llm = llama_cpp.Llama(
-                    model_path=str(model_path), n_ctx=64 if vocab_only else cfg.n_ctx, n_batch=512,
-                    n_threads=self.n_threads, n_threads_batch=self.n_threads, n_gpu_layers=cfg.n_gpu_layers,
-                    logits_all=False, vocab_only=vocab_only, verbose=False)
-        except (ValueError, RuntimeError) as e:
-            raise UserError(f"{model_path}: llama.cpp cannot load this model ({e}); its architecture or "
-                            "quantization is not supported by this llama.cpp build") from None
+        # the source file's vocabulary and metadata; for forward passes, the weights the plan chose
+        self.weights = (plan_weights if vocab_only else inference_weights)(self.model_path, cfg)
+        self.llm = self._open(vocab_only)
+        self.released = False  # weights freed by `release` until the next forward pass
         self.n_ctx = self.llm.n_ctx()
         self.vocab_only = vocab_only
         self.n_vocab = self.llm.n_vocab()
@@ -99,10 +199,43 @@ class Engine:
         # whether the tokenizer puts BOS before a text (SmolLM2's does not: its BOS is <|im_start|>, in the template)
         self.adds_bos = bool(self.llm._model.add_bos_token()) if hasattr(self.llm._model, "add_bos_token") else True
         self._kv: list[int] = []  # tokens whose keys/values sit in the cache, in order
+        self.tokens_computed = 0  # tokens llama.cpp evaluated (prompts after prefix reuse, samples, embeddings)
+        self.decodes = 0  # llama_decode calls (their mean size sets the prefill rate: `bench run`)
         self._adapters: dict[str, object] = {}
         self.adapter: tuple[str, float] | None = None
+        self._ctx = self.llm._ctx
         self._embedder = None
         self._letters: dict[int, list[int]] = {}
+
+    def _open(self, vocab_only: bool):
+        cfg = self.cfg
+        try:
+            with suppress_stdout_stderr(disable=False):  # llama.cpp logs from C even with verbose=False
+                return self._lc.Llama(
+                    model_path=str(self.model_path if vocab_only else self.weights.path),
+                    n_ctx=64 if vocab_only else cfg.n_ctx, n_batch=512,
+                    n_threads=self.n_threads, n_threads_batch=self.n_threads, n_gpu_layers=cfg.n_gpu_layers,
+                    logits_all=False, vocab_only=vocab_only, verbose=False)
+        except (ValueError, RuntimeError) as e:
+            raise UserError(f"{self.model_path}: llama.cpp cannot load this model ({e}); its architecture or "
+                            "quantization is not supported by this llama.cpp build") from None
+
+    def release(self) -> None:
+        """Free the weights, contexts and adapters while something else needs the memory (MLX training);
+        the vocabulary stays, and the next forward pass loads the rest again (from the page cache)."""
+        if self.vocab_only or self.released:
+            return
+        self._close_weights()
+        self.llm = self._open(vocab_only=True)
+        self._vocab = self._lc.llama_model_get_vocab(self.llm._model.model)
+        self.released = True
+
+    def _ready(self) -> None:
+        if self.released:
+            self.llm.close()
+            self.llm = self._open(vocab_only=False)
+            self._vocab = self._lc.llama_model_get_vocab(self.llm._model.model)
+            self._ctx, self._kv, self.released = self.llm._ctx, [], False
 
     # --- tokens ---------------------------------------------------------------------------------
     def _token_text(self, tok: int) -> str:
@@ -142,11 +275,12 @@ class Engine:
         scale = self.cfg.adapter_scale if scale is None else scale
         # the file's size and mtime are part of its identity: a stage rebuilt in place is a new adapter
         want = (str(Path(path).resolve()), float(scale), _stat_key(Path(path))) if path else None
+        self._ready()
         if want == self.adapter:
             return
         lc = self._lc
         if path is None:
-            lc.llama_set_adapters_lora(self.llm._ctx.ctx, None, 0, None)
+            lc.llama_set_adapters_lora(self._ctx.ctx, None, 0, None)
         else:
             key = want[0] + "@" + want[2]
             if key not in self._adapters:
@@ -158,7 +292,7 @@ class Engine:
                 self._adapters[key] = ad
             adapters = (lc.llama_adapter_lora_p_ctypes * 1)(self._adapters[key])
             scales = (ctypes.c_float * 1)(scale)
-            if lc.llama_set_adapters_lora(self.llm._ctx.ctx, adapters, 1, scales):
+            if lc.llama_set_adapters_lora(self._ctx.ctx, adapters, 1, scales):
                 raise UserError(f"{path}: llama.cpp could not apply this adapter to {self.model_path}")
         self.adapter = want
         self.reset()
@@ -171,13 +305,16 @@ class Engine:
 
     def _decode(self, tokens: list[int], all_logits: bool = False) -> np.ndarray:
         """Evaluate `tokens` after what is cached; return the last row of logits (V,) or all rows (T, V)."""
+        self._ready()
         self._check_fits(len(self._kv) + len(tokens))
-        ctx, batch, n_batch = self.llm._ctx, self.llm._batch, self.llm.n_batch
+        ctx, batch, n_batch = self._ctx, self.llm._batch, self.llm.n_batch
         rows = []
         for i in range(0, len(tokens), n_batch):
             chunk = tokens[i: i + n_batch]
             batch.set_batch(batch=chunk, n_past=len(self._kv), logits_all=all_logits)
             ctx.decode(batch)
+            self.tokens_computed += len(chunk)
+            self.decodes += 1
             n_out = len(chunk) if all_logits else 1
             rows.append(np.ctypeslib.as_array(ctx.get_logits(), shape=(n_out, self.n_vocab)).copy())
             self._kv.extend(chunk)
@@ -187,23 +324,40 @@ class Engine:
     def _prefill(self, tokens: list[int]) -> np.ndarray:
         """Bring the cache to exactly `tokens`, reusing the longest cached prefix; the last logits (V,)."""
         self._check_fits(len(tokens))
+        self._ready()
         keep = 0
         limit = min(len(self._kv), len(tokens) - 1)  # at least one token must be evaluated for logits
         while keep < limit and self._kv[keep] == tokens[keep]:
             keep += 1
-        self.llm._ctx.kv_cache_seq_rm(-1, keep, -1)
+        self._ctx.kv_cache_seq_rm(-1, keep, -1)
         del self._kv[keep:]
         return self._decode(tokens[keep:])
 
     def reset(self) -> None:
         """Empty the KV cache, so that what follows does not depend on what came before (bit for bit)."""
-        self.llm._ctx.kv_cache_clear()
+        self._ready()
+        self._ctx.kv_cache_clear()
         self._kv = []
 
     def logits(self, tokens: list[int]) -> np.ndarray:
         """Full-vocabulary logits at every position (T, V), from a clean cache: for parity checks."""
         self.reset()
         return self._decode(list(tokens), all_logits=True)
+
+    def prefill_rate(self, n_tokens: int, repeats: int = 3, seed: int = 0) -> float:
+        """Raw llama.cpp prompt evaluation, tokens/s: `n_tokens` random tokens decoded from an empty cache with
+        the adapter now applied, best of `repeats` (the yardstick of `bench run`; counts as no stage's work)."""
+        toks = np.random.default_rng(seed).integers(0, self.n_vocab, size=max(1, min(n_tokens, self.n_ctx - 1)))
+        counted = self.tokens_computed, self.decodes
+        best = float("inf")
+        for _ in range(repeats):
+            self.reset()
+            tic = time.perf_counter()
+            self._decode([int(t) for t in toks])
+            best = min(best, time.perf_counter() - tic)
+        self.reset()
+        self.tokens_computed, self.decodes = counted
+        return len(toks) / best
 
     def score(self, prompt: list[int], n_options: int) -> Score:
         """The distribution over option letters after a prompt that ends in `Answer:`: one forward pass."""
@@ -218,12 +372,13 @@ class Engine:
                max_tokens: int = 256) -> list[Sample]:
         """One sample per seed, each from the same cached prompt; seeds must be explicit and non-zero."""
         self._check_fits(len(prompt) + 1)
+        self._ready()
         max_tokens = min(max_tokens, self.n_ctx - len(prompt) - 1)
         first = self._prefill(prompt)
         out = []
         for seed in seeds:
             rng = np.random.default_rng(seed)
-            self.llm._ctx.kv_cache_seq_rm(-1, len(prompt), -1)
+            self._ctx.kv_cache_seq_rm(-1, len(prompt), -1)
             del self._kv[len(prompt):]
             logits, toks, lps = first, [], []
             for _ in range(max_tokens):
@@ -250,20 +405,29 @@ class Engine:
             n_ctx = self.n_ctx if not self.vocab_only else (self.cfg.n_ctx or 2048)  # as the in-process context
             with suppress_stdout_stderr(disable=False):
                 self._embedder = self._lc.Llama(
-                    model_path=str(self.model_path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+                    model_path=str(inference_weights(self.model_path, self.cfg).path),  # the forward passes' weights
+                    n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
                     n_threads=self.n_threads, n_threads_batch=self.n_threads, n_gpu_layers=self.cfg.n_gpu_layers,
                     embedding=True, pooling_type=self._lc.LLAMA_POOLING_TYPE_MEAN, verbose=False)
         vecs = np.asarray([self._embedder.embed(t, truncate=True) for t in texts], dtype=np.float32)
+        self.tokens_computed += sum(min(len(self._embedder.tokenize(t.encode("utf-8"))), self._embedder.n_ctx())
+                                    for t in texts)
+        self.decodes += len(texts)
         norms = np.linalg.norm(vecs, axis=1, keepdims=True)
         return vecs / np.maximum(norms, 1e-12)
 
-    def close(self) -> None:
+    def _close_weights(self) -> None:
+        if self._embedder is not None:
+            self._embedder.close()
+            self._embedder = None
         for ad in self._adapters.values():
             self._lc.llama_adapter_lora_free(ad)
         self._adapters.clear()
+        self.adapter = None
         self.llm.close()
-        if self._embedder is not None:
-            self._embedder.close()
+
+    def close(self) -> None:
+        self._close_weights()
 
 
 def _stat_key(path: Path) -> str:
@@ -299,7 +463,7 @@ _LOADED: dict[tuple, Engine] = {}
 def load(model_path: Path, cfg: EngineConfig | None = None) -> Engine:
     """The process's engine for a model (loaded once, reused)."""
     cfg = cfg or EngineConfig()
-    key = (str(Path(model_path).resolve()), cfg.n_ctx, cfg.n_threads, cfg.n_gpu_layers)
+    key = (str(Path(model_path).resolve()), cfg.n_ctx, cfg.n_threads, cfg.n_gpu_layers, cfg.weights)
     if key not in _LOADED:
         for other in list(_LOADED):  # one loaded model per process
             _LOADED.pop(other).close()

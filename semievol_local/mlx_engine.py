@@ -160,21 +160,43 @@ TRUNK_CACHE_BYTES = 2 * 1024**3  # the most the frozen blocks' outputs may take;
 
 def _trunk(model: Model, seqs: list[batching.Seq], first: int, batch_size: int,
            on_progress: Callable[[int, int], None] = lambda done, total: None,
-           only: np.ndarray | None = None) -> list[np.ndarray] | None:
+           only: np.ndarray | None = None, store: Path | None = None) -> list[np.ndarray] | None:
     """The output of blocks 0..first-1 for every sequence's inputs (or the sequences `only`; the others
     get None), (len - 1, D) float32 each, or None when they would take more than TRUNK_CACHE_BYTES.
 
     Blocks below the first LoRA block are frozen and see no LoRA below them, so their output for a
     sequence never changes during training: computed once here, each step then runs (forward and
     backward) only the blocks that have LoRA. Right padding and causal attention make each row's valid
-    positions independent of the batch it is computed in."""
+    positions independent of the batch it is computed in.
+
+    `store`: a folder of outputs by token sequence (one .npy each, for this model and `first`); sequences
+    found there are read, not computed, and those computed are added (the final fine-tune reuses the
+    warm-up's labeled rows)."""
     dim = model.args.hidden_size
     want = np.arange(len(seqs)) if only is None else np.unique(only)
     if sum(len(seqs[i][0]) - 1 for i in want) * dim * 4 > TRUNK_CACHE_BYTES:
         log.info("frozen blocks' outputs exceed %d bytes: recomputed every step", TRUNK_CACHE_BYTES)
         return None
     out: list[np.ndarray | None] = [None] * len(seqs)
-    order = want[np.argsort([len(seqs[i][0]) for i in want], kind="stable")]  # similar lengths together: little padding
+
+    def stored(i: int) -> Path:
+        return store / (hashlib.sha256(np.asarray(seqs[i][0][:-1], np.int64).tobytes()).hexdigest()[:32] + ".npy")
+
+    if store is not None:
+        store.mkdir(parents=True, exist_ok=True)
+        for i in want:
+            try:
+                h = np.load(stored(i))
+                if h.shape == (len(seqs[i][0]) - 1, dim) and h.dtype == np.float32:
+                    out[i] = h
+            except (OSError, ValueError):
+                pass  # absent or damaged: computed again
+    todo = np.array([i for i in want if out[i] is None], dtype=np.int64)
+    reused = len(want) - len(todo)
+    order = todo[np.argsort([len(seqs[i][0]) for i in todo], kind="stable")]  # similar lengths together: little padding
+    if reused:
+        log.info("frozen blocks' outputs of %d sequences read from %s", reused, store)
+        on_progress(reused, len(want))
     for i in range(0, len(order), batch_size):
         idx = order[i: i + batch_size]
         inputs = mx.array(batching.collate(seqs, idx)[0])  # (B, L)
@@ -183,7 +205,11 @@ def _trunk(model: Model, seqs: list[batching.Seq], first: int, batch_size: int,
         h = np.array(h, dtype=np.float32)
         for r, j in enumerate(idx):
             out[j] = h[r, : len(seqs[j][0]) - 1]
-        on_progress(i + len(idx), len(order))
+            if store is not None:
+                with atomic_target(stored(j)) as tmp:
+                    with open(tmp, "wb") as f:
+                        np.save(f, out[j])
+        on_progress(reused + i + len(idx), len(want))
     return out
 
 
@@ -264,7 +290,7 @@ def _releasing(fn):
 def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, *,
           valid_examples: list[Example] | None = None, resume: bool = False, init_adapter=None,
           on_step: Callable[[dict], None] | None = None,
-          on_trunk: Callable[[int, int], None] | None = None) -> dict:
+          on_trunk: Callable[[int, int], None] | None = None, trunk_store: Path | None = None) -> dict:
     """LoRA-train on (prompt_ids, answer_ids) examples with the loss on answer tokens; write the adapter
     (both layouts), `train_log.jsonl` and resumable checkpoints into `out_dir`.
 
@@ -273,7 +299,8 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
     With `resume=True` the newest checkpoint is verified and training continues exactly where it stopped.
     `init_adapter` (an adapter directory written by this function) starts from its LoRA weights instead of
     a fresh initialization; the LoRA settings must match it. `on_trunk(done, total)` reports the one
-    pass over the frozen blocks (sequences done) before the first step.
+    pass over the frozen blocks (sequences done) before the first step. `trunk_store`: a folder, for this
+    model file only, where that pass's outputs are kept by token sequence and reused by the next training.
 
     Started by `mlx.launch` (N processes on one or more hosts), it trains data-parallel: every process
     computes its share of each micro-batch (every N-th row), gradients are summed with
@@ -353,8 +380,9 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
     first = len(model.layers) - adapter_cfg["num_layers"] if gguf_loader.spec_of(model).trunk_cache else 0
     ahead = plan[start * cfg.grad_accum:]
     only = np.concatenate([_shard(idx, rank, world)[0] for idx in ahead]) if world > 1 and ahead else None
+    store = Path(trunk_store) / f"blocks-{first}" if trunk_store is not None and world == 1 else None
     trunk = _trunk(model, seqs, first, cfg.batch_size, (on_trunk if on_trunk and lead else lambda done, total: None),
-                   only=only) if first > 0 else None
+                   only=only, store=store) if first > 0 else None
     trunk_seconds = time.perf_counter() - tic
     if trunk is None:
         first = 0
@@ -422,7 +450,7 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
                             f"as it was after step {max(s - 1, 0)} (the last finite loss) is saved in {out_dir}. "
                             f"Lower the learning rate (now {cfg.lr:g}) or set grad_clip.")
         rec = {"step": s + 1, "total_steps": total_steps, "epoch": (s + 1) * cfg.grad_accum / batches_per_epoch,
-               "loss": loss_v, "lr": lr, "tokens_per_s": n_input / (time.perf_counter() - tic)}
+               "loss": loss_v, "lr": lr, "tokens": n_input, "tokens_per_s": n_input / (time.perf_counter() - tic)}
         epoch_end = int((s + 1) * cfg.grad_accum / batches_per_epoch) > int(s * cfg.grad_accum / batches_per_epoch)
         if lead and val_seqs and (epoch_end or s + 1 == total_steps):  # the validation slice chooses among epoch ends
             rec["val_loss"] = _val_loss(model, val_seqs, cfg.batch_size)
@@ -451,7 +479,7 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
             "val_loss": best["val_loss"] if best is not None else None, "train_seconds": time.perf_counter() - t_run,
             "tokens_per_s": float(np.mean([r["tokens_per_s"] for r in steps_run])) if steps_run else None,
             "trainable_params": sum(v.size for _, v in tree_flatten(model.trainable_parameters())),
-            "processes": world,
+            "processes": world, "flops": _flops(model, seqs, first if trunk is not None else 0, steps_run),
             "out_dir": str(out_dir), "adapter_gguf": str(out_dir / "adapter.gguf")}
 
 
@@ -497,6 +525,20 @@ def _check_same_run(saved: dict, now: dict, root: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- checks and benchmarks
+
+def _flops(model: Model, seqs, first: int, steps_run: list[dict]) -> float:
+    """The matmul FLOPs this training needed (the yardstick of `bench run`'s roofline fraction): the trunk pass,
+    2 x its blocks' weights per token, and each step, 4 x the trained blocks' weights per input token (forward,
+    and backward to the activations; frozen weights get no gradient; the vocab projection runs only at answer
+    positions and is left out)."""
+    def weights(layers) -> int:
+        return sum(v.size for layer in layers for k, v in tree_flatten(layer.parameters()) if "lora" not in k)
+
+    layers = model.model.layers
+    trunk_tokens = sum(len(s[0]) - 1 for s in seqs) if first else 0
+    step_tokens = sum(r.get("tokens", 0) for r in steps_run)
+    return float(2 * weights(layers[:first]) * trunk_tokens + 4 * weights(layers[first:]) * step_tokens)
+
 
 @_releasing
 def adapter_check(model_path, adapter_dir, token_sequences: list[list[int]]) -> dict:

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,12 +86,27 @@ def item_seed(seed: int, index: int, learner: int) -> int:
     return 1 + (seed * 1_000_003 + index * 1009 + learner * 7919) % (2**31 - 2)
 
 
+def weights_identity(engine: Engine) -> str:
+    """What llama.cpp computes with: the model file's digest, marked when it is the file's float32 copy."""
+    kind = engine.weights.kind
+    return file_digest(engine.model_path) + ("" if kind == "file" else f"+{kind}")
+
+
 def items_digest(items: list[Item], with_answers: bool) -> str:
     """What of a split reaches the pipeline: questions and options (and answers where they are labels)."""
     return digest([[it.question, list(it.options), it.answer if with_answers else None] for it in items])
 
 
 # --- stages -------------------------------------------------------------------------------------
+
+def trunk_store(run: RunFolder, engine: Engine) -> Path:
+    """Where a run's fine-tunes keep the frozen blocks' outputs by token sequence (per model file): the final
+    fine-tune reads the warm-up's labeled rows instead of computing them again. Removed when the run ends."""
+    return run.root / TRUNK_STORE / file_digest(engine.model_path)[:16]
+
+
+TRUNK_STORE = ".trunk"
+
 
 def stage_train(run: RunFolder, name: str, engine: Engine, items: list[Item], tcfg: TrainConfig, reporter,
                 *, init_adapter: StageResult | None = None) -> StageResult:
@@ -102,7 +118,8 @@ def stage_train(run: RunFolder, name: str, engine: Engine, items: list[Item], tc
         resume = (work / "checkpoints").exists()
         summary = train_adapter(engine, items, tcfg, work, resume=resume, on_step=reporter.train_step,
                                 on_trunk=reporter.train_trunk,
-                                init_adapter=init_adapter.dir if init_adapter else None)
+                                init_adapter=init_adapter.dir if init_adapter else None,
+                                trunk_store=trunk_store(run, engine))
         return {k: v for k, v in summary.items() if isinstance(v, (int, float, str, dict))}
 
     return _stage(run, name, inputs, build, reporter)
@@ -110,11 +127,12 @@ def stage_train(run: RunFolder, name: str, engine: Engine, items: list[Item], tc
 
 def stage_retrieval(run: RunFolder, name: str, engine: Engine, labeled: list[Item], unlabeled: list[Item],
                     cfg: RunConfig, reporter) -> StageResult:
-    inputs = {"model": file_digest(engine.model_path) if cfg.embedding == "model" else None,
+    inputs = {"model": weights_identity(engine) if cfg.embedding == "model" else None,
               "labeled": items_digest(labeled, False), "unlabeled": items_digest(unlabeled, False),
               "options": config.identity("retrieval", cfg)}
 
     def build(work: Path):
+        before = _counts(engine)
         k = min(cfg.k, 3) if cfg.icp else 0
         if k == 0:
             ids = np.zeros((len(unlabeled), 0), dtype=np.int64)
@@ -131,7 +149,7 @@ def stage_retrieval(run: RunFolder, name: str, engine: Engine, labeled: list[Ite
             ids, sims = retrieval.knn(a, b, k)
         np.save(work / "neighbours.npy", ids)
         np.save(work / "similarities.npy", sims)
-        return {"k": int(ids.shape[1])}
+        return {"k": int(ids.shape[1]), **(_computed_since(engine, before) if cfg.embedding == "model" else {})}
 
     return _stage(run, name, inputs, build, reporter)
 
@@ -280,7 +298,7 @@ def stage_collaboration(run: RunFolder, name: str, engine: Engine, labeled: list
                         retrieved: StageResult, warm: StageResult | None, mode: str, cfg: RunConfig,
                         ecfg: EngineConfig, reporter) -> StageResult:
     learners = learner_configs(cfg)
-    inputs = {"model": file_digest(engine.model_path), "labeled": items_digest(labeled, True),
+    inputs = {"model": weights_identity(engine), "labeled": items_digest(labeled, True),
               "unlabeled": items_digest(unlabeled, False), "retrieval": retrieved.outputs_digest,
               "warm": warm.outputs_digest if warm else None, "mode": mode,
               "options": config.identity("collaboration", canonical(cfg), ecfg)}
@@ -290,6 +308,7 @@ def stage_collaboration(run: RunFolder, name: str, engine: Engine, labeled: list
         warm_path = warm.path("adapter.gguf") if warm else None
         partial = work / "collaboration.partial.jsonl"
         done = {r["position"]: r for r in _read_complete_lines(partial)}  # a killed run's finished questions
+        resumed = set(done)
 
         def one(eng, pos: int) -> dict:
             item, demos = unlabeled[pos], [labeled[i] for i in neighbours[pos]]
@@ -297,6 +316,7 @@ def stage_collaboration(run: RunFolder, name: str, engine: Engine, labeled: list
                 return self_consistency_one(eng, item, demos, mode, cfg, warm_path)
             return collaborate_one(eng, item, demos, learners, mode, cfg, warm_path)
 
+        before = _counts(engine)
         with open(partial, "a", encoding="utf-8") as f, \
                 reporter.progress(len(unlabeled), "collaborate", "questions") as advance:
             advance(len(done))
@@ -312,9 +332,24 @@ def stage_collaboration(run: RunFolder, name: str, engine: Engine, labeled: list
         recs = [done[p] for p in range(len(unlabeled))]
         atomic_write_text(work / "collaboration.jsonl", "".join(json.dumps(r) + "\n" for r in recs))
         partial.unlink()
-        return {"questions": len(recs), "consistent": int(sum(r["consistent"] for r in recs)), **prompt_counts(recs)}
+        return {"questions": len(recs), "consistent": int(sum(r["consistent"] for r in recs)), **prompt_counts(recs),
+                "asked": len(recs) - len(resumed), **_computed_since(engine, before)}
 
     return _stage(run, name, inputs, build, reporter)
+
+
+def _counts(engine) -> tuple[int, int] | None:
+    """(tokens llama.cpp has evaluated, its decode calls) so far in this process; None for llama-servers."""
+    t = getattr(engine, "tokens_computed", None)
+    return None if t is None else (t, engine.decodes)
+
+
+def _computed_since(engine, before: tuple[int, int] | None) -> dict:
+    """A stage's figures for `bench run`: tokens evaluated (after prefix reuse) and decode calls since `before`."""
+    now = _counts(engine)
+    if now is None or before is None:
+        return {}
+    return {"tokens_computed": now[0] - before[0], "decodes": now[1] - before[1]}
 
 
 def prompt_counts(recs: list[dict]) -> dict:
@@ -394,18 +429,20 @@ def stage_selection(run: RunFolder, name: str, collab: StageResult, cfg: RunConf
 def stage_eval(run: RunFolder, name: str, engine: Engine, test: list[Item], test_split, adapter: StageResult | None,
                mode: str, ecfg: EngineConfig, prior: list[str], reporter) -> StageResult:
     """Accuracy on the test split; `prior`, the labeled split's answers, sets the majority-class baseline."""
-    inputs = {"model": file_digest(engine.model_path), "test": items_digest(test, True),
+    inputs = {"model": weights_identity(engine), "test": items_digest(test, True),
               "adapter": adapter.outputs_digest if adapter else None, "mode": mode, "prior": digest(prior),
               "options": config.identity("eval", ecfg)}
 
     def build(work: Path):
         engine.set_adapter(adapter.path("adapter.gguf") if adapter else None)
+        before = _counts(engine)
         split = dataclasses.replace(test_split, items=test)
         with reporter.progress(len(test), name.split("/")[-1]) as advance:
             res = evaluate(engine, split, mode=mode, prior=prior,
                            on_item=lambda p: advance(status="ok" if p.correct else "miss"))
         atomic_write_json(work / "eval.json", res.as_dict())
-        return {"accuracy": res.accuracy, "items_per_s": res.items_per_s}
+        return {"accuracy": res.accuracy, "items_per_s": res.items_per_s, "asked": len(test),
+                **_computed_since(engine, before)}
 
     return _stage(run, name, inputs, build, reporter)
 
@@ -496,4 +533,5 @@ def _run(model_path, data, out, cfg, tcfg, ecfg, reporter, share):
     last = max(int(k.split("/")[0][5:]) for k in stages if k.startswith("round"))
     atomic_write_bytes(out / "pseudo_labels.jsonl",
                        stages[f"round{last}/selection"].path("pseudo_labels.jsonl").read_bytes())
+    shutil.rmtree(out / TRUNK_STORE, ignore_errors=True)  # every fine-tune is done: a cache no more
     return stages

@@ -71,6 +71,7 @@ class Server:
         self._lock = threading.Lock()
         props = self.request("GET", "/props", timeout=min(timeout, 10))
         self.slots = int(props.get("total_slots", 1))
+        self.model_file = Path(str(props.get("model_path") or "")).name  # the GGUF it was started with
         gen = props.get("default_generation_settings", {})
         self.n_ctx = int(gen.get("n_ctx") or props.get("n_ctx") or 0)
         self.refresh()
@@ -247,6 +248,7 @@ class Fleet:
         self.cfg = cfg = cfg or EngineConfig()
         self.model_path = Path(model_path)
         self.vocab = LocalEngine(model_path, cfg, vocab_only=True)
+        self.weights = self.vocab.weights  # what the servers must compute with (the plan; nothing made here)
         self.n_vocab, self.template, self.architecture = self.vocab.n_vocab, self.vocab.template, self.vocab.architecture
         self.eos_token, self.adds_bos = self.vocab.eos_token, self.vocab.adds_bos
         self.plain_token = self.vocab.llm.tokenize(b" A", add_bos=False, special=False)[-1]  # ASCII text
@@ -298,13 +300,20 @@ class Fleet:
             from .models import read_gguf
 
             tensors = read_gguf(self.model_path).tensors
-            self._local_meta = {"n_vocab": self.n_vocab, "n_params": sum(int(t.n_elements) for t in tensors),
-                                "size": sum(int(t.data.nbytes) for t in tensors)}
+            n_params = sum(int(t.n_elements) for t in tensors)
+            size = 4 * n_params if self.weights.kind == "f32" else sum(int(t.data.nbytes) for t in tensors)
+            self._local_meta = {"n_vocab": self.n_vocab, "n_params": n_params, "size": size}
         for key, mine in self._local_meta.items():
             theirs = s.meta.get(key)
             if theirs is not None and int(theirs) != mine:
-                raise UserError(f"{s.url} serves another model than {self.model_path} ({key} {theirs} vs {mine}); "
-                                f"start it with -m {self.model_path}")
+                raise UserError(f"{s.url} serves other weights than this run computes with ({key} {theirs} vs "
+                                f"{mine}; here: {self.weights.why}); start it with `semievol serve --model "
+                                f"{self.model_path}` and the same --weights")
+        if self.weights.kind == "f32" and s.model_file and s.model_file != self.weights.path.name:
+            # a float32 copy is named by its source file's digest: equal shapes and sizes are not enough here
+            raise UserError(f"{s.url} serves {s.model_file}, not the float32 copy of {self.model_path.name} this run "
+                            f"computes with ({self.weights.path.name}); start it with `semievol serve --model "
+                            f"{self.model_path}` and the same --weights")
         theirs = s.request("POST", "/tokenize", {"content": PROBE, "add_special": False, "parse_special": True})
         mine = self.vocab.llm.tokenize(PROBE.encode(), add_bos=False, special=True)
         if [t if isinstance(t, int) else t["id"] for t in theirs.get("tokens", [])] != mine:

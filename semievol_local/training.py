@@ -51,7 +51,7 @@ def examples(engine: Engine, items: Sequence[Item]) -> list[tuple[list[int], lis
 def train_adapter(engine: Engine, items: Sequence[Item], cfg: TrainConfig, out_dir: Path, *,
                   resume: bool = False, check: bool = True, init_adapter: Path | None = None,
                   on_step: Callable[[dict], None] | None = None,
-                  on_trunk: Callable[[int, int], None] | None = None) -> dict:
+                  on_trunk: Callable[[int, int], None] | None = None, trunk_store: Path | None = None) -> dict:
     """Train LoRA on `items` with MLX into `out_dir` (adapter.gguf among the outputs) and gate on parity."""
     from . import batching, distributed, mlx_engine
 
@@ -68,9 +68,10 @@ def train_adapter(engine: Engine, items: Sequence[Item], cfg: TrainConfig, out_d
     if cfg.hosts and not lead_process():
         raise UserError("--train-hosts starts its own processes; do not also run this command under mlx.launch")
     trainer = distributed.train if cfg.hosts else mlx_engine.train  # several processes, or this one
+    getattr(engine, "release", lambda: None)()  # llama.cpp's weights leave memory while MLX trains (back for parity)
     summary = trainer(engine.model_path, [e for i, e in enumerate(exs) if i not in held_set], cfg, out_dir,
                       valid_examples=[exs[i] for i in held], resume=resume, init_adapter=init_adapter,
-                      on_step=on_step, on_trunk=on_trunk)
+                      on_step=on_step, on_trunk=on_trunk, trunk_store=trunk_store)
     if check and lead:
         parity = check_adapter(engine, out_dir, [p + a for p, a in exs[:4]])
         summary = {**summary, "parity": parity}
@@ -91,9 +92,11 @@ def check_adapter(engine: Engine, adapter_dir: Path, sequences: list[list[int]])
     from .parity import compare_logits
 
     if getattr(engine, "vocab_only", True):  # forward passes run elsewhere (llama-servers): llama.cpp here, once
+        from .llama_engine import inference_weights
         from .parity import llama_logits_many
 
-        ref = np.concatenate(llama_logits_many(engine.model_path, Path(adapter_dir) / "adapter.gguf", sequences))
+        weights = inference_weights(engine.model_path, engine.cfg).path  # what the servers compute with
+        ref = np.concatenate(llama_logits_many(weights, Path(adapter_dir) / "adapter.gguf", sequences))
     else:  # llama.cpp's side on the engine this process already holds (no second model load), adapter at scale 1
         previous = engine.adapter
         engine.set_adapter(Path(adapter_dir) / "adapter.gguf", 1.0)

@@ -14,6 +14,16 @@ from tinymodel import write_tiny_gguf  # noqa: E402
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "semievol"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def weights_cache(tmp_path_factory) -> Path:
+    """Float32 inference copies (`--weights auto`) go to a folder of this test session, not the user's cache."""
+    import os
+
+    folder = tmp_path_factory.mktemp("weights")
+    os.environ["SEMIEVOL_WEIGHTS"] = str(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A 2-block llama GGUF with float32 weights."""

@@ -98,3 +98,96 @@ def test_context_overflow_is_a_user_error(engine):
 
     with pytest.raises(UserError, match="does not fit the context"):
         engine.score([5] * 2000, 3)
+
+
+def test_a_quantized_file_computes_with_its_cached_float32_copy(tiny_q4, weights_cache):
+    # --weights auto on a CPU: llama.cpp computes with the file's weights dequantized to float32 (what MLX trains
+    # on), written once into the cache; --weights file computes with the file as given
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    from semievol_local import mlx_engine
+
+    auto = Engine(tiny_q4, EngineConfig(n_ctx=256))
+    plain = Engine(tiny_q4, EngineConfig(n_ctx=256, weights="file"))
+    try:
+        assert auto.weights.kind == "f32" and auto.weights.path.parent == weights_cache and auto.weights.path.is_file()
+        assert plain.weights.kind == "file" and plain.weights.path == tiny_q4
+        src = {t.name: t for t in GGUFReader(tiny_q4).tensors}
+        copy = {t.name: t for t in GGUFReader(auto.weights.path).tensors}
+        assert set(copy) == set(src) and {t.tensor_type.name for t in copy.values()} == {"F32"}
+        for name, t in src.items():  # bit for bit the dequantized weights
+            want = dequantize(t.data, t.tensor_type).reshape(-1)
+            assert np.array_equal(np.asarray(copy[name].data).reshape(-1), want), name
+        stamp = auto.weights.path.stat().st_mtime_ns
+        again = Engine(tiny_q4, EngineConfig(n_ctx=256))
+        assert again.weights.path == auto.weights.path and auto.weights.path.stat().st_mtime_ns == stamp  # cached
+        again.close()
+        # the copy is closer to MLX's float32 forward pass than the quantized kernels are
+        toks = prompt(auto)
+        ref = mlx_engine.logits(mlx_engine.load_model(tiny_q4), toks)
+        err_copy = np.abs(auto.logits(toks) - ref).max()
+        err_file = np.abs(plain.logits(toks) - ref).max()
+        assert err_copy < err_file / 10, (err_copy, err_file)  # measured 0.0027 vs 0.096
+        # and the option distributions agree with the quantized kernels' to what Q8 activations change
+        s_auto, s_file = auto.score(toks, 3), plain.score(toks, 3)
+        assert np.abs(s_auto.probs - s_file.probs).max() < 0.02
+    finally:
+        auto.close()
+        plain.close()
+
+
+def test_float32_files_and_an_unwritable_cache(tiny_model, tiny_q4, tmp_path, monkeypatch):
+    from semievol_local.errors import UserError
+    from semievol_local.llama_engine import inference_weights, plan_weights
+
+    assert plan_weights(tiny_model, EngineConfig()).path == tiny_model  # already float32: no copy
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("x")
+    monkeypatch.setenv("SEMIEVOL_WEIGHTS", str(blocked))
+    w = inference_weights(tiny_q4, EngineConfig())  # auto: the file as given, with a warning
+    assert w.kind == "file" and w.path == tiny_q4
+    with pytest.raises(UserError, match="SEMIEVOL_WEIGHTS"):
+        inference_weights(tiny_q4, EngineConfig(weights="f32"))
+    assert not list(tmp_path.glob("**/*.tmp"))
+
+
+def test_switching_adapters_computes_what_each_adapter_computes_alone(tiny_q4, tmp_path):
+    # switching back and forth on one engine gives what a fresh engine with that adapter gives
+    from semievol_local import adapter_gguf
+
+    paths = {"none": None}
+    for seed in (1, 2, 3):
+        rng = np.random.default_rng(seed)
+        pairs = {f"model.layers.{b}.self_attn.{p}": (rng.normal(0, 0.5, (64, 4)).astype(np.float32),
+                                                     rng.normal(0, 0.5, (4, 64)).astype(np.float32))
+                 for b in range(2) for p in ("q_proj", "o_proj")}
+        paths[f"a{seed}"] = tmp_path / f"a{seed}.gguf"
+        adapter_gguf.write_lora_gguf(paths[f"a{seed}"], "llama", 2, pairs, scale=2.0, rank=4)
+    ref = {}
+    for name, path in paths.items():
+        fresh = Engine(tiny_q4, EngineConfig(n_ctx=256))
+        fresh.set_adapter(path)
+        ref[name] = fresh.score(prompt(fresh), 3).probs
+        fresh.close()
+    assert all(np.abs(ref[f"a{i}"] - ref["none"]).max() > 1e-3 for i in (1, 2, 3))  # each adapter does something
+    eng = Engine(tiny_q4, EngineConfig(n_ctx=256))
+    try:
+        for name in ["a1", "none", "a2", "a1", "a3", "none", "a2", "a1"]:
+            eng.set_adapter(paths[name])
+            np.testing.assert_allclose(eng.score(prompt(eng), 3).probs, ref[name], rtol=0, atol=1e-6)
+    finally:
+        eng.close()
+
+
+def test_released_weights_come_back_for_the_next_forward_pass(tiny_q4):
+    eng = Engine(tiny_q4, EngineConfig(n_ctx=256))
+    try:
+        toks = prompt(eng)
+        before = eng.score(toks, 3).probs
+        eng.release()
+        assert eng.released and eng.tokenize("Answer:") == eng.llm.tokenize(b"Answer:", add_bos=False, special=True)
+        np.testing.assert_array_equal(eng.score(toks, 3).probs, before)
+        assert not eng.released
+    finally:
+        eng.close()

@@ -307,6 +307,34 @@ def test_frozen_blocks_run_once_and_give_the_same_adapter(tmp_path, monkeypatch)
         me.train(deep, data, toy_cfg(num_layers=0), tmp_path / "zero")
 
 
+def test_a_second_training_reads_the_frozen_blocks_the_first_stored(tmp_path):
+    """The final fine-tune's labeled rows are the warm-up's: their frozen-block outputs come from the store
+    (not computed again), and the training is the one that computes everything, to float rounding."""
+    deep = write_tiny_gguf(tmp_path / "deep.gguf", n_layer=8, n_ff=256)
+    tok = tokenizer(deep)
+    data = [(tok(CHAT.format(q="word " * (3 + 5 * i) + f"{i}?")), tok(" " + "ABCD"[i % 4] + "<|im_end|>"))
+            for i in range(12)]
+    cfg = toy_cfg(num_layers=3, epochs=2, batch_size=4, max_seq_len=128)
+    store = tmp_path / "store"
+    me.train(deep, data[:8], cfg, tmp_path / "warm", valid_examples=[], trunk_store=store)
+    assert len(list((store / "blocks-5").glob("*.npy"))) == 8  # one per sequence of the first training
+    seen: list[tuple] = []
+    stored = me.train(deep, data, cfg, tmp_path / "final", valid_examples=[], trunk_store=store,
+                      on_trunk=lambda done, total: seen.append((done, total)))
+    assert seen[0] == (8, 12) and seen[-1] == (12, 12)  # 8 read, 4 computed
+    assert len(list((store / "blocks-5").glob("*.npy"))) == 12
+    fresh = me.train(deep, data, cfg, tmp_path / "fresh", valid_examples=[])
+    assert stored["final_loss"] == pytest.approx(fresh["final_loss"], rel=1e-4)
+    a, b = (mx.load(str(tmp_path / d / "adapters.safetensors")) for d in ("final", "fresh"))
+    for name, w in b.items():
+        np.testing.assert_allclose(np.array(a[name]), np.array(w), rtol=1e-3, atol=1e-5)
+    # a damaged file is computed again, not trusted
+    victim = sorted((store / "blocks-5").glob("*.npy"))[0]
+    victim.write_bytes(b"garbage")
+    again = me.train(deep, data, cfg, tmp_path / "again", valid_examples=[], trunk_store=store)
+    assert again["final_loss"] == pytest.approx(stored["final_loss"], rel=1e-4)
+
+
 def test_memory_kept_for_training_goes_back_after_it():
     """tune_malloc keeps freed buffers in glibc's heap (faster steps); trim_malloc, run when training
     returns, must hand them back, or the llama.cpp stages after a fine-tune sit on the training peak."""

@@ -52,7 +52,9 @@ def servers(server_bin, tiny_q4, warm):
     def start(n: int = 1, parallel: int = 1, model=None):
         urls = []
         for _ in range(n):
-            p, url = llama_server.start(model or tiny_q4, adapters=[warm[0]], n_ctx=512, parallel=parallel, threads=1)
+            # what `semievol serve --model tiny_q4` serves: the float32 copy the in-process engine computes with
+            served = model or llama_engine.inference_weights(tiny_q4, EngineConfig()).path
+            p, url = llama_server.start(served, adapters=[warm[0]], n_ctx=512, parallel=parallel, threads=1)
             procs.append(p)
             urls.append(url)
         return urls, procs[-n:]
@@ -140,10 +142,18 @@ def test_a_run_that_loses_every_server_stops_with_one_line(tiny_q4, warm, server
         list(server_engine.each(fleet, range(3), lambda lane, i: lane.score(toks + [i], 2), max_wait=2))
 
 
-def test_a_server_with_another_model_or_without_the_adapter_is_refused(tiny_model, tiny_q4, warm, servers, tmp_path):
-    (url,), _ = servers(1)  # serves the Q4_1 file
-    with pytest.raises(UserError, match="serves another model"):
-        engines.load(tiny_model, EngineConfig(n_ctx=512, server=url))  # same vocabulary, F32 weights
+def test_a_server_with_another_model_or_without_the_adapter_is_refused(tiny_q4, warm, servers, tmp_path):
+    (url,), _ = servers(1)  # serves the float32 copy of the Q4_1 file
+    with pytest.raises(UserError, match="serves other weights"):  # the Q4_1 file as given
+        engines.load(tiny_q4, EngineConfig(n_ctx=512, server=url, weights="file"))
+    from tinymodel import write_tiny_gguf
+
+    other_q4 = write_tiny_gguf(tmp_path / "other-q4_1.gguf", qtype="Q4_1", seed=1)  # same shapes, other weights
+    with pytest.raises(UserError, match="not the float32 copy"):
+        engines.load(other_q4, EngineConfig(n_ctx=512, server=url))
+    (q4_url,), _ = servers(1, model=tiny_q4)
+    with pytest.raises(UserError, match="serves other weights"):
+        engines.load(tiny_q4, EngineConfig(n_ctx=512, server=q4_url))
     fleet = engines.load(tiny_q4, EngineConfig(n_ctx=512, server=url, server_timeout=1))
     other = tmp_path / "other.gguf"
     other.write_bytes(warm[0].read_bytes())
