@@ -206,8 +206,14 @@ def whole_run(model_path: Path, data: Path, out: Path, cfg: RunConfig, tcfg: Tra
     gflops = (gflops_before + gemm_gflops()) / 2
     rep = build_report(out)
     engine = load(model_path, ecfg)  # the run's own engine (one per process)
-    engine.set_adapter(None)
-    raw: dict[int, float] = {}
+    raw: dict[tuple[str, int], float] = {}  # (adapter, decode size) -> raw prompt tokens/s
+
+    def rate(adapter: str, size: int) -> float:
+        if (adapter, size) not in raw:
+            engine.set_adapter(Path(adapter) if adapter else None)
+            raw[adapter, size] = engine.prefill_rate(size)
+        return raw[adapter, size]
+
     rows = []
     for name, st in rep["stages"].items():
         f, sec = st["figures"], st["seconds"]
@@ -215,12 +221,12 @@ def whole_run(model_path: Path, data: Path, out: Path, cfg: RunConfig, tcfg: Tra
                "limit": None, "fraction": None, "peak_rss_mb": round(st["peak_rss_mb"])}
         if f.get("decodes"):
             size = max(1, round(f["tokens_computed"] / f["decodes"]))
-            if size not in raw:
-                raw[size] = engine.prefill_rate(size)
-            rate = f["tokens_computed"] / sec if sec else None
-            row.update(tokens=f["tokens_computed"], tokens_per_s=round(rate, 1) if rate else None,
-                       limit=f"prefill {raw[size]:.0f} tok/s ({size} tok)",
-                       fraction=round(rate / raw[size], 3) if rate else None)
+            # the limit: each adapter's tokens at llama.cpp's raw rate with that adapter (LoRA costs time too)
+            ideal = sum(n / rate(a if Path(a).exists() else "", size) for a, n in f.get("tokens_by_adapter", {}).items())
+            tps = f["tokens_computed"] / sec if sec else None
+            row.update(tokens=f["tokens_computed"], tokens_per_s=round(tps, 1) if tps else None,
+                       limit=f"prefill {f['tokens_computed'] / ideal:.0f} tok/s ({size} tok)" if ideal else None,
+                       fraction=round(ideal / sec, 3) if ideal and sec else None)
         elif f.get("flops"):
             trained = sum(r.get("tokens", 0) for r in _train_log(Path(out) / name))
             row.update(tokens=trained or None, tokens_per_s=round(trained / sec, 1) if trained and sec else None,
@@ -231,7 +237,9 @@ def whole_run(model_path: Path, data: Path, out: Path, cfg: RunConfig, tcfg: Tra
     st = _last_pseudo(rep)
     return {"benchmark": "run", "machine": machine(), "command": command, "model": str(model_path), "task": str(data),
             "weights": engine.weights.kind, "run": dataclasses.asdict(cfg), "train": dataclasses.asdict(tcfg),
-            "gemm_gflops": gflops, "prefill_tokens_per_s": {str(k): v for k, v in sorted(raw.items())},
+            "gemm_gflops": gflops,
+            "prefill_tokens_per_s": [{"adapter": Path(a).parent.name if a else None, "tokens": n, "tokens_per_s": v}
+                                     for (a, n), v in sorted(raw.items())],
             "tables": {"main": [{"task": Path(data).name, **rep["accuracy"],
                                  "p_vs_sft": (rep.get("semievol_vs_sft_paired") or {}).get("p_value"),
                                  "pseudo_label_accuracy_selected": st.get("accuracy_selected"),

@@ -201,6 +201,7 @@ class Engine:
         self._kv: list[int] = []  # tokens whose keys/values sit in the cache, in order
         self.tokens_computed = 0  # tokens llama.cpp evaluated (prompts after prefix reuse, samples, embeddings)
         self.decodes = 0  # llama_decode calls (their mean size sets the prefill rate: `bench run`)
+        self.tokens_by_adapter: dict[str, int] = {}  # tokens_computed by adapter file ("": none)
         self._adapters: dict[str, object] = {}
         self.adapter: tuple[str, float] | None = None
         self._ctx = self.llm._ctx
@@ -315,6 +316,8 @@ class Engine:
             ctx.decode(batch)
             self.tokens_computed += len(chunk)
             self.decodes += 1
+            key = self.adapter[0] if self.adapter else ""
+            self.tokens_by_adapter[key] = self.tokens_by_adapter.get(key, 0) + len(chunk)
             n_out = len(chunk) if all_logits else 1
             rows.append(np.ctypeslib.as_array(ctx.get_logits(), shape=(n_out, self.n_vocab)).copy())
             self._kv.extend(chunk)
@@ -348,7 +351,7 @@ class Engine:
         """Raw llama.cpp prompt evaluation, tokens/s: `n_tokens` random tokens decoded from an empty cache with
         the adapter now applied, best of `repeats` (the yardstick of `bench run`; counts as no stage's work)."""
         toks = np.random.default_rng(seed).integers(0, self.n_vocab, size=max(1, min(n_tokens, self.n_ctx - 1)))
-        counted = self.tokens_computed, self.decodes
+        counted = self.tokens_computed, self.decodes, dict(self.tokens_by_adapter)
         best = float("inf")
         for _ in range(repeats):
             self.reset()
@@ -356,7 +359,7 @@ class Engine:
             self._decode([int(t) for t in toks])
             best = min(best, time.perf_counter() - tic)
         self.reset()
-        self.tokens_computed, self.decodes = counted
+        self.tokens_computed, self.decodes, self.tokens_by_adapter = counted
         return len(toks) / best
 
     def score(self, prompt: list[int], n_options: int) -> Score:
@@ -410,8 +413,9 @@ class Engine:
                     n_threads=self.n_threads, n_threads_batch=self.n_threads, n_gpu_layers=self.cfg.n_gpu_layers,
                     embedding=True, pooling_type=self._lc.LLAMA_POOLING_TYPE_MEAN, verbose=False)
         vecs = np.asarray([self._embedder.embed(t, truncate=True) for t in texts], dtype=np.float32)
-        self.tokens_computed += sum(min(len(self._embedder.tokenize(t.encode("utf-8"))), self._embedder.n_ctx())
-                                    for t in texts)
+        n = sum(min(len(self._embedder.tokenize(t.encode("utf-8"))), self._embedder.n_ctx()) for t in texts)
+        self.tokens_computed += n
+        self.tokens_by_adapter[""] = self.tokens_by_adapter.get("", 0) + n
         self.decodes += len(texts)
         norms = np.linalg.norm(vecs, axis=1, keepdims=True)
         return vecs / np.maximum(norms, 1e-12)

@@ -338,18 +338,21 @@ def stage_collaboration(run: RunFolder, name: str, engine: Engine, labeled: list
     return _stage(run, name, inputs, build, reporter)
 
 
-def _counts(engine) -> tuple[int, int] | None:
-    """(tokens llama.cpp has evaluated, its decode calls) so far in this process; None for llama-servers."""
+def _counts(engine) -> tuple | None:
+    """(tokens llama.cpp has evaluated, its decode calls, tokens by adapter) so far in this process; None for
+    llama-servers."""
     t = getattr(engine, "tokens_computed", None)
-    return None if t is None else (t, engine.decodes)
+    return None if t is None else (t, engine.decodes, dict(engine.tokens_by_adapter))
 
 
-def _computed_since(engine, before: tuple[int, int] | None) -> dict:
-    """A stage's figures for `bench run`: tokens evaluated (after prefix reuse) and decode calls since `before`."""
+def _computed_since(engine, before: tuple | None) -> dict:
+    """A stage's figures for `bench run`: tokens evaluated (after prefix reuse), decode calls, and tokens by
+    adapter file ("": none) since `before`."""
     now = _counts(engine)
     if now is None or before is None:
         return {}
-    return {"tokens_computed": now[0] - before[0], "decodes": now[1] - before[1]}
+    by = {k: n - before[2].get(k, 0) for k, n in now[2].items() if n - before[2].get(k, 0)}
+    return {"tokens_computed": now[0] - before[0], "decodes": now[1] - before[1], "tokens_by_adapter": by}
 
 
 def prompt_counts(recs: list[dict]) -> dict:
