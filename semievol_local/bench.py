@@ -474,6 +474,12 @@ def markdown(results: list[dict]) -> str:
                       f"{r['sample_max_tokens']} new tokens (mean {r['sample'].get('mean_response_tokens', 0):.0f}). "
                       f"Speed ratio score/sample: **{r['ratio']:.1f}x** (goal 10x).", ""]
         else:
+            if r.get("benchmark") == "run":
+                rates = ", ".join(f"{x['adapter'] or 'no adapter'} {x['tokens_per_s']:.0f} ({x['tokens']} tokens)"
+                                  for x in r.get("prefill_tokens_per_s", []))
+                lines += [f"llama.cpp computed with {'the float32 copy of the file' if r.get('weights') == 'f32' else 'the file as given'}; "
+                          f"measured in the same process: float32 GEMM {r['gemm_gflops']:.0f} GFLOPS (MLX), llama.cpp's "
+                          f"raw prompt tokens/s: {rates}.", ""]
             for name, rows in r.get("tables", {}).items():
                 lines += [f"**{TITLES.get(name, name)}**", ""] + _md_table(rows)
             w = r.get("whole_run")

@@ -160,9 +160,10 @@ TRUNK_CACHE_BYTES = 2 * 1024**3  # the most the frozen blocks' outputs may take;
 
 def _trunk(model: Model, seqs: list[batching.Seq], first: int, batch_size: int,
            on_progress: Callable[[int, int], None] = lambda done, total: None,
-           only: np.ndarray | None = None, store: Path | None = None) -> list[np.ndarray] | None:
+           only: np.ndarray | None = None, store: Path | None = None) -> tuple[list[np.ndarray] | None, int]:
     """The output of blocks 0..first-1 for every sequence's inputs (or the sequences `only`; the others
-    get None), (len - 1, D) float32 each, or None when they would take more than TRUNK_CACHE_BYTES.
+    get None), (len - 1, D) float32 each, or None when they would take more than TRUNK_CACHE_BYTES; and
+    how many were read from `store`.
 
     Blocks below the first LoRA block are frozen and see no LoRA below them, so their output for a
     sequence never changes during training: computed once here, each step then runs (forward and
@@ -176,7 +177,7 @@ def _trunk(model: Model, seqs: list[batching.Seq], first: int, batch_size: int,
     want = np.arange(len(seqs)) if only is None else np.unique(only)
     if sum(len(seqs[i][0]) - 1 for i in want) * dim * 4 > TRUNK_CACHE_BYTES:
         log.info("frozen blocks' outputs exceed %d bytes: recomputed every step", TRUNK_CACHE_BYTES)
-        return None
+        return None, 0
     out: list[np.ndarray | None] = [None] * len(seqs)
 
     def stored(i: int) -> Path:
@@ -210,7 +211,7 @@ def _trunk(model: Model, seqs: list[batching.Seq], first: int, batch_size: int,
                     with open(tmp, "wb") as f:
                         np.save(f, out[j])
         on_progress(reused + i + len(idx), len(want))
-    return out
+    return out, reused
 
 
 # ----------------------------------------------------------------------------- data parallel (mx.distributed)
@@ -381,8 +382,9 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
     ahead = plan[start * cfg.grad_accum:]
     only = np.concatenate([_shard(idx, rank, world)[0] for idx in ahead]) if world > 1 and ahead else None
     store = Path(trunk_store) / f"blocks-{first}" if trunk_store is not None and world == 1 else None
-    trunk = _trunk(model, seqs, first, cfg.batch_size, (on_trunk if on_trunk and lead else lambda done, total: None),
-                   only=only, store=store) if first > 0 else None
+    trunk, trunk_reused = _trunk(model, seqs, first, cfg.batch_size,
+                                 (on_trunk if on_trunk and lead else lambda done, total: None),
+                                 only=only, store=store) if first > 0 else (None, 0)
     trunk_seconds = time.perf_counter() - tic
     if trunk is None:
         first = 0
@@ -474,6 +476,7 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
     steps_run = [r for r in records[start:]]
     return {"steps": total_steps, "resumed_from": start, "final_loss": records[-1]["loss"] if records else None,
             "frozen_blocks_cached": first, "trunk_seconds": trunk_seconds if first else 0.0,
+            "trunk_sequences_reused": trunk_reused,
             "train_rows": len(seqs), "validation_rows": len(val_seqs),
             "chosen_step": best["step"] if best is not None else total_steps,
             "val_loss": best["val_loss"] if best is not None else None, "train_seconds": time.perf_counter() - t_run,

@@ -243,3 +243,39 @@ def test_the_recorded_command_is_what_a_user_types_however_it_was_started():
     ctx.params = {p.name: p.default for p in quality.params}
     ctx.params["opt_learners"] = 2
     assert invocation(ctx) == "semievol bench quality --learners 2"
+
+
+def test_bench_run_puts_each_stage_beside_its_own_limit(tiny_q4, task, tmp_path):
+    from semievol_local import llama_engine
+    from semievol_local.config import EngineConfig
+    from semievol_local.data import load_task
+    from semievol_local.prompts import question_messages
+
+    out, js = tmp_path / "run", tmp_path / "run.json"
+    res = CliRunner().invoke(app, ["bench", "run", "--model", str(tiny_q4), "--data", str(task), "--out", str(out),
+                                   "--json", str(js), "--num-layers", "1", *TINY_TRAIN])
+    assert res.exit_code == 0, res.stderr
+    r = json.loads(js.read_text())
+    assert r["benchmark"] == "run" and r["weights"] == "f32"  # the float32 copy of the Q4_1 file
+    rows = {row["stage"]: row for row in r["tables"]["stages"]}
+    assert list(rows) == ["warmup", "eval/vanilla", "eval/sft", "round1/retrieval", "round1/collaboration",
+                          "round1/selection", "round1/final", "round1/eval"]
+    # the tokens llama.cpp evaluated: every test prompt once per eval (the cache never holds a whole prompt)
+    eng = llama_engine.Engine(tiny_q4, EngineConfig())
+    test_items = load_task(task)["test"].items
+    figures = json.loads((out / "eval" / "vanilla" / "manifest.json").read_text())["figures"]
+    prompts = [eng.tokenize(eng.template.prompt(question_messages(it), answer_prefix=True)) for it in test_items]
+    assert 0 < figures["tokens_computed"] <= sum(len(p) for p in prompts)
+    collab = json.loads((out / "round1" / "collaboration" / "manifest.json").read_text())["figures"]
+    assert set(collab["tokens_by_adapter"]) == {"", str((out / "warmup" / "adapter.gguf").resolve())}
+    assert sum(collab["tokens_by_adapter"].values()) == collab["tokens_computed"]
+    for name in ("eval/vanilla", "round1/collaboration", "round1/eval", "warmup", "round1/final"):
+        assert rows[name]["tokens"] > 0 and rows[name]["fraction"] >= 0, rows[name]  # its size: a benchmark's
+        assert rows[name]["limit"].startswith("GEMM" if name.endswith(("warmup", "final")) else "prefill")
+    final = json.loads((out / "round1" / "final" / "manifest.json").read_text())["figures"]
+    assert final["trunk_sequences_reused"] == 12  # the warm-up's labeled rows, read back
+    assert not (out / ".trunk").exists()  # the store goes when the run ends
+    w = r["whole_run"]
+    assert w["seconds"] == pytest.approx(sum(row["seconds"] for row in rows.values()), abs=1) and w["peak_rss_mb"] > 0
+    again = CliRunner().invoke(app, ["bench", "run", "--model", str(tiny_q4), "--data", str(task), "--out", str(out)])
+    assert again.exit_code == 2 and "already holds a run" in again.stderr

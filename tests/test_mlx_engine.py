@@ -321,7 +321,7 @@ def test_a_second_training_reads_the_frozen_blocks_the_first_stored(tmp_path):
     seen: list[tuple] = []
     stored = me.train(deep, data, cfg, tmp_path / "final", valid_examples=[], trunk_store=store,
                       on_trunk=lambda done, total: seen.append((done, total)))
-    assert seen[0] == (8, 12) and seen[-1] == (12, 12)  # 8 read, 4 computed
+    assert seen[0] == (8, 12) and seen[-1] == (12, 12) and stored["trunk_sequences_reused"] == 8  # 8 read, 4 computed
     assert len(list((store / "blocks-5").glob("*.npy"))) == 12
     fresh = me.train(deep, data, cfg, tmp_path / "fresh", valid_examples=[])
     assert stored["final_loss"] == pytest.approx(fresh["final_loss"], rel=1e-4)
