@@ -201,6 +201,7 @@ def whole_run(model_path: Path, data: Path, out: Path, cfg: RunConfig, tcfg: Tra
     if (Path(out) / "run.json").exists():
         raise UserError(f"--out {out}: already holds a run, whose finished stages would be reused and not timed; "
                         "give a new folder")
+    where = machine()  # the commit that runs, not the one checked out when it ends
     gflops_before = gemm_gflops()
     pipeline.run_semievol(model_path, data, out, cfg, tcfg, ecfg, reporter)
     gflops = (gflops_before + gemm_gflops()) / 2
@@ -235,7 +236,7 @@ def whole_run(model_path: Path, data: Path, out: Path, cfg: RunConfig, tcfg: Tra
     total = sum(st["seconds"] for st in rep["stages"].values())
     peak = max((st["peak_rss_mb"] for st in rep["stages"].values()), default=None)
     st = _last_pseudo(rep)
-    return {"benchmark": "run", "machine": machine(), "command": command, "model": str(model_path), "task": str(data),
+    return {"benchmark": "run", "machine": where, "command": command, "model": str(model_path), "task": str(data),
             "weights": engine.weights.kind, "run": dataclasses.asdict(cfg), "train": dataclasses.asdict(tcfg),
             "gemm_gflops": gflops,
             "prefill_tokens_per_s": [{"adapter": Path(a).parent.name if a else None, "tokens": n, "tokens_per_s": v}

@@ -524,10 +524,10 @@ def bench_publish_cmd(
         try:
             loaded.append(json.loads(p.read_text()))
         except FileNotFoundError:
-            raise UserError(f"{p}: no such file; write it with `semievol bench quality|pseudo-label --json {p}`") from None
+            raise UserError(f"{p}: no such file; write it with `semievol bench quality|pseudo-label|run --json {p}`") from None
         except ValueError as e:
             raise UserError(f"{p}: not JSON ({e}); give a file written by `semievol bench ... --json`") from None
-        if loaded[-1].get("benchmark") not in ("quality", "pseudo-label"):
+        if loaded[-1].get("benchmark") not in ("quality", "pseudo-label", "run"):
             raise UserError(f"{p}: not a benchmark result (no 'benchmark' key)")
     bench.publish(readme, loaded)
     ui.info(f"{readme}: results section rewritten from {len(loaded)} file(s)")
