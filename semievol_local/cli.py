@@ -615,8 +615,7 @@ def serve_cmd(
     from . import export, llama_server, models
     from .llama_engine import Engine, default_threads, inference_weights
 
-    if weights not in config.WEIGHTS:
-        raise UserError(f"--weights {weights}: choose one of {', '.join(config.WEIGHTS)}")
+    config.check(EngineConfig(weights=weights))  # the run's own check of --weights
     exe = llama_server.binary(say=ui.info)
     if build_only:
         typer.echo(str(exe))

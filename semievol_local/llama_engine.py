@@ -75,6 +75,7 @@ class Weights:
     path: Path  # the file llama.cpp loads
     kind: str  # "file" (the GGUF as given) or "f32" (a cached float32 copy of it)
     why: str  # in a phrase, for `models info` and the log
+    f32_bytes: int = 0  # the size of the float32 copy (where the plan read the file's tensors)
 
 
 def weights_dir() -> Path:
@@ -115,10 +116,10 @@ def plan_weights(model_path: Path, cfg: EngineConfig) -> Weights:
         ram = _ram_bytes()
         if ram and f32_bytes > ram / 4:
             return Weights(model_path, "file", f"a float32 copy ({f32_bytes / 1e9:.1f} GB) would take more than "
-                                               f"a quarter of the RAM ({ram / 1e9:.0f} GB)")
+                                               f"a quarter of the RAM ({ram / 1e9:.0f} GB)", f32_bytes)
     name = f"{model_path.stem}-{file_digest(model_path)[:16]}-f32.gguf"
     return Weights(weights_dir() / name, "f32", f"float32 copy of {model_path.name} ({f32_bytes / 1e9:.2f} GB), "
-                                                "the weights MLX trains on, faster prompts on a CPU")
+                                                "the weights MLX trains on, faster prompts on a CPU", f32_bytes)
 
 
 def inference_weights(model_path: Path, cfg: EngineConfig) -> Weights:
@@ -126,7 +127,7 @@ def inference_weights(model_path: Path, cfg: EngineConfig) -> Weights:
     w = plan_weights(model_path, cfg)
     if w.kind == "f32" and not w.path.is_file():
         try:
-            _write_f32(Path(model_path), w.path, cfg.n_threads or default_threads())
+            _write_f32(Path(model_path), w.path, w.f32_bytes + (64 << 20), cfg.n_threads or default_threads())
         except UserError:
             if cfg.weights == "f32":
                 raise
@@ -135,13 +136,11 @@ def inference_weights(model_path: Path, cfg: EngineConfig) -> Weights:
     return w
 
 
-def _write_f32(src: Path, dst: Path, n_threads: int) -> None:
-    """Dequantize a GGUF to float32 with llama.cpp's own quantizer; the copy appears whole or not at all."""
+def _write_f32(src: Path, dst: Path, need: int, n_threads: int) -> None:
+    """Dequantize a GGUF to float32 with llama.cpp's own quantizer (`need` bytes of disk); the copy appears
+    whole or not at all."""
     import llama_cpp
 
-    from .models import read_gguf
-
-    need = 4 * sum(int(t.n_elements) for t in read_gguf(src).tensors) + (64 << 20)
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(dst.parent).free
@@ -199,14 +198,20 @@ class Engine:
         # whether the tokenizer puts BOS before a text (SmolLM2's does not: its BOS is <|im_start|>, in the template)
         self.adds_bos = bool(self.llm._model.add_bos_token()) if hasattr(self.llm._model, "add_bos_token") else True
         self._kv: list[int] = []  # tokens whose keys/values sit in the cache, in order
-        self.tokens_computed = 0  # tokens llama.cpp evaluated (prompts after prefix reuse, samples, embeddings)
         self.decodes = 0  # llama_decode calls (their mean size sets the prefill rate: `bench run`)
-        self.tokens_by_adapter: dict[str, int] = {}  # tokens_computed by adapter file ("": none)
+        # tokens llama.cpp evaluated (prompts after prefix reuse, samples, embeddings), by adapter file ("": none)
+        self.tokens_by_adapter: dict[str, int] = {}
         self._adapters: dict[str, object] = {}
         self.adapter: tuple[str, float] | None = None
-        self._ctx = self.llm._ctx
         self._embedder = None
         self._letters: dict[int, list[int]] = {}
+
+    @property
+    def tokens_computed(self) -> int:
+        return sum(self.tokens_by_adapter.values())
+
+    def _count(self, n: int, adapter: str = "") -> None:
+        self.tokens_by_adapter[adapter] = self.tokens_by_adapter.get(adapter, 0) + n
 
     def _open(self, vocab_only: bool):
         cfg = self.cfg
@@ -236,7 +241,7 @@ class Engine:
             self.llm.close()
             self.llm = self._open(vocab_only=False)
             self._vocab = self._lc.llama_model_get_vocab(self.llm._model.model)
-            self._ctx, self._kv, self.released = self.llm._ctx, [], False
+            self._kv, self.released = [], False
 
     # --- tokens ---------------------------------------------------------------------------------
     def _token_text(self, tok: int) -> str:
@@ -281,7 +286,7 @@ class Engine:
             return
         lc = self._lc
         if path is None:
-            lc.llama_set_adapters_lora(self._ctx.ctx, None, 0, None)
+            lc.llama_set_adapters_lora(self.llm._ctx.ctx, None, 0, None)
         else:
             key = want[0] + "@" + want[2]
             if key not in self._adapters:
@@ -293,7 +298,7 @@ class Engine:
                 self._adapters[key] = ad
             adapters = (lc.llama_adapter_lora_p_ctypes * 1)(self._adapters[key])
             scales = (ctypes.c_float * 1)(scale)
-            if lc.llama_set_adapters_lora(self._ctx.ctx, adapters, 1, scales):
+            if lc.llama_set_adapters_lora(self.llm._ctx.ctx, adapters, 1, scales):
                 raise UserError(f"{path}: llama.cpp could not apply this adapter to {self.model_path}")
         self.adapter = want
         self.reset()
@@ -308,16 +313,14 @@ class Engine:
         """Evaluate `tokens` after what is cached; return the last row of logits (V,) or all rows (T, V)."""
         self._ready()
         self._check_fits(len(self._kv) + len(tokens))
-        ctx, batch, n_batch = self._ctx, self.llm._batch, self.llm.n_batch
+        ctx, batch, n_batch = self.llm._ctx, self.llm._batch, self.llm.n_batch
         rows = []
         for i in range(0, len(tokens), n_batch):
             chunk = tokens[i: i + n_batch]
             batch.set_batch(batch=chunk, n_past=len(self._kv), logits_all=all_logits)
             ctx.decode(batch)
-            self.tokens_computed += len(chunk)
             self.decodes += 1
-            key = self.adapter[0] if self.adapter else ""
-            self.tokens_by_adapter[key] = self.tokens_by_adapter.get(key, 0) + len(chunk)
+            self._count(len(chunk), self.adapter[0] if self.adapter else "")
             n_out = len(chunk) if all_logits else 1
             rows.append(np.ctypeslib.as_array(ctx.get_logits(), shape=(n_out, self.n_vocab)).copy())
             self._kv.extend(chunk)
@@ -332,14 +335,14 @@ class Engine:
         limit = min(len(self._kv), len(tokens) - 1)  # at least one token must be evaluated for logits
         while keep < limit and self._kv[keep] == tokens[keep]:
             keep += 1
-        self._ctx.kv_cache_seq_rm(-1, keep, -1)
+        self.llm._ctx.kv_cache_seq_rm(-1, keep, -1)
         del self._kv[keep:]
         return self._decode(tokens[keep:])
 
     def reset(self) -> None:
         """Empty the KV cache, so that what follows does not depend on what came before (bit for bit)."""
         self._ready()
-        self._ctx.kv_cache_clear()
+        self.llm._ctx.kv_cache_clear()
         self._kv = []
 
     def logits(self, tokens: list[int]) -> np.ndarray:
@@ -351,7 +354,7 @@ class Engine:
         """Raw llama.cpp prompt evaluation, tokens/s: `n_tokens` random tokens decoded from an empty cache with
         the adapter now applied, best of `repeats` (the yardstick of `bench run`; counts as no stage's work)."""
         toks = np.random.default_rng(seed).integers(0, self.n_vocab, size=max(1, min(n_tokens, self.n_ctx - 1)))
-        counted = self.tokens_computed, self.decodes, dict(self.tokens_by_adapter)
+        counted = self.decodes, dict(self.tokens_by_adapter)
         best = float("inf")
         for _ in range(repeats):
             self.reset()
@@ -359,7 +362,7 @@ class Engine:
             self._decode([int(t) for t in toks])
             best = min(best, time.perf_counter() - tic)
         self.reset()
-        self.tokens_computed, self.decodes, self.tokens_by_adapter = counted
+        self.decodes, self.tokens_by_adapter = counted
         return len(toks) / best
 
     def score(self, prompt: list[int], n_options: int) -> Score:
@@ -375,13 +378,12 @@ class Engine:
                max_tokens: int = 256) -> list[Sample]:
         """One sample per seed, each from the same cached prompt; seeds must be explicit and non-zero."""
         self._check_fits(len(prompt) + 1)
-        self._ready()
         max_tokens = min(max_tokens, self.n_ctx - len(prompt) - 1)
         first = self._prefill(prompt)
         out = []
         for seed in seeds:
             rng = np.random.default_rng(seed)
-            self._ctx.kv_cache_seq_rm(-1, len(prompt), -1)
+            self.llm._ctx.kv_cache_seq_rm(-1, len(prompt), -1)
             del self._kv[len(prompt):]
             logits, toks, lps = first, [], []
             for _ in range(max_tokens):
@@ -412,11 +414,13 @@ class Engine:
                     n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
                     n_threads=self.n_threads, n_threads_batch=self.n_threads, n_gpu_layers=self.cfg.n_gpu_layers,
                     embedding=True, pooling_type=self._lc.LLAMA_POOLING_TYPE_MEAN, verbose=False)
-        vecs = np.asarray([self._embedder.embed(t, truncate=True) for t in texts], dtype=np.float32)
-        n = sum(min(len(self._embedder.tokenize(t.encode("utf-8"))), self._embedder.n_ctx()) for t in texts)
-        self.tokens_computed += n
-        self.tokens_by_adapter[""] = self.tokens_by_adapter.get("", 0) + n
+        rows = []
+        for t in texts:
+            vec, n = self._embedder.embed(t, truncate=True, return_count=True)
+            rows.append(vec)
+            self._count(n)
         self.decodes += len(texts)
+        vecs = np.asarray(rows, dtype=np.float32)
         norms = np.linalg.norm(vecs, axis=1, keepdims=True)
         return vecs / np.maximum(norms, 1e-12)
 

@@ -301,7 +301,7 @@ class Fleet:
 
             tensors = read_gguf(self.model_path).tensors
             n_params = sum(int(t.n_elements) for t in tensors)
-            size = 4 * n_params if self.weights.kind == "f32" else sum(int(t.data.nbytes) for t in tensors)
+            size = self.weights.f32_bytes if self.weights.kind == "f32" else sum(int(t.data.nbytes) for t in tensors)
             self._local_meta = {"n_vocab": self.n_vocab, "n_params": n_params, "size": size}
         for key, mine in self._local_meta.items():
             theirs = s.meta.get(key)
