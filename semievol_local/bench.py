@@ -189,11 +189,16 @@ def quality(model_path: Path, datas: list[Path], out: Path, suites: list[str], c
             "tables": tables}
 
 
+REFERENCE_DECODE = 128  # tokens: the no-adapter prompt rate measured before and after `bench run`'s run
+
+
 def whole_run(model_path: Path, data: Path, out: Path, cfg: RunConfig, tcfg: TrainConfig, ecfg: EngineConfig,
               reporter=None, command: str = "") -> dict:
-    """One `semievol run`, then each stage beside its own limit measured in the same process: llama.cpp's raw
-    prompt rate (random tokens, empty cache, the stage's mean decode size, same weights and threads) for the
-    stages that run llama.cpp, the float32 GEMM roofline (before and after the run) for the fine-tunes."""
+    """One `semievol run`, then each stage beside its own limit measured in the same process: for the stages
+    that run llama.cpp, its raw prompt rate (random tokens, the same weights, threads and adapter) for every
+    decode shape the stage had (cached tokens before a decode, tokens in it), rescaled by a reference rate
+    taken before and after the run (the machine drifts); for the fine-tunes, the float32 GEMM roofline
+    (before and after the run)."""
     from .blas import gemm_gflops
 
     if ecfg.server:
@@ -202,18 +207,22 @@ def whole_run(model_path: Path, data: Path, out: Path, cfg: RunConfig, tcfg: Tra
         raise UserError(f"--out {out}: already holds a run, whose finished stages would be reused and not timed; "
                         "give a new folder")
     where = machine()  # the commit that runs, not the one checked out when it ends
+    engine = load(model_path, ecfg)  # the run's own engine (one per process): the float32 copy is made here
+    ref_before = engine.prefill_rate(REFERENCE_DECODE, repeats=5)
     gflops_before = gemm_gflops()
     pipeline.run_semievol(model_path, data, out, cfg, tcfg, ecfg, reporter)
     gflops = (gflops_before + gemm_gflops()) / 2
+    engine.set_adapter(None)
+    ref_after = engine.prefill_rate(REFERENCE_DECODE, repeats=5)
+    drift = (ref_before + ref_after) / (2 * ref_after)  # rates taken after the run, scaled to the run's mean
     rep = build_report(out)
-    engine = load(model_path, ecfg)  # the run's own engine (one per process)
-    raw: dict[tuple[str, int], float] = {}  # (adapter, decode size) -> raw prompt tokens/s
+    raw: dict[tuple[str, int, int], float] = {}  # (adapter, cached, size) -> raw prompt tokens/s after the run
 
-    def rate(adapter: str, size: int) -> float:
-        if (adapter, size) not in raw:
+    def rate(adapter: str, past: int, size: int) -> float:
+        if (adapter, past, size) not in raw:
             engine.set_adapter(Path(adapter) if adapter else None)
-            raw[adapter, size] = engine.prefill_rate(size)
-        return raw[adapter, size]
+            raw[adapter, past, size] = engine.prefill_rate(size, repeats=2, past=past)
+        return raw[adapter, past, size] * drift
 
     rows = []
     for name, st in rep["stages"].items():
@@ -221,12 +230,16 @@ def whole_run(model_path: Path, data: Path, out: Path, cfg: RunConfig, tcfg: Tra
         row = {"stage": stage_label(name, st), "seconds": round(sec, 1), "tokens": None, "tokens_per_s": None,
                "limit": None, "fraction": None, "peak_rss_mb": round(st["peak_rss_mb"])}
         if f.get("decodes"):
-            size = max(1, round(f["tokens_computed"] / f["decodes"]))
-            # the limit: each adapter's tokens at llama.cpp's raw rate with that adapter (LoRA costs time too)
-            ideal = sum(n / rate(a if Path(a).exists() else "", size) for a, n in f.get("tokens_by_adapter", {}).items())
+            # the limit: each adapter's tokens, shape by shape, at llama.cpp's raw rate for that shape and adapter
+            ideal = 0.0
+            for a, shapes in f.get("decode_shapes", {}).items():
+                a = a if a and Path(a).exists() else ""
+                for key, n in _main_shapes(shapes):
+                    past, size = (int(v) for v in key.split(":"))
+                    ideal += n / rate(a, past, size)
             tps = f["tokens_computed"] / sec if sec else None
             row.update(tokens=f["tokens_computed"], tokens_per_s=round(tps, 1) if tps else None,
-                       limit=f"prefill {f['tokens_computed'] / ideal:.0f} tok/s ({size} tok)" if ideal else None,
+                       limit=f"prefill {f['tokens_computed'] / ideal:.0f} tok/s" if ideal else None,
                        fraction=round(ideal / sec, 3) if ideal and sec else None)
         elif f.get("flops"):
             trained = sum(r.get("tokens", 0) for r in _train_log(Path(out) / name))
@@ -239,8 +252,9 @@ def whole_run(model_path: Path, data: Path, out: Path, cfg: RunConfig, tcfg: Tra
     return {"benchmark": "run", "machine": where, "command": command, "model": str(model_path), "task": str(data),
             "weights": engine.weights.kind, "run": dataclasses.asdict(cfg), "train": dataclasses.asdict(tcfg),
             "gemm_gflops": gflops,
-            "prefill_tokens_per_s": [{"adapter": Path(a).parent.name if a else None, "tokens": n, "tokens_per_s": v}
-                                     for (a, n), v in sorted(raw.items())],
+            "prefill_reference": {"tokens": REFERENCE_DECODE, "before": ref_before, "after": ref_after},
+            "prefill_tokens_per_s": [{"adapter": Path(a).parent.name if a else None, "cached": past, "tokens": n,
+                                      "tokens_per_s": v} for (a, past, n), v in sorted(raw.items())],
             "tables": {"main": [{"task": Path(data).name, **rep["accuracy"],
                                  "p_vs_sft": (rep.get("semievol_vs_sft_paired") or {}).get("p_value"),
                                  "pseudo_label_accuracy_selected": st.get("accuracy_selected"),
@@ -249,6 +263,27 @@ def whole_run(model_path: Path, data: Path, out: Path, cfg: RunConfig, tcfg: Tra
             "whole_run": {"task": Path(data).name, "seconds": round(total, 1), "peak_rss_mb": peak,
                           "untimed_attempts": any(s.get("untimed_attempts") for s in rep["stages"].values()),
                           "goal": {"minutes_at_most_30": total <= 1800, "peak_at_most_3_gb": bool(peak and peak <= 3000)}}}
+
+
+def _main_shapes(shapes: dict[str, int], share: float = 0.99) -> list[tuple[str, int]]:
+    """The decode shapes holding `share` of the tokens, each with its tokens plus those of the rarer shapes
+    nearest to it (so a long tail of shapes costs no extra measurements and no tokens are dropped)."""
+    ranked = sorted(shapes.items(), key=lambda kv: -kv[1])
+    total, kept, acc = sum(shapes.values()), [], 0
+    for key, n in ranked:
+        if acc >= share * total and kept:
+            break
+        kept.append([key, n])
+        acc += n
+
+    def xy(key):
+        return tuple(int(v) for v in key.split(":"))
+
+    for key, n in ranked[len(kept):]:
+        p, z = xy(key)
+        near = min(kept, key=lambda kn: abs(xy(kn[0])[0] - p) + abs(xy(kn[0])[1] - z))
+        near[1] += n
+    return [(k, n) for k, n in kept]
 
 
 def _train_log(stage: Path) -> list[dict]:
@@ -265,6 +300,50 @@ def _last_eval(run: Path) -> dict:
     """The test evaluation of a run's last round (every prediction, for a question-by-question comparison)."""
     last = max(int(p.parent.parent.name[5:]) for p in Path(run).glob("round*/eval/eval.json"))
     return json.loads((Path(run) / f"round{last}" / "eval" / "eval.json").read_text())
+
+
+# --- training speed against the peer --------------------------------------------------------------
+
+def train_vs_peft(model_path: Path, peft_python: str, *, steps: int, batch_size: int, seq_len: int,
+                  num_layers: int = -1, answer_len: int | None = None, threads: int | None = None) -> dict:
+    """`mlx_engine.bench_train`, then PyTorch + PEFT on the same shape (`peft_bench.py`, run by `peft_python`:
+    a separate environment with torch, transformers and peft), back to back: MLX's tokens/s over the peer's."""
+    import shutil
+
+    from . import mlx_engine, peft_bench
+
+    exe = shutil.which(peft_python) or (peft_python if Path(peft_python).is_file() else None)
+    if exe is None:
+        raise UserError(f"--peft-python {peft_python}: no such Python interpreter; give the python of an "
+                        "environment with torch, transformers and peft (python3 -m venv ENV && ENV/bin/pip install "
+                        "torch transformers peft)")
+    probe = subprocess.run([exe, "-c", "import torch, transformers, peft"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        last = (probe.stderr.strip().splitlines() or ["it did not start"])[-1]
+        raise UserError(f"--peft-python {peft_python}: cannot import torch, transformers and peft ({last}); "
+                        f"install them there: {exe} -m pip install torch transformers peft")
+    from .models import inspect
+
+    arch = inspect(Path(model_path)).architecture
+    if arch != "llama":
+        raise UserError(f"{model_path}: the PyTorch + PEFT benchmark builds a Llama model; this one is {arch} "
+                        "(leave out --peft-python, or give a llama GGUF)")
+    ours = mlx_engine.bench_train(model_path, steps, batch_size=batch_size, seq_len=seq_len, num_layers=num_layers,
+                                  answer_len=answer_len)
+    spec = {"model": ours["shape"], "batch_size": batch_size, "seq_len": seq_len, "answer_len": ours["answer_len"],
+            "steps": steps, "skip_steps": 2, "rank": ours["rank"], "scale": ours["scale"], "keys": ours["keys"],
+            "num_layers": num_layers, "threads": threads or max(1, (os.cpu_count() or 2)), "seed": 0}
+    done = subprocess.run([exe, peft_bench.__file__, json.dumps(spec)], capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        raise UserError(f"--peft-python {peft_python}: the PyTorch + PEFT benchmark failed: {last}")
+    peer = json.loads(done.stdout.strip().splitlines()[-1])
+    return {**{k: v for k, v in ours.items() if k != "shape"},
+            "peft_tokens_per_s": peer["tokens_per_s"], "peft_trainable_params": peer["trainable_params"],
+            "peft_versions": f"torch {peer['torch']}, transformers {peer['transformers']}, peft {peer['peft']}",
+            "peft_threads": peer["threads"],
+            "vs_peft": ours["tokens_per_s"] / peer["tokens_per_s"],
+            "vs_peft_with_trunk": ours["tokens_per_s_with_trunk"] / peer["tokens_per_s"]}
 
 
 # --- pseudo-labeling speed --------------------------------------------------------------------------
@@ -476,11 +555,9 @@ def markdown(results: list[dict]) -> str:
                       f"Speed ratio score/sample: **{r['ratio']:.1f}x** (goal 10x).", ""]
         else:
             if r.get("benchmark") == "run":
-                rates = ", ".join(f"{x['adapter'] or 'no adapter'} {x['tokens_per_s']:.0f} ({x['tokens']} tokens)"
-                                  for x in r.get("prefill_tokens_per_s", []))
                 lines += [f"llama.cpp computed with {'the float32 copy of the file' if r.get('weights') == 'f32' else 'the file as given'}; "
-                          f"measured in the same process: float32 GEMM {r['gemm_gflops']:.0f} GFLOPS (MLX), llama.cpp's "
-                          f"raw prompt tokens/s: {rates}.", ""]
+                          f"measured in the same process: float32 GEMM {r['gemm_gflops']:.0f} GFLOPS (MLX), "
+                          + _prefill_sentence(r), ""]
             for name, rows in r.get("tables", {}).items():
                 lines += [f"**{TITLES.get(name, name)}**", ""] + _md_table(rows)
             w = r.get("whole_run")
@@ -498,6 +575,19 @@ def markdown(results: list[dict]) -> str:
 
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def _prefill_sentence(r: dict) -> str:
+    """How `bench run` measured llama.cpp's raw prompt rates (a long list of shapes, summarized)."""
+    rates = r.get("prefill_tokens_per_s", [])
+    ref = r.get("prefill_reference")
+    if not ref:  # results written before decode shapes were measured
+        return "llama.cpp's raw prompt tokens/s: " + ", ".join(
+            f"{x['adapter'] or 'no adapter'} {x['tokens_per_s']:.0f} ({x['tokens']} tokens)" for x in rates) + "."
+    v = [x["tokens_per_s"] for x in rates]
+    return (f"llama.cpp's raw prompt rate for each of the {len(rates)} decode shapes (cached tokens, tokens, adapter) "
+            f"the stages had: {min(v, default=0):.0f}-{max(v, default=0):.0f} tok/s after the run, scaled by the "
+            f"reference ({ref['tokens']} tokens, no adapter) {ref['before']:.0f} before and {ref['after']:.0f} after it.")
 
 
 def publish(readme: Path, results: list[dict]) -> None:

@@ -7,8 +7,8 @@ LD_PRELOAD or re-exec is needed. On macOS MLX uses Accelerate and this module do
 
 `tune_malloc()` is the other Linux CPU fix: glibc hands big freed buffers straight back to the kernel,
 so every step's 100 MB logits buffer page-faults in again (slow in a VM); keeping them in the heap makes
-a training step 3-6% faster. `trim_malloc()` gives that kept memory back once training is over, so
-the long llama.cpp stages that follow do not sit on the training peak.
+a training step 3-6% faster. `untune_malloc()` puts glibc's defaults back and gives the kept memory back
+once training is over, so the long llama.cpp stages that follow do not sit on the training peak.
 
 OpenBLAS picks its kernels by CPU model, and a release older than the CPU falls back to generic SSE3
 ("Prescott") kernels: Debian 12's OpenBLAS 0.3.21 on a Sapphire Rapids Xeon ran MLX's float32 GEMM at
@@ -115,20 +115,32 @@ def ensure_fast_blas() -> str | None:
     return None
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # <malloc.h> mallopt parameters
+
+
+def _mallopt(*pairs: tuple[int, int]) -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return all(bool(libc.mallopt(k, v)) for k, v in pairs)
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt): nothing to tune
+        return False
+
+
 def tune_malloc() -> bool:
-    """Keep freed memory in glibc's heap for reuse (process-wide; for long training runs). True if applied."""
-    if _state.get("malloc") is not None:
-        return _state["malloc"]
-    _state["malloc"] = False
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-            M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # <malloc.h>
-            # no mmap for big blocks, and only give memory back when more than 1 GiB sits free at the top
-            _state["malloc"] = bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
-        except (OSError, AttributeError):  # not glibc (musl has no mallopt): nothing to tune
-            pass
-    return _state["malloc"]
+    """Keep freed memory in glibc's heap for reuse (process-wide, until `untune_malloc`: for training
+    only). True if applied."""
+    # no mmap for big blocks, and only give memory back when more than 1 GiB sits free at the top
+    return _mallopt((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 1 << 30))
+
+
+def untune_malloc() -> bool:
+    """glibc's defaults again (big blocks mmap'ed and unmapped when freed, the heap trimmed past 128 KiB),
+    then the kept memory handed back: after training, the llama.cpp stages and the parity check's large
+    temporaries must not pile up in a heap that never shrinks (measured: 0.9 GB held after a fpb warm-up)."""
+    done = _mallopt((M_MMAP_MAX, 65536), (M_MMAP_THRESHOLD, 128 * 1024), (M_TRIM_THRESHOLD, 128 * 1024))
+    return trim_malloc() and done
 
 
 def trim_malloc() -> bool:

@@ -394,12 +394,29 @@ def bench_train_cmd(
     steps: int = typer.Option(8, "--steps", min=1, help="Timed optimizer steps."),
     batch_size: int = typer.Option(4, "--batch-size", min=1),
     seq_len: int = typer.Option(128, "--seq-len", min=8),
+    num_layers: int = typer.Option(-1, "--num-layers", min=-1, help="LoRA on the last N blocks (-1: all, the "
+                                   "shape FACTS §3 compares with PyTorch + PEFT)."),
+    answer_len: int = typer.Option(0, "--answer-len", min=0, help="Loss on the last N tokens of each sequence "
+                                   "(0: all; SFT on a short answer is a few)."),
+    peft_python: Optional[str] = typer.Option(None, "--peft-python", help="Also time PyTorch + PEFT on the same "
+                                              "shape, right after, with this Python (an environment with torch, "
+                                              "transformers and peft; never needed by semievol itself)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write tokens_per_s, gemm_gflops, roofline_fraction here."),
 ):
-    """Training tokens/s beside the float32 GEMM roofline measured in the same run."""
-    from . import mlx_engine, models
+    """Training tokens/s beside the float32 GEMM roofline measured in the same run (and PyTorch + PEFT's)."""
+    from . import bench, mlx_engine, models
 
-    result = mlx_engine.bench_train(models.resolve(model), steps, batch_size=batch_size, seq_len=seq_len)
+    path = models.resolve(model)
+    if num_layers == 0:
+        raise typer.BadParameter("0 blocks trains nothing: give -1 (all) or a positive count", param_hint="--num-layers")
+    if answer_len > seq_len:
+        raise typer.BadParameter(f"{answer_len} is longer than --seq-len {seq_len}", param_hint="--answer-len")
+    shape = dict(batch_size=batch_size, seq_len=seq_len, num_layers=num_layers, answer_len=answer_len or None)
+    if peft_python:
+        result = bench.train_vs_peft(path, peft_python, steps=steps, **shape)
+    else:
+        result = mlx_engine.bench_train(path, steps, **shape)
+        result.pop("shape")
     _publish(result, json_out, lambda r: ui.kv_table("bench train", r))
 
 

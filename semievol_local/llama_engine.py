@@ -168,6 +168,13 @@ def _write_f32(src: Path, dst: Path, need: int, n_threads: int) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def decode_shape(past: int, n: int) -> tuple[int, int]:
+    """A decode's shape, binned: (cached tokens before it, to 128; tokens in it: exact up to 8, to 8 up to 64,
+    then to 32). llama.cpp's tokens/s depends on both (attention over the cache, matrix sizes)."""
+    size = n if n <= 8 else 8 * round(n / 8) if n <= 64 else 32 * round(n / 32)
+    return 128 * round(past / 128), size
+
+
 class Engine:
     """A GGUF model loaded in llama.cpp."""
 
@@ -201,6 +208,9 @@ class Engine:
         self.decodes = 0  # llama_decode calls (their mean size sets the prefill rate: `bench run`)
         # tokens llama.cpp evaluated (prompts after prefix reuse, samples, embeddings), by adapter file ("": none)
         self.tokens_by_adapter: dict[str, int] = {}
+        # the same tokens by adapter and decode shape (cached tokens before the decode, tokens in it; binned by
+        # `decode_shape`): the decode's shape sets llama.cpp's rate, so `bench run`'s yardstick takes each shape
+        self.decode_shapes: dict[str, dict[tuple[int, int], int]] = {}
         self._adapters: dict[str, object] = {}
         self.adapter: tuple[str, float] | None = None
         self._embedder = None
@@ -210,8 +220,11 @@ class Engine:
     def tokens_computed(self) -> int:
         return sum(self.tokens_by_adapter.values())
 
-    def _count(self, n: int, adapter: str = "") -> None:
+    def _count(self, n: int, adapter: str = "", past: int = 0) -> None:
         self.tokens_by_adapter[adapter] = self.tokens_by_adapter.get(adapter, 0) + n
+        shapes = self.decode_shapes.setdefault(adapter, {})
+        key = decode_shape(past, n)
+        shapes[key] = shapes.get(key, 0) + n
 
     def _open(self, vocab_only: bool):
         cfg = self.cfg
@@ -320,7 +333,7 @@ class Engine:
             batch.set_batch(batch=chunk, n_past=len(self._kv), logits_all=all_logits)
             ctx.decode(batch)
             self.decodes += 1
-            self._count(len(chunk), self.adapter[0] if self.adapter else "")
+            self._count(len(chunk), self.adapter[0] if self.adapter else "", past=len(self._kv))
             n_out = len(chunk) if all_logits else 1
             rows.append(np.ctypeslib.as_array(ctx.get_logits(), shape=(n_out, self.n_vocab)).copy())
             self._kv.extend(chunk)
@@ -350,19 +363,25 @@ class Engine:
         self.reset()
         return self._decode(list(tokens), all_logits=True)
 
-    def prefill_rate(self, n_tokens: int, repeats: int = 3, seed: int = 0) -> float:
-        """Raw llama.cpp prompt evaluation, tokens/s: `n_tokens` random tokens decoded from an empty cache with
-        the adapter now applied, best of `repeats` (the yardstick of `bench run`; counts as no stage's work)."""
-        toks = np.random.default_rng(seed).integers(0, self.n_vocab, size=max(1, min(n_tokens, self.n_ctx - 1)))
-        counted = self.decodes, dict(self.tokens_by_adapter)
+    def prefill_rate(self, n_tokens: int, repeats: int = 3, seed: int = 0, past: int = 0) -> float:
+        """Raw llama.cpp prompt evaluation, tokens/s: `n_tokens` random tokens decoded after `past` cached ones
+        (decoded first, not timed) with the adapter now applied, best of `repeats` (the yardstick of `bench
+        run`; counts as no stage's work)."""
+        rng = np.random.default_rng(seed)
+        past = max(0, min(past, self.n_ctx - 2))
+        before = rng.integers(0, self.n_vocab, size=past).tolist()
+        toks = rng.integers(0, self.n_vocab, size=max(1, min(n_tokens, self.n_ctx - 1 - past))).tolist()
+        counted = self.decodes, dict(self.tokens_by_adapter), {a: dict(d) for a, d in self.decode_shapes.items()}
         best = float("inf")
         for _ in range(repeats):
             self.reset()
+            if before:
+                self._decode(before)
             tic = time.perf_counter()
-            self._decode([int(t) for t in toks])
+            self._decode(toks)
             best = min(best, time.perf_counter() - tic)
         self.reset()
-        self.decodes, self.tokens_by_adapter = counted
+        self.decodes, self.tokens_by_adapter, self.decode_shapes = counted
         return len(toks) / best
 
     def score(self, prompt: list[int], n_options: int) -> Score:

@@ -15,7 +15,7 @@ dict to `on_step` every optimizer step); no llama.cpp inference of its own.
 """
 from __future__ import annotations
 
-from .blas import ensure_fast_blas, gemm_gflops, trim_malloc, tune_malloc
+from .blas import ensure_fast_blas, gemm_gflops, tune_malloc, untune_malloc
 
 ensure_fast_blas()  # must run before the first `import mlx.core` (FACTS §3)
 
@@ -271,7 +271,8 @@ def _trunk_batch(trunk: list[np.ndarray], idx, length: int) -> np.ndarray:
 def _releasing(fn):
     """Hand MLX's buffer cache back to the system when `fn` returns: the pipeline trains, then runs
     llama.cpp for a long time, then trains again, and a kept cache (MLX's, and the glibc heap that
-    `tune_malloc` keeps) would sit in its resident memory."""
+    `tune_malloc` keeps) would sit in its resident memory. glibc's own settings come back too, so what
+    runs after (the parity check's logits, llama.cpp) does not fill a heap that never shrinks."""
     import functools
     import gc
 
@@ -282,7 +283,7 @@ def _releasing(fn):
         finally:
             gc.collect()
             mx.clear_cache()
-            trim_malloc()
+            untune_malloc()
 
     return run
 
@@ -563,16 +564,26 @@ def adapter_logits(model_path, adapter_dir, token_sequences: list[list[int]]) ->
 
 
 def bench_train(model_path, steps: int = 8, *, batch_size: int = 4, seq_len: int = 128, rank: int = 8,
-                answer_len: int | None = None, skip_steps: int = 2, seed: int = 0) -> dict:
+                answer_len: int | None = None, skip_steps: int = 2, seed: int = 0, num_layers: int = -1) -> dict:
     """Training speed on random tokens: (batch_size x seq_len) input tokens per step, LoRA on all 7
-    projections of all blocks, loss on the last `answer_len` tokens (default: all of them).
+    projections of the last `num_layers` blocks (-1: all), loss on the last `answer_len` tokens (default:
+    all of them).
 
     roofline_fraction = tokens_per_s * 4 * n_params / measured float32 GEMM FLOPS (FACTS §3's yardstick:
-    forward 2N + backward to activations 2N FLOP per token; frozen weights get no weight gradient)."""
+    forward 2N + backward to activations 2N FLOP per token; frozen weights get no weight gradient).
+    With fewer LoRA blocks the frozen ones run once per sequence before the first step (not timed per
+    step): `tokens_per_s_with_trunk` charges that pass to the steps. `shape` is what a peer benchmark
+    needs to build the same model (`peft_bench`)."""
     gflops_before = gemm_gflops()
     base = load_model(model_path)
     n_params = sum(v.size for _, v in tree_flatten(base.parameters()))
-    vocab = base.args.vocab_size
+    a = base.args
+    shape = {"vocab_size": a.vocab_size, "hidden_size": a.hidden_size, "intermediate_size": a.intermediate_size,
+             "num_hidden_layers": a.num_hidden_layers, "num_attention_heads": a.num_attention_heads,
+             "num_key_value_heads": a.num_key_value_heads, "rms_norm_eps": a.rms_norm_eps,
+             "rope_theta": getattr(a, "rope_theta", 10000.0),
+             "tie_word_embeddings": bool(getattr(a, "tie_word_embeddings", True)), "model_type": a.model_type}
+    vocab = a.vocab_size
     del base
     answer_len = seq_len if answer_len is None else answer_len
     rng = np.random.default_rng(seed)
@@ -580,8 +591,8 @@ def bench_train(model_path, steps: int = 8, *, batch_size: int = 4, seq_len: int
     for _ in range(batch_size * steps):
         toks = rng.integers(0, vocab, size=seq_len + 1).tolist()  # seq_len inputs, seq_len targets at most
         examples.append((toks[: seq_len + 1 - answer_len], toks[seq_len + 1 - answer_len:]))
-    cfg = TrainConfig(rank=rank, num_layers=-1, batch_size=batch_size, grad_accum=1, epochs=1.0, max_seq_len=seq_len + 1,
-                      warmup=0.0, lr=1e-4, val_fraction=0.0, save_every=10**9, seed=seed)
+    cfg = TrainConfig(rank=rank, num_layers=num_layers, batch_size=batch_size, grad_accum=1, epochs=1.0,
+                      max_seq_len=seq_len + 1, warmup=0.0, lr=1e-4, val_fraction=0.0, save_every=10**9, seed=seed)
     speeds: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         info = train(model_path, examples, cfg, tmp, valid_examples=[], on_step=lambda r: speeds.append(r["tokens_per_s"]))
@@ -589,9 +600,14 @@ def bench_train(model_path, steps: int = 8, *, batch_size: int = 4, seq_len: int
     tps = float(np.median(timed))
     gflops_after = gemm_gflops()  # on a shared machine the GEMM speed drifts: measure on both sides, average
     gflops = (gflops_before + gflops_after) / 2
-    return {"tokens_per_s": tps, "gemm_gflops": gflops, "gemm_gflops_before": gflops_before,
+    per_token_trunk = info["trunk_seconds"] / (batch_size * seq_len * steps)
+    return {"tokens_per_s": tps, "tokens_per_s_with_trunk": 1 / (1 / tps + per_token_trunk),
+            "gemm_gflops": gflops, "gemm_gflops_before": gflops_before,
             "gemm_gflops_after": gflops_after, "n_params": int(n_params),
             "roofline_tokens_per_s": gflops * 1e9 / (4 * n_params),
             "roofline_fraction": tps * 4 * n_params / (gflops * 1e9), "seconds_per_step": batch_size * seq_len / tps,
             "steps_timed": len(timed), "batch_size": batch_size, "seq_len": seq_len, "answer_len": answer_len,
-            "trainable_params": info["trainable_params"], "first_step_tokens_per_s": speeds[0] if speeds else None}
+            "lora_blocks": shape["num_hidden_layers"] if num_layers < 0 else min(num_layers, shape["num_hidden_layers"]),
+            "trunk_seconds": info["trunk_seconds"], "keys": cfg.keys.split(","), "rank": rank, "scale": cfg.scale,
+            "trainable_params": info["trainable_params"], "first_step_tokens_per_s": speeds[0] if speeds else None,
+            "shape": shape}

@@ -342,17 +342,25 @@ def _counts(engine) -> tuple | None:
     """(tokens llama.cpp has evaluated, its decode calls, tokens by adapter) so far in this process; None for
     llama-servers."""
     t = getattr(engine, "tokens_computed", None)
-    return None if t is None else (t, engine.decodes, dict(engine.tokens_by_adapter))
+    return None if t is None else (t, engine.decodes, dict(engine.tokens_by_adapter),
+                                   {a: dict(d) for a, d in engine.decode_shapes.items()})
 
 
 def _computed_since(engine, before: tuple | None) -> dict:
-    """A stage's figures for `bench run`: tokens evaluated (after prefix reuse), decode calls, and tokens by
-    adapter file ("": none) since `before`."""
+    """A stage's figures for `bench run`: tokens evaluated (after prefix reuse), decode calls, tokens by
+    adapter file ("": none), and by adapter and decode shape ("cached:size": tokens) since `before`."""
     now = _counts(engine)
     if now is None or before is None:
         return {}
     by = {k: n - before[2].get(k, 0) for k, n in now[2].items() if n - before[2].get(k, 0)}
-    return {"tokens_computed": now[0] - before[0], "decodes": now[1] - before[1], "tokens_by_adapter": by}
+    shapes = {}
+    for a, d in now[3].items():
+        was = before[3].get(a, {})
+        diff = {f"{p}:{n}": t - was.get((p, n), 0) for (p, n), t in sorted(d.items()) if t - was.get((p, n), 0)}
+        if diff:
+            shapes[a] = diff
+    return {"tokens_computed": now[0] - before[0], "decodes": now[1] - before[1], "tokens_by_adapter": by,
+            "decode_shapes": shapes}
 
 
 def prompt_counts(recs: list[dict]) -> dict:

@@ -269,6 +269,12 @@ def test_bench_run_puts_each_stage_beside_its_own_limit(tiny_q4, task, tmp_path)
     collab = json.loads((out / "round1" / "collaboration" / "manifest.json").read_text())["figures"]
     assert set(collab["tokens_by_adapter"]) == {"", str((out / "warmup" / "adapter.gguf").resolve())}
     assert sum(collab["tokens_by_adapter"].values()) == collab["tokens_computed"]
+    # the same tokens by decode shape ("cached:size"), adapter by adapter: the shapes the yardstick is taken at
+    assert {a: sum(d.values()) for a, d in collab["decode_shapes"].items()} == collab["tokens_by_adapter"]
+    measured = {(x["cached"], x["tokens"]) for x in r["prefill_tokens_per_s"]}
+    assert {tuple(int(v) for v in k.split(":")) for d in collab["decode_shapes"].values() for k in d} & measured
+    ref = r["prefill_reference"]
+    assert ref["before"] > 0 and ref["after"] > 0  # the machine's drift over the run, measured
     for name in ("eval/vanilla", "round1/collaboration", "round1/eval", "warmup", "round1/final"):
         assert rows[name]["tokens"] > 0 and rows[name]["fraction"] >= 0, rows[name]  # its size: a benchmark's
         assert rows[name]["limit"].startswith("GEMM" if name.endswith(("warmup", "final")) else "prefill")
@@ -279,3 +285,12 @@ def test_bench_run_puts_each_stage_beside_its_own_limit(tiny_q4, task, tmp_path)
     assert w["seconds"] == pytest.approx(sum(row["seconds"] for row in rows.values()), abs=1) and w["peak_rss_mb"] > 0
     again = CliRunner().invoke(app, ["bench", "run", "--model", str(tiny_q4), "--data", str(task), "--out", str(out)])
     assert again.exit_code == 2 and "already holds a run" in again.stderr
+
+
+def test_rare_decode_shapes_are_rated_at_their_nearest_common_shape():
+    from semievol_local.bench import _main_shapes
+
+    shapes = {"0:160": 900, "0:128": 80, "128:1": 15, "0:192": 5}  # 1000 tokens
+    kept = dict(_main_shapes(shapes, share=0.95))
+    assert kept == {"0:160": 905, "0:128": 95}  # 0:192 joins 0:160, 128:1 joins 0:128; no token dropped
+    assert dict(_main_shapes(shapes, share=1.0)) == shapes

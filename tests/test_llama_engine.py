@@ -191,3 +191,20 @@ def test_released_weights_come_back_for_the_next_forward_pass(tiny_q4):
         assert not eng.released
     finally:
         eng.close()
+
+
+def test_tokens_are_counted_by_decode_shape_and_the_yardstick_counts_as_no_work(engine):
+    from semievol_local.llama_engine import decode_shape
+
+    assert decode_shape(0, 5) == (0, 5) and decode_shape(70, 37) == (128, 40) and decode_shape(300, 150) == (256, 160)
+    engine.reset()
+    p = prompt(engine)
+    shapes0 = {a: dict(d) for a, d in engine.decode_shapes.items()}
+    engine.score(p, 3)  # from an empty cache: (0, len(p))
+    engine.score(p[:-1] + [p[-2]], 3)  # the same prompt but its last token: one token after len(p) - 1 cached
+    got = {k: n - shapes0.get("", {}).get(k, 0) for k, n in engine.decode_shapes[""].items()
+           if n - shapes0.get("", {}).get(k, 0)}
+    assert got == {decode_shape(0, len(p)): len(p), decode_shape(len(p) - 1, 1): 1}
+    before = (engine.decodes, dict(engine.tokens_by_adapter), {a: dict(d) for a, d in engine.decode_shapes.items()})
+    assert engine.prefill_rate(16, repeats=1) > 0 and engine.prefill_rate(8, repeats=1, past=40) > 0
+    assert (engine.decodes, engine.tokens_by_adapter, engine.decode_shapes) == before

@@ -336,8 +336,9 @@ def test_a_second_training_reads_the_frozen_blocks_the_first_stored(tmp_path):
 
 
 def test_memory_kept_for_training_goes_back_after_it():
-    """tune_malloc keeps freed buffers in glibc's heap (faster steps); trim_malloc, run when training
-    returns, must hand them back, or the llama.cpp stages after a fine-tune sit on the training peak."""
+    """tune_malloc keeps freed buffers in glibc's heap (faster steps); untune_malloc, run when training
+    returns, must hand them back and put glibc's defaults back, or the llama.cpp stages after a fine-tune
+    sit on the training peak and on every large temporary freed after it (the parity check's logits)."""
     import subprocess
     import sys
 
@@ -345,22 +346,25 @@ def test_memory_kept_for_training_goes_back_after_it():
         pytest.skip("glibc heap tuning is Linux-only")
     code = """
 import numpy as np
-from semievol_local.blas import trim_malloc, tune_malloc
+from semievol_local.blas import tune_malloc, untune_malloc
 from semievol_local.runfolder import rss_mb
 if not tune_malloc():
     print("skip"); raise SystemExit
 base = rss_mb()
 a = np.ones(400 * 2**20 // 8); del a  # 400 MB through malloc, freed
 held = rss_mb() - base
-trimmed = trim_malloc()
-print(held, rss_mb() - base, trimmed)
+untuned = untune_malloc()
+after = rss_mb() - base
+b = np.ones(400 * 2**20 // 8); del b  # after training: freed memory goes back by itself
+print(held, after, rss_mb() - base, untuned)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     if out == ["skip"]:
         pytest.skip("not glibc")
-    held, after, trimmed = float(out[0]), float(out[1]), out[2]
+    held, after, later, untuned = float(out[0]), float(out[1]), float(out[2]), out[3]
     assert held > 300, f"tune_malloc did not keep the freed 400 MB ({held:.0f} MB held)"
-    assert trimmed == "True" and after < 50, f"trim_malloc left {after:.0f} MB of the 400 MB"
+    assert untuned == "True" and after < 50, f"untune_malloc left {after:.0f} MB of the 400 MB"
+    assert later < 50, f"after untune_malloc a freed 400 MB array still holds {later:.0f} MB"
 
 
 # ---------------------------------------------------------------------------- CPU fast paths
