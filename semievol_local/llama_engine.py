@@ -22,6 +22,7 @@ from llama_cpp._utils import suppress_stdout_stderr
 from .config import EngineConfig
 from .errors import UserError
 from .prompts import ANSWER_PREFIX, ChatTemplate
+from .runfolder import ram_bytes
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +87,6 @@ def weights_dir() -> Path:
     return (Path(root) if root else Path.home() / ".cache") / "semievol" / "weights"
 
 
-def _ram_bytes() -> int:
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 0
-
-
 def plan_weights(model_path: Path, cfg: EngineConfig) -> Weights:
     """The file llama.cpp should compute with for `cfg.weights` (nothing is written here)."""
     import llama_cpp
@@ -113,7 +107,7 @@ def plan_weights(model_path: Path, cfg: EngineConfig) -> Weights:
             return Weights(model_path, "file", "the file is not quantized")
         if cfg.n_gpu_layers != 0 and llama_cpp.llama_supports_gpu_offload():
             return Weights(model_path, "file", "a GPU computes with the quantized weights")
-        ram = _ram_bytes()
+        ram = ram_bytes()
         if ram and f32_bytes > ram / 4:
             return Weights(model_path, "file", f"a float32 copy ({f32_bytes / 1e9:.1f} GB) would take more than "
                                                f"a quarter of the RAM ({ram / 1e9:.0f} GB)", f32_bytes)

@@ -1,7 +1,6 @@
 """The bad-input contract: one line on stderr naming the file/row/value, exit 2, no traceback, no output file."""
 from __future__ import annotations
 
-import shutil
 
 import pytest
 from conftest import make_rows, write_split

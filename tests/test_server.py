@@ -2,7 +2,6 @@
 ports), built from the same llama.cpp source on first use; skipped only where it could not be built."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal

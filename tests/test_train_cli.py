@@ -1,6 +1,8 @@
 """`semievol train`, `adapter check` and `bench train` through the CLI on tiny models."""
 import json
+import sys
 
+import pytest
 from typer.testing import CliRunner
 
 from semievol_local.cli import app
@@ -50,3 +52,24 @@ def test_bench_train_reports_the_roofline(tiny_q4, tmp_path):
     assert res.exit_code == 0, res.stderr
     b = json.loads((tmp_path / "b.json").read_text())
     assert b["tokens_per_s"] > 0 and b["gemm_gflops"] > 0 and 0 < b["roofline_fraction"]
+    assert b["lora_blocks"] == 2 and b["tokens_per_s_with_trunk"] == b["tokens_per_s"]  # all blocks: no trunk pass
+
+
+def test_bench_train_with_fewer_blocks_charges_the_trunk_pass(tiny_q4, tmp_path):
+    res = invoke("bench", "train", "--model", tiny_q4, "--steps", 3, "--batch-size", 2, "--seq-len", 32,
+                 "--num-layers", 1, "--answer-len", 4, "--json", tmp_path / "b.json")
+    assert res.exit_code == 0, res.stderr
+    b = json.loads((tmp_path / "b.json").read_text())
+    assert b["lora_blocks"] == 1 and b["answer_len"] == 4 and b["trunk_seconds"] > 0
+    assert b["tokens_per_s_with_trunk"] < b["tokens_per_s"]
+
+
+@pytest.mark.parametrize("python, says", [("/no/such/python", "no such Python interpreter"),
+                                          (sys.executable, "cannot import torch, transformers and peft")])
+def test_bench_train_against_peft_needs_a_python_with_torch(tiny_q4, tmp_path, python, says):
+    """The peer runs in its own environment; one without torch is named, with the command that fixes it,
+    before any training starts."""
+    res = invoke("bench", "train", "--model", tiny_q4, "--steps", 2, "--peft-python", python,
+                 "--json", tmp_path / "b.json")
+    assert res.exit_code == 2 and says in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert not (tmp_path / "b.json").exists()
