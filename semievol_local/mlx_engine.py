@@ -121,8 +121,6 @@ def activation_bytes(args, batch: int, length: int, blocks: int, checkpoint: boo
     return tokens * per_token_block * blocks
 
 
-
-
 def _export(out_dir: Path, flat: dict[str, mx.array], adapter_cfg: dict, arch: str, n_blocks: int,
             cfg: TrainConfig) -> None:
     """Write the adapter in both layouts from flat trainable params ('model.layers.3.self_attn.q_proj.lora_a')."""
