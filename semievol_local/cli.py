@@ -408,9 +408,9 @@ def bench_train_cmd(
 
     path = models.resolve(model)
     if num_layers == 0:
-        raise typer.BadParameter("0 blocks trains nothing: give -1 (all) or a positive count", param_hint="--num-layers")
+        raise UserError("--num-layers 0 trains nothing: give -1 (all) or a positive count")
     if answer_len > seq_len:
-        raise typer.BadParameter(f"{answer_len} is longer than --seq-len {seq_len}", param_hint="--answer-len")
+        raise UserError(f"--answer-len {answer_len} is longer than --seq-len {seq_len}: give at most {seq_len}")
     shape = dict(batch_size=batch_size, seq_len=seq_len, num_layers=num_layers, answer_len=answer_len or None)
     if peft_python:
         result = bench.train_vs_peft(path, peft_python, steps=steps, **shape)
