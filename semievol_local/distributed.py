@@ -80,6 +80,15 @@ def free_port(n: int) -> int:
     raise UserError("found no free TCP ports for the training processes")
 
 
+def thread_env(hosts: list[str]) -> list[str]:
+    """`mlx.launch` options giving each process its share of the cores when every host is this machine (BLAS
+    results depend on the thread count: the same processes means the same threads too)."""
+    if not all(ipaddress.ip_address(h).is_loopback for h in hosts):
+        return []
+    n = str(max(1, (os.cpu_count() or 1) // len(hosts)))
+    return ["--env", f"OPENBLAS_NUM_THREADS={n}", "--env", f"OMP_NUM_THREADS={n}"]
+
+
 def train(model_path, train_examples, cfg, out_dir: Path, *, valid_examples=None, resume: bool = False,
           init_adapter=None, on_step: Callable[[dict], None] | None = None,
           on_trunk: Callable[[int, int], None] | None = None, trunk_store: Path | None = None) -> dict:
@@ -93,12 +102,8 @@ def train(model_path, train_examples, cfg, out_dir: Path, *, valid_examples=None
             "config": dataclasses.asdict(dataclasses.replace(cfg, hosts="")), "out_dir": str(out_dir.resolve()),
             "resume": resume, "init_adapter": str(Path(init_adapter).resolve()) if init_adapter else None}
     atomic_write_json(out_dir / SPEC, spec)
-    env = []
-    if all(ipaddress.ip_address(h).is_loopback for h in hosts):  # processes of this machine share its cores
-        n = str(max(1, (os.cpu_count() or 1) // len(hosts)))
-        env = ["--env", f"OPENBLAS_NUM_THREADS={n}", "--env", f"OMP_NUM_THREADS={n}"]
     cmd = [str(launcher()), "--backend", "ring", "--hosts", ",".join(hosts), "--starting-port", str(free_port(len(hosts))),
-           *env, "--", sys.executable, "-m", "semievol_local.distributed", str((out_dir / SPEC).resolve())]
+           *thread_env(hosts), "--", sys.executable, "-m", "semievol_local.distributed", str((out_dir / SPEC).resolve())]
     summary, errors, tail = None, [], []
     # its own session: on an interrupt the launcher and its local processes go down together (remote ranks lose
     # their ssh session); no stdin, which mlx.launch would otherwise set non-blocking under our terminal

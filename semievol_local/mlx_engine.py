@@ -181,7 +181,8 @@ def _trunk(model: Model, seqs: list[batching.Seq], first: int, batch_size: int,
     Blocks below the first LoRA block are frozen and see no LoRA below them, so their output for a
     sequence never changes during training: computed once here, each step then runs (forward and
     backward) only the blocks that have LoRA. Right padding and causal attention make each row's valid
-    positions independent of the batch it is computed in.
+    positions independent of the batch it is computed in, up to rounding (BLAS sums in an order that
+    depends on the shapes: a resumed run groups the same rows as an uninterrupted one).
 
     `store`: a folder of outputs by token sequence (one .npy each, for this model and `first`); sequences
     found there are read, not computed, and those computed are added (the final fine-tune reuses the
@@ -393,8 +394,9 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
     # ---- frozen trunk: the blocks below the first LoRA block run once per sequence, not once per step
     tic = time.perf_counter()
     first = len(model.layers) - adapter_cfg["num_layers"] if gguf_loader.spec_of(model).trunk_cache else 0
-    ahead = plan[start * cfg.grad_accum:]
-    only = np.concatenate([_shard(idx, rank, world)[0] for idx in ahead]) if world > 1 and ahead else None
+    # every row this process meets in the whole run, also on resume: BLAS rounding depends on which rows share
+    # a batch, and the same batches as an uninterrupted run keep a resumed run bit for bit the same
+    only = np.concatenate([_shard(idx, rank, world)[0] for idx in plan]) if world > 1 and plan else None
     store = Path(trunk_store) / f"blocks-{first}" if trunk_store is not None and world == 1 else None
     trunk, trunk_reused = _trunk(model, seqs, first, cfg.batch_size,
                                  (on_trunk if on_trunk and lead else lambda done, total: None),

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from semievol_local.distributed import free_port
+from semievol_local.distributed import free_port, thread_env
 
 LAUNCH = Path(sys.executable).parent / "mlx.launch"
 pytestmark = pytest.mark.skipif(not LAUNCH.exists(), reason="mlx.launch is not installed beside this Python")
@@ -24,7 +24,8 @@ def semievol(*args) -> list[str]:
 
 
 def launch(n: int, command: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
-    cmd = [str(LAUNCH), "--backend", "ring", "-n", str(n), "--starting-port", str(free_port(n)), "--", *command]
+    cmd = [str(LAUNCH), "--backend", "ring", "-n", str(n), "--starting-port", str(free_port(n)),
+           *thread_env(["127.0.0.1"] * n), "--", *command]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
