@@ -234,8 +234,7 @@ def whole_run(model_path: Path, data: Path, out: Path, cfg: RunConfig, tcfg: Tra
             ideal = 0.0
             for a, shapes in f.get("decode_shapes", {}).items():
                 a = a if a and Path(a).exists() else ""
-                for key, n in _main_shapes(shapes):
-                    past, size = (int(v) for v in key.split(":"))
+                for (past, size), n in _main_shapes(shapes):
                     ideal += n / rate(a, past, size)
             tps = f["tokens_computed"] / sec if sec else None
             row.update(tokens=f["tokens_computed"], tokens_per_s=round(tps, 1) if tps else None,
@@ -265,23 +264,19 @@ def whole_run(model_path: Path, data: Path, out: Path, cfg: RunConfig, tcfg: Tra
                           "goal": {"minutes_at_most_30": total <= 1800, "peak_at_most_3_gb": bool(peak and peak <= 3000)}}}
 
 
-def _main_shapes(shapes: dict[str, int], share: float = 0.99) -> list[tuple[str, int]]:
-    """The decode shapes holding `share` of the tokens, each with its tokens plus those of the rarer shapes
-    nearest to it (so a long tail of shapes costs no extra measurements and no tokens are dropped)."""
-    ranked = sorted(shapes.items(), key=lambda kv: -kv[1])
+def _main_shapes(shapes: dict[str, int], share: float = 0.99) -> list[tuple[tuple[int, int], int]]:
+    """The decode shapes ("cached:size" keys) holding `share` of the tokens, as ((cached, size), tokens), each
+    with the tokens of the rarer shapes nearest to it too (so a long tail of shapes costs no extra
+    measurements and no tokens are dropped)."""
+    ranked = sorted(((tuple(int(v) for v in k.split(":")), n) for k, n in shapes.items()), key=lambda kn: -kn[1])
     total, kept, acc = sum(shapes.values()), [], 0
     for key, n in ranked:
         if acc >= share * total and kept:
             break
         kept.append([key, n])
         acc += n
-
-    def xy(key):
-        return tuple(int(v) for v in key.split(":"))
-
-    for key, n in ranked[len(kept):]:
-        p, z = xy(key)
-        near = min(kept, key=lambda kn: abs(xy(kn[0])[0] - p) + abs(xy(kn[0])[1] - z))
+    for (p, z), n in ranked[len(kept):]:
+        near = min(kept, key=lambda kn: abs(kn[0][0] - p) + abs(kn[0][1] - z))
         near[1] += n
     return [(k, n) for k, n in kept]
 

@@ -200,10 +200,9 @@ class Engine:
         self.adds_bos = bool(self.llm._model.add_bos_token()) if hasattr(self.llm._model, "add_bos_token") else True
         self._kv: list[int] = []  # tokens whose keys/values sit in the cache, in order
         self.decodes = 0  # llama_decode calls (their mean size sets the prefill rate: `bench run`)
-        # tokens llama.cpp evaluated (prompts after prefix reuse, samples, embeddings), by adapter file ("": none)
-        self.tokens_by_adapter: dict[str, int] = {}
-        # the same tokens by adapter and decode shape (cached tokens before the decode, tokens in it; binned by
-        # `decode_shape`): the decode's shape sets llama.cpp's rate, so `bench run`'s yardstick takes each shape
+        # tokens llama.cpp evaluated (prompts after prefix reuse, samples, embeddings) by adapter file ("": none)
+        # and decode shape (cached tokens before the decode, tokens in it; binned by `decode_shape`): the
+        # decode's shape sets llama.cpp's rate, so `bench run`'s yardstick takes each shape
         self.decode_shapes: dict[str, dict[tuple[int, int], int]] = {}
         self._adapters: dict[str, object] = {}
         self.adapter: tuple[str, float] | None = None
@@ -211,11 +210,14 @@ class Engine:
         self._letters: dict[int, list[int]] = {}
 
     @property
+    def tokens_by_adapter(self) -> dict[str, int]:
+        return {a: sum(d.values()) for a, d in self.decode_shapes.items()}
+
+    @property
     def tokens_computed(self) -> int:
-        return sum(self.tokens_by_adapter.values())
+        return sum(sum(d.values()) for d in self.decode_shapes.values())
 
     def _count(self, n: int, adapter: str = "", past: int = 0) -> None:
-        self.tokens_by_adapter[adapter] = self.tokens_by_adapter.get(adapter, 0) + n
         shapes = self.decode_shapes.setdefault(adapter, {})
         key = decode_shape(past, n)
         shapes[key] = shapes.get(key, 0) + n
@@ -365,7 +367,7 @@ class Engine:
         past = max(0, min(past, self.n_ctx - 2))
         before = rng.integers(0, self.n_vocab, size=past).tolist()
         toks = rng.integers(0, self.n_vocab, size=max(1, min(n_tokens, self.n_ctx - 1 - past))).tolist()
-        counted = self.decodes, dict(self.tokens_by_adapter), {a: dict(d) for a, d in self.decode_shapes.items()}
+        counted = self.decodes, {a: dict(d) for a, d in self.decode_shapes.items()}
         best = float("inf")
         for _ in range(repeats):
             self.reset()
@@ -375,7 +377,7 @@ class Engine:
             self._decode(toks)
             best = min(best, time.perf_counter() - tic)
         self.reset()
-        self.decodes, self.tokens_by_adapter, self.decode_shapes = counted
+        self.decodes, self.decode_shapes = counted
         return len(toks) / best
 
     def score(self, prompt: list[int], n_options: int) -> Score:

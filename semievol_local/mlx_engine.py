@@ -409,13 +409,19 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
 
     # ---- memory: recompute activations in the backward pass by itself when the step would pass the budget
     budget = cfg.memory_budget * 1e9 if cfg.memory_budget > 0 else 0.5 * ram_bytes()
-    estimate = rss_mb() * 1e6 + activation_bytes(model.args, cfg.batch_size, int(lengths.max()),
-                                                 len(model.layers) - first)
+    held = rss_mb() * 1e6
+
+    def estimate_with(checkpoint: bool) -> float:
+        return held + activation_bytes(model.args, cfg.batch_size, int(lengths.max()), len(model.layers) - first,
+                                       checkpoint=checkpoint)
+
+    estimate = estimate_with(cfg.grad_checkpoint)
     checkpointed = "on" if cfg.grad_checkpoint else "off"
     if not cfg.grad_checkpoint and budget and estimate > budget:
         checkpoint_blocks(model)
         checkpointed = f"auto: estimated peak {estimate / 1e9:.1f} GB > budget {budget / 1e9:.1f} GB"
-        log.info("gradient checkpointing on (%s)", checkpointed)
+        estimate = estimate_with(True)
+        log.info("gradient checkpointing on (%s; %.1f GB with it)", checkpointed, estimate / 1e9)
 
     # ---- one compiled step: forward + backward (+ optimizer update on the last micro-batch)
     loss_and_grad = nn.value_and_grad(model, partial(_loss, first=first))

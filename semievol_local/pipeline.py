@@ -339,11 +339,11 @@ def stage_collaboration(run: RunFolder, name: str, engine: Engine, labeled: list
 
 
 def _counts(engine) -> tuple | None:
-    """(tokens llama.cpp has evaluated, its decode calls, tokens by adapter) so far in this process; None for
+    """(decode calls, tokens by adapter and decode shape) llama.cpp has run so far in this process; None for
     llama-servers."""
-    t = getattr(engine, "tokens_computed", None)
-    return None if t is None else (t, engine.decodes, dict(engine.tokens_by_adapter),
-                                   {a: dict(d) for a, d in engine.decode_shapes.items()})
+    if not hasattr(engine, "decode_shapes"):
+        return None
+    return engine.decodes, {a: dict(d) for a, d in engine.decode_shapes.items()}
 
 
 def _computed_since(engine, before: tuple | None) -> dict:
@@ -352,14 +352,14 @@ def _computed_since(engine, before: tuple | None) -> dict:
     now = _counts(engine)
     if now is None or before is None:
         return {}
-    by = {k: n - before[2].get(k, 0) for k, n in now[2].items() if n - before[2].get(k, 0)}
     shapes = {}
-    for a, d in now[3].items():
-        was = before[3].get(a, {})
+    for a, d in now[1].items():
+        was = before[1].get(a, {})
         diff = {f"{p}:{n}": t - was.get((p, n), 0) for (p, n), t in sorted(d.items()) if t - was.get((p, n), 0)}
         if diff:
             shapes[a] = diff
-    return {"tokens_computed": now[0] - before[0], "decodes": now[1] - before[1], "tokens_by_adapter": by,
+    by = {a: sum(d.values()) for a, d in shapes.items()}
+    return {"tokens_computed": sum(by.values()), "decodes": now[0] - before[0], "tokens_by_adapter": by,
             "decode_shapes": shapes}
 
 

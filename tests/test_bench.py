@@ -292,5 +292,5 @@ def test_rare_decode_shapes_are_rated_at_their_nearest_common_shape():
 
     shapes = {"0:160": 900, "0:128": 80, "128:1": 15, "0:192": 5}  # 1000 tokens
     kept = dict(_main_shapes(shapes, share=0.95))
-    assert kept == {"0:160": 905, "0:128": 95}  # 0:192 joins 0:160, 128:1 joins 0:128; no token dropped
-    assert dict(_main_shapes(shapes, share=1.0)) == shapes
+    assert kept == {(0, 160): 905, (0, 128): 95}  # 0:192 joins 0:160, 128:1 joins 0:128; no token dropped
+    assert {f"{p}:{z}": n for (p, z), n in _main_shapes(shapes, share=1.0)} == shapes

@@ -205,6 +205,6 @@ def test_tokens_are_counted_by_decode_shape_and_the_yardstick_counts_as_no_work(
     got = {k: n - shapes0.get("", {}).get(k, 0) for k, n in engine.decode_shapes[""].items()
            if n - shapes0.get("", {}).get(k, 0)}
     assert got == {decode_shape(0, len(p)): len(p), decode_shape(len(p) - 1, 1): 1}
-    before = (engine.decodes, dict(engine.tokens_by_adapter), {a: dict(d) for a, d in engine.decode_shapes.items()})
+    before = (engine.decodes, engine.tokens_by_adapter, {a: dict(d) for a, d in engine.decode_shapes.items()})
     assert engine.prefill_rate(16, repeats=1) > 0 and engine.prefill_rate(8, repeats=1, past=40) > 0
     assert (engine.decodes, engine.tokens_by_adapter, engine.decode_shapes) == before
