@@ -57,11 +57,37 @@ def epoch_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int) -
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
+def padded_length(lengths) -> int:
+    """The input length `collate` pads a batch of sequences of these lengths to (the longest less one, rounded up)."""
+    return -(-(int(np.max(lengths)) - 1) // PAD_SEQ) * PAD_SEQ
+
+
+def typical_max_tokens(batches: list[np.ndarray], lengths: np.ndarray, factor: float = 1.5) -> int:
+    """`factor` x the median batch's padded tokens (rows x padded length): the default largest micro-batch."""
+    return int(factor * np.median([len(b) * padded_length(lengths[b]) for b in batches]))
+
+
+def split_batch(idx: np.ndarray, lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
+    """The batch `idx` as the fewest pieces (rows by length, each piece padded to its own longest) of at most
+    `max_tokens` padded tokens each, or as it is when it fits or `max_tokens` <= 0. A single row longer than
+    `max_tokens` stays a piece of its own. The pieces' gradients add up to the batch's (up to rounding), so a
+    rare long batch costs the memory of a typical one."""
+    idx = np.asarray(idx)
+    if max_tokens <= 0 or len(idx) * padded_length(lengths[idx]) <= max_tokens:
+        return [idx]
+    rows = idx[np.argsort(lengths[idx], kind="stable")]
+    for n in range(2, len(rows) + 1):
+        pieces = np.array_split(rows, n)
+        if all(len(q) * padded_length(lengths[q]) <= max_tokens for q in pieces):
+            return pieces
+    return [rows[i: i + 1] for i in range(len(rows))]
+
+
 def collate(seqs: list[Seq], idx) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """inputs (B, L) int32, pos/targets (B, A) int32, mask (B, A) float32, L and A rounded up to buckets.
     pos[b, j] is the input position whose logits predict targets[b, j]: logits are only needed there."""
     rows = [seqs[i] for i in idx]
-    L = -(-max(len(t) - 1 for t, _ in rows) // PAD_SEQ) * PAD_SEQ
+    L = padded_length([len(t) for t, _ in rows])
     A = -(-max(len(t) - s for t, s in rows) // PAD_ANSWER) * PAD_ANSWER
     inputs = np.zeros((len(rows), L), np.int32)  # right padding: causal attention never looks at it
     pos = np.zeros((len(rows), A), np.int32)

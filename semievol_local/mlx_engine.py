@@ -353,6 +353,11 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
     plan: list[np.ndarray] = []  # micro-batches (index arrays into seqs), epoch after epoch
     while len(plan) < total_steps * cfg.grad_accum:
         plan += batching.epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch=len(plan) // batches_per_epoch)
+    max_tokens = batching.typical_max_tokens(plan, lengths) if cfg.max_batch_tokens == 0 else cfg.max_batch_tokens
+    pieces = {i: batching.split_batch(idx, lengths, max_tokens) for i, idx in enumerate(plan)}  # what each computes
+    split = sum(len(v) > 1 for v in pieces.values())
+    if split:
+        log.info("%d of %d batches split into pieces of at most %d padded tokens", split, len(plan), max_tokens)
 
     optimizer = optim.AdamW(learning_rate=_schedule(cfg, total_steps), weight_decay=cfg.weight_decay)
     optimizer.init(model.trainable_parameters())  # before compiling: the state tree must not change shape later
@@ -411,9 +416,10 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
     budget = cfg.memory_budget * 1e9 if cfg.memory_budget > 0 else 0.5 * ram_bytes()
     held = rss_mb() * 1e6
 
-    def estimate_with(checkpoint: bool) -> float:
-        return held + activation_bytes(model.args, cfg.batch_size, int(lengths.max()), len(model.layers) - first,
-                                       checkpoint=checkpoint)
+    def estimate_with(checkpoint: bool) -> float:  # the largest piece any process computes
+        return held + max(activation_bytes(model.args, -(-len(q) // world), batching.padded_length(lengths[q]),
+                                           len(model.layers) - first, checkpoint=checkpoint)
+                          for v in pieces.values() for q in v)
 
     estimate = estimate_with(cfg.grad_checkpoint)
     checkpointed = "on" if cfg.grad_checkpoint else "off"
@@ -457,7 +463,7 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
             raise UserError(f"Training batch {s + 1} has no answer tokens to learn from; check that answers are not empty.")
         n_input = sum(int(len(seqs[i][0]) - 1) for idx in step_plan for i in idx)
         micro = []
-        for idx in step_plan:
+        for idx in (q for i in range(s * cfg.grad_accum, (s + 1) * cfg.grad_accum) for q in pieces[i]):
             if world > 1:  # this process's rows of the micro-batch
                 idx, idle = _shard(idx, rank, world)
             b = batching.collate(seqs, idx)
@@ -516,6 +522,7 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
             "trainable_params": sum(v.size for _, v in tree_flatten(model.trainable_parameters())),
             "processes": world, "flops": _flops(model, seqs, first if trunk is not None else 0, steps_run),
             "grad_checkpoint": checkpointed, "estimated_peak_gb": round(estimate / 1e9, 2),
+            "max_batch_tokens": max_tokens, "batches_split": split,
             "out_dir": str(out_dir), "adapter_gguf": str(out_dir / "adapter.gguf")}
 
 

@@ -279,6 +279,47 @@ def test_gradient_checkpointing_gives_the_same_adapter_with_less_memory(tmp_path
     assert type(me.load_model(deep).layers[0]).__name__ == "TransformerBlock"  # other models untouched
 
 
+def test_a_rare_long_batch_is_split_into_pieces_that_train_the_same_adapter(tmp_path):
+    """Batches over 1.5x the median padded tokens are computed in pieces whose gradients add up to the step's:
+    the same losses and weights as whole batches, with the MLX peak of a typical batch."""
+    deep = write_tiny_gguf(tmp_path / "deep.gguf", n_layer=8, n_ff=512)
+    tok = tokenizer(deep)
+    data = [(tok(CHAT.format(q="word " * (150 if i % 8 == 0 else 12) + f"{i}?")), tok(" " + "ABCD"[i % 4] + "<|im_end|>"))
+            for i in range(32)]
+    peaks, weights, losses, infos = {}, {}, {}, {}
+    for name, cap in {"whole": -1, "auto": 0}.items():
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        got: list[dict] = []
+        infos[name] = me.train(deep, data, toy_cfg(epochs=1, batch_size=8, max_seq_len=256, max_batch_tokens=cap),
+                               tmp_path / name, valid_examples=data[:2], on_step=got.append)
+        peaks[name] = mx.get_peak_memory()
+        weights[name] = mx.load(str(tmp_path / name / "adapters.safetensors"))
+        losses[name] = [r["loss"] for r in got]
+    assert infos["whole"]["batches_split"] == 0 and infos["auto"]["batches_split"] >= 1, infos["auto"]
+    assert losses["auto"] == pytest.approx(losses["whole"], rel=1e-5)
+    for key, w in weights["whole"].items():
+        np.testing.assert_allclose(np.array(weights["auto"][key]), np.array(w), rtol=1e-4, atol=1e-6)
+    assert peaks["auto"] < 0.8 * peaks["whole"], peaks
+    assert infos["auto"]["estimated_peak_gb"] <= infos["whole"]["estimated_peak_gb"]
+
+
+def test_split_batch_makes_the_fewest_pieces_under_the_cap():
+    lengths = np.array([10, 20, 30, 33, 100, 200, 65, 40])
+    idx = np.arange(8)
+    assert batching.padded_length(lengths[idx]) == 224  # 199 rounded up to 32
+    assert [p.tolist() for p in batching.split_batch(idx, lengths, 8 * 224)] == [idx.tolist()]  # fits: as it is
+    assert [p.tolist() for p in batching.split_batch(idx, lengths, -1)] == [idx.tolist()]
+    pieces = batching.split_batch(idx, lengths, 700)
+    assert sorted(np.concatenate(pieces).tolist()) == idx.tolist()  # every row once
+    assert all(len(p) * batching.padded_length(lengths[p]) <= 700 for p in pieces)
+    # fewer pieces would not fit: by length, [0,1,2,3] pads to 32 and [7,6,4,5] to 224 (4 x 224 > 700)
+    assert len(pieces) == 3, pieces
+    assert [p.tolist() for p in batching.split_batch(idx, lengths, 100)][-1] == [5]  # a row over the cap: alone
+    batches = [idx, idx[:4], idx[:4]]
+    assert batching.typical_max_tokens(batches, lengths) == int(1.5 * 4 * 32)
+
+
 def test_the_activation_estimate_matches_what_was_measured_on_smollm2():
     """The estimate behind the automatic choice, against MLX peaks measured on SmolLM2-135M on fpb
     (batches of 8; arrays beyond the model and the cached trunk outputs): within 20%."""
