@@ -354,8 +354,8 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
     while len(plan) < total_steps * cfg.grad_accum:
         plan += batching.epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch=len(plan) // batches_per_epoch)
     max_tokens = batching.typical_max_tokens(plan, lengths) if cfg.max_batch_tokens == 0 else cfg.max_batch_tokens
-    pieces = {i: batching.split_batch(idx, lengths, max_tokens) for i, idx in enumerate(plan)}  # what each computes
-    split = sum(len(v) > 1 for v in pieces.values())
+    pieces = [batching.split_batch(idx, lengths, max_tokens) for idx in plan]  # what each micro-batch computes
+    split = sum(len(v) > 1 for v in pieces)
     if split:
         log.info("%d of %d batches split into pieces of at most %d padded tokens", split, len(plan), max_tokens)
 
@@ -419,7 +419,7 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
     def estimate_with(checkpoint: bool) -> float:  # the largest piece any process computes
         return held + max(activation_bytes(model.args, -(-len(q) // world), batching.padded_length(lengths[q]),
                                            len(model.layers) - first, checkpoint=checkpoint)
-                          for v in pieces.values() for q in v)
+                          for v in pieces for q in v)
 
     estimate = estimate_with(cfg.grad_checkpoint)
     checkpointed = "on" if cfg.grad_checkpoint else "off"
@@ -640,7 +640,7 @@ def bench_train(model_path, steps: int = 8, *, batch_size: int = 4, seq_len: int
     gflops_after = gemm_gflops()  # on a shared machine the GEMM speed drifts: measure on both sides, average
     gflops = (gflops_before + gflops_after) / 2
     per_token_trunk = info["trunk_seconds"] / (batch_size * seq_len * steps)
-    return {"tokens_per_s": tps, "tokens_per_s_with_trunk": 1 / (1 / tps + per_token_trunk),
+    return {"tokens_per_s": tps, "tokens_per_s_with_trunk": tps / (1 + tps * per_token_trunk),  # exactly tps without a trunk
             "gemm_gflops": gflops, "gemm_gflops_before": gflops_before,
             "gemm_gflops_after": gflops_after, "n_params": int(n_params),
             "roofline_tokens_per_s": gflops * 1e9 / (4 * n_params),
