@@ -154,7 +154,7 @@ class TrainConfig:
     grad_checkpoint: bool = opt(False, "Recompute each block's activations in the backward pass: the same "
                                 "adapter with far less memory (SmolLM2 on fpb: peak 3.4 -> 1.9 GB), steps ~1.3x slower.")
     memory_budget: float = opt(0.0, "GB the fine-tune may take: when its estimated peak (what the process holds, plus "
-                               "the activations of the longest batch) passes it, --grad-checkpoint turns on by "
+                               "the activations of the largest micro-batch) passes it, --grad-checkpoint turns on by "
                                "itself. 0: half of this machine's RAM.", min=0)
     save_every: int = opt(50, "Write a resumable checkpoint (and the adapter so far) every N optimizer steps.", min=1)
     seed: int = opt(0, "Random seed for initialization, data order and dropout.", flag="--train-seed", stages=("train",))

@@ -215,7 +215,7 @@ class Engine:
 
     @property
     def tokens_computed(self) -> int:
-        return sum(sum(d.values()) for d in self.decode_shapes.values())
+        return sum(self.tokens_by_adapter.values())
 
     def _count(self, n: int, adapter: str = "", past: int = 0) -> None:
         shapes = self.decode_shapes.setdefault(adapter, {})

@@ -463,7 +463,7 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
             raise UserError(f"Training batch {s + 1} has no answer tokens to learn from; check that answers are not empty.")
         n_input = sum(int(len(seqs[i][0]) - 1) for idx in step_plan for i in idx)
         micro = []
-        for idx in (q for i in range(s * cfg.grad_accum, (s + 1) * cfg.grad_accum) for q in pieces[i]):
+        for idx in (q for v in pieces[s * cfg.grad_accum: (s + 1) * cfg.grad_accum] for q in v):
             if world > 1:  # this process's rows of the micro-batch
                 idx, idle = _shard(idx, rank, world)
             b = batching.collate(seqs, idx)

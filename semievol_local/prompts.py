@@ -78,7 +78,7 @@ def answer_text(item: Item, answer: str) -> str:
 
 @functools.lru_cache(maxsize=16)
 def _compiled(source: str) -> jinja2.Template:
-    """A chat template compiled once (compiling took 11 ms, about a twentieth of a short prompt's prefill)."""
+    """A chat template compiled once (SmolLM2's: 5.3 ms to compile, 0.05 ms to render; several renders a question)."""
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
 
     def raise_exception(msg):
