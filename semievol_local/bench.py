@@ -189,16 +189,33 @@ def quality(model_path: Path, datas: list[Path], out: Path, suites: list[str], c
             "tables": tables}
 
 
-REFERENCE_DECODE = 128  # tokens: the no-adapter prompt rate measured before and after `bench run`'s run
+REFERENCE_DECODE = 128  # tokens: the no-adapter prompt rate measured before each stage of `bench run` and after it
+
+
+class _Yardstick:
+    """A reporter that takes llama.cpp's reference rate (no adapter) just before each stage that runs, outside
+    the stage's clock, and passes everything on to the reporter it wraps."""
+
+    def __init__(self, reporter, engine):
+        self.reporter, self.engine, self.before = reporter, engine, {}
+
+    def stage(self, name: str, reused: bool) -> None:
+        if not reused:
+            self.engine.set_adapter(None)
+            self.before[name] = self.engine.prefill_rate(REFERENCE_DECODE, repeats=3)
+        self.reporter.stage(name, reused)
+
+    def __getattr__(self, attr):
+        return getattr(self.reporter, attr)
 
 
 def whole_run(model_path: Path, data: Path, out: Path, cfg: RunConfig, tcfg: TrainConfig, ecfg: EngineConfig,
               reporter=None, command: str = "") -> dict:
     """One `semievol run`, then each stage beside its own limit measured in the same process: for the stages
     that run llama.cpp, its raw prompt rate (random tokens, the same weights, threads and adapter) for every
-    decode shape the stage had (cached tokens before a decode, tokens in it), rescaled by a reference rate
-    taken before and after the run (the machine drifts); for the fine-tunes, the float32 GEMM roofline
-    (before and after the run)."""
+    decode shape the stage had (cached tokens before a decode, tokens in it), measured after the run and
+    rescaled by a reference rate taken just before the stage and just after it (the machine drifts, by a
+    third within an hour here); for the fine-tunes, the float32 GEMM roofline (before and after the run)."""
     from .blas import gemm_gflops
 
     if ecfg.server:
@@ -208,21 +225,23 @@ def whole_run(model_path: Path, data: Path, out: Path, cfg: RunConfig, tcfg: Tra
                         "give a new folder")
     where = machine()  # the commit that runs, not the one checked out when it ends
     engine = load(model_path, ecfg)  # the run's own engine (one per process): the float32 copy is made here
-    ref_before = engine.prefill_rate(REFERENCE_DECODE, repeats=5)
     gflops_before = gemm_gflops()
-    pipeline.run_semievol(model_path, data, out, cfg, tcfg, ecfg, reporter)
+    stick = _Yardstick(reporter or pipeline.Quiet(), engine)
+    pipeline.run_semievol(model_path, data, out, cfg, tcfg, ecfg, stick)
     gflops = (gflops_before + gemm_gflops()) / 2
     engine.set_adapter(None)
-    ref_after = engine.prefill_rate(REFERENCE_DECODE, repeats=5)
-    drift = (ref_before + ref_after) / (2 * ref_after)  # rates taken after the run, scaled to the run's mean
+    ref_after = engine.prefill_rate(REFERENCE_DECODE, repeats=3)
+    names = list(stick.before)  # in the order they ran; each stage's reference: the mean of its two ends
+    around = {n: (stick.before[n] + (stick.before[names[i + 1]] if i + 1 < len(names) else ref_after)) / 2
+              for i, n in enumerate(names)}
     rep = build_report(out)
     raw: dict[tuple[str, int, int], float] = {}  # (adapter, cached, size) -> raw prompt tokens/s after the run
 
-    def rate(adapter: str, past: int, size: int) -> float:
+    def rate(stage: str, adapter: str, past: int, size: int) -> float:
         if (adapter, past, size) not in raw:
             engine.set_adapter(Path(adapter) if adapter else None)
             raw[adapter, past, size] = engine.prefill_rate(size, repeats=2, past=past)
-        return raw[adapter, past, size] * drift
+        return raw[adapter, past, size] * around.get(stage, ref_after) / ref_after  # at the stage's own pace
 
     rows = []
     for name, st in rep["stages"].items():
@@ -235,7 +254,7 @@ def whole_run(model_path: Path, data: Path, out: Path, cfg: RunConfig, tcfg: Tra
             for a, shapes in f.get("decode_shapes", {}).items():
                 a = a if a and Path(a).exists() else ""
                 for (past, size), n in _main_shapes(shapes):
-                    ideal += n / rate(a, past, size)
+                    ideal += n / rate(name, a, past, size)
             tps = f["tokens_computed"] / sec if sec else None
             row.update(tokens=f["tokens_computed"], tokens_per_s=round(tps, 1) if tps else None,
                        limit=f"prefill {f['tokens_computed'] / ideal:.0f} tok/s" if ideal else None,
@@ -251,7 +270,7 @@ def whole_run(model_path: Path, data: Path, out: Path, cfg: RunConfig, tcfg: Tra
     return {"benchmark": "run", "machine": where, "command": command, "model": str(model_path), "task": str(data),
             "weights": engine.weights.kind, "run": dataclasses.asdict(cfg), "train": dataclasses.asdict(tcfg),
             "gemm_gflops": gflops,
-            "prefill_reference": {"tokens": REFERENCE_DECODE, "before": ref_before, "after": ref_after},
+            "prefill_reference": {"tokens": REFERENCE_DECODE, "before_stage": stick.before, "after": ref_after},
             "prefill_tokens_per_s": [{"adapter": Path(a).parent.name if a else None, "cached": past, "tokens": n,
                                       "tokens_per_s": v} for (a, past, n), v in sorted(raw.items())],
             "tables": {"main": [{"task": Path(data).name, **rep["accuracy"],
@@ -580,9 +599,14 @@ def _prefill_sentence(r: dict) -> str:
         return "llama.cpp's raw prompt tokens/s: " + ", ".join(
             f"{x['adapter'] or 'no adapter'} {x['tokens_per_s']:.0f} ({x['tokens']} tokens)" for x in rates) + "."
     v = [x["tokens_per_s"] for x in rates]
-    return (f"llama.cpp's raw prompt rate for each of the {len(rates)} decode shapes (cached tokens, tokens, adapter) "
+    head = (f"llama.cpp's raw prompt rate for each of the {len(rates)} decode shapes (cached tokens, tokens, adapter) "
             f"the stages had: {min(v, default=0):.0f}-{max(v, default=0):.0f} tok/s after the run, scaled by the "
-            f"reference ({ref['tokens']} tokens, no adapter) {ref['before']:.0f} before and {ref['after']:.0f} after it.")
+            f"reference ({ref['tokens']} tokens, no adapter) ")
+    if "before_stage" not in ref:  # results written before the reference was taken stage by stage
+        return head + f"{ref['before']:.0f} before and {ref['after']:.0f} after it."
+    b = list(ref["before_stage"].values())
+    return head + (f"taken before each stage and after the last: {min(b + [ref['after']]):.0f}-"
+                   f"{max(b + [ref['after']]):.0f} tok/s, each stage rated at the mean of its two ends.")
 
 
 def publish(readme: Path, results: list[dict]) -> None:
