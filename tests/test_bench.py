@@ -294,3 +294,14 @@ def test_rare_decode_shapes_are_rated_at_their_nearest_common_shape():
     kept = dict(_main_shapes(shapes, share=0.95))
     assert kept == {(0, 160): 905, (0, 128): 95}  # 0:192 joins 0:160, 128:1 joins 0:128; no token dropped
     assert {f"{p}:{z}": n for (p, z), n in _main_shapes(shapes, share=1.0)} == shapes
+
+
+def test_the_published_yardstick_says_how_it_was_taken():
+    rates = [{"adapter": None, "cached": 0, "tokens": 128, "tokens_per_s": 300.0},
+             {"adapter": "warmup", "cached": 64, "tokens": 96, "tokens_per_s": 250.0}]
+    old = bench._prefill_sentence({"prefill_tokens_per_s": rates,
+                                   "prefill_reference": {"tokens": 128, "before": 352.0, "after": 275.0}})
+    assert "2 decode shapes" in old and "250-300 tok/s" in old and "352 before and 275 after" in old
+    new = bench._prefill_sentence({"prefill_tokens_per_s": rates, "prefill_reference": {
+        "tokens": 128, "before_stage": {"warmup": 330.0, "eval/vanilla": 290.0}, "after": 260.0}})
+    assert "taken before each stage and after the last: 260-330 tok/s" in new and "352" not in new
