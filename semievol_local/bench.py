@@ -199,10 +199,14 @@ class _Yardstick:
     def __init__(self, reporter, engine):
         self.reporter, self.engine, self.before = reporter, engine, {}
 
+    def reference(self) -> float:
+        """llama.cpp's prompt rate now: REFERENCE_DECODE random tokens, no adapter."""
+        self.engine.set_adapter(None)
+        return self.engine.prefill_rate(REFERENCE_DECODE, repeats=3)
+
     def stage(self, name: str, reused: bool) -> None:
         if not reused:
-            self.engine.set_adapter(None)
-            self.before[name] = self.engine.prefill_rate(REFERENCE_DECODE, repeats=3)
+            self.before[name] = self.reference()
         self.reporter.stage(name, reused)
 
     def __getattr__(self, attr):
@@ -229,8 +233,7 @@ def whole_run(model_path: Path, data: Path, out: Path, cfg: RunConfig, tcfg: Tra
     stick = _Yardstick(reporter or pipeline.Quiet(), engine)
     pipeline.run_semievol(model_path, data, out, cfg, tcfg, ecfg, stick)
     gflops = (gflops_before + gemm_gflops()) / 2
-    engine.set_adapter(None)
-    ref_after = engine.prefill_rate(REFERENCE_DECODE, repeats=3)
+    ref_after = stick.reference()
     names = list(stick.before)  # in the order they ran; each stage's reference: the mean of its two ends
     around = {n: (stick.before[n] + (stick.before[names[i + 1]] if i + 1 < len(names) else ref_after)) / 2
               for i, n in enumerate(names)}
@@ -604,9 +607,9 @@ def _prefill_sentence(r: dict) -> str:
             f"reference ({ref['tokens']} tokens, no adapter) ")
     if "before_stage" not in ref:  # results written before the reference was taken stage by stage
         return head + f"{ref['before']:.0f} before and {ref['after']:.0f} after it."
-    b = list(ref["before_stage"].values())
-    return head + (f"taken before each stage and after the last: {min(b + [ref['after']]):.0f}-"
-                   f"{max(b + [ref['after']]):.0f} tok/s, each stage rated at the mean of its two ends.")
+    b = [*ref["before_stage"].values(), ref["after"]]
+    return head + (f"taken before each stage and after the last: {min(b):.0f}-{max(b):.0f} tok/s, each stage rated "
+                   "at the mean of its two ends.")
 
 
 def publish(readme: Path, results: list[dict]) -> None:
