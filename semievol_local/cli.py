@@ -160,7 +160,10 @@ def models_info(model: str = typer.Argument(models_default := "smollm2-135m", he
     d = info.as_dict()
     d["parameters"] = f"{info.n_params / 1e6:.1f} M"
     d["chat_template"] = "yes" if info.chat_template else "no (a plain fallback format is used)"
-    w = plan_weights(info.path, EngineConfig())
+    w = plan_weights(info.path, EngineConfig())  # auto: measured on this machine the first time (cached)
+    names = {"file": "the file", "f32": "float32 copy"}
+    if w.rates:
+        d["prompt tok/s here"] = ", ".join(f"{names[k]} {v:.0f}" for k, v in w.rates if v)
     d["llama.cpp computes with"] = (f"{w.why}: {w.path}" + ("" if w.path.is_file() else " (made on first use)")
                                     if w.kind == "f32" else f"the file ({w.why}; --weights f32 for a float32 copy)")
     ui.kv_table(f"model {model}", d)
@@ -420,6 +423,25 @@ def bench_train_cmd(
     _publish(result, json_out, lambda r: ui.kv_table("bench train", r))
 
 
+@command(bench_app, "model")
+def bench_model_cmd(
+    out: Path = typer.Option(..., "--out", "-o", help="The GGUF file to write (must not exist)."),
+    shape: str = typer.Option("llama-1b", "--shape", help="The shape: llama-1b (Llama 3.2 1B: 16 blocks, width 2048, "
+                              "FFN 8192, 32/8 heads, llama3 rope scaling; 1.07 B weights)."),
+    qtype: str = typer.Option("Q4_K_M", "--type", help="Quantization, by llama.cpp's own quantizer: F16, Q8_0, Q4_0, "
+                              "Q4_1, Q4_K_M, Q5_K_M or Q6_K."),
+    tokenizer_from: str = typer.Option("smollm2-135m", "--tokenizer-from", help="The model whose tokenizer and chat "
+                                       "template the file gets (alias or .gguf path)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random weights."),
+):
+    """Write a random-weight model of a released shape, to measure speed and memory at the sizes users bring
+    (its answers mean nothing; a 1B file takes about 2 GB of disk while it is made)."""
+    from . import models, synthetic
+
+    path = synthetic.write_random_model(out, shape, models.resolve(tokenizer_from), qtype, seed)
+    ui.info(f"wrote {path} ({path.stat().st_size / 1e6:.0f} MB)")
+
+
 def _publish(result: dict, json_out: Path | None, show=ui.bench_tables) -> None:
     """A benchmark's figures: drawn on the terminal, and written to `--json` when given."""
     from .files import atomic_write_json
@@ -675,7 +697,8 @@ def demo(
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, handlers=[ui.LogLines()])
+    logging.getLogger("semievol_local").setLevel(logging.INFO)  # its notes too: slow one-time work, resumes
     app()
 
 

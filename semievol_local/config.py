@@ -107,9 +107,10 @@ class EngineConfig:
                      stages=("collaboration", "eval"))  # decides which demonstrations fit, and prompt cuts
     n_threads: int = opt(0, "CPU threads for llama.cpp (0: one per physical core).", min=0)
     n_gpu_layers: int = opt(-1, "Layers to offload to a GPU when llama.cpp was built with one (-1: all).", min=-1)
-    weights: str = opt("auto", "Weights llama.cpp computes with: auto (on a CPU, a float32 copy of a quantized file, "
-                       "made once and cached, where it takes at most a quarter of the RAM: the exact weights MLX "
-                       "trains on, and 1.3-3.4x faster prompts than Q4_1/Q4_K here), f32 (that copy always), or "
+    weights: str = opt("auto", "Weights llama.cpp computes with: auto (on a CPU, a quantized file or its float32 "
+                       "copy, whichever evaluates prompts faster on this machine: measured once per file, machine "
+                       "and thread count, and cached; the copy, the exact weights MLX trains on, where it takes at "
+                       "most a quarter of the RAM and the file is not 1.1x faster), f32 (that copy always), or "
                        "file (the GGUF as given).", choices=WEIGHTS)
     adapter_scale: float = opt(1.0, "Scale applied to a LoRA adapter in llama.cpp.", stages=("collaboration", "eval"))
     server: str = opt("", "Ask llama-servers instead of llama.cpp in this process: comma-separated http://HOST:PORT "

@@ -248,7 +248,6 @@ class Fleet:
         self.cfg = cfg = cfg or EngineConfig()
         self.model_path = Path(model_path)
         self.vocab = LocalEngine(model_path, cfg, vocab_only=True)
-        self.weights = self.vocab.weights  # what the servers must compute with (the plan; nothing made here)
         self.n_vocab, self.template, self.architecture = self.vocab.n_vocab, self.vocab.template, self.vocab.architecture
         self.eos_token, self.adds_bos = self.vocab.eos_token, self.vocab.adds_bos
         self.plain_token = self.vocab.llm.tokenize(b" A", add_bos=False, special=False)[-1]  # ASCII text
@@ -260,6 +259,7 @@ class Fleet:
             except ServerDown as e:
                 raise UserError(f"--server {url}: no llama-server answers there ({e}); start one "
                                 "(`semievol serve`) or drop it from the list") from None
+        self.weights = self._served_weights(self.vocab.weights)  # what the servers must compute with
         self.n_ctx = cfg.n_ctx or min(s.n_ctx for s in self.servers)
         for s in self.servers:
             self._check_same_model(s)
@@ -292,6 +292,18 @@ class Fleet:
         if key not in self._checked:
             check_adapter(path, self.architecture)
             self._checked.add(key)
+
+    def _served_weights(self, plan):
+        """The run's weights plan (nothing made here); where `auto` has not measured this file on this machine,
+        what the first server computes with (its own `semievol serve` measured it there)."""
+        if plan.kind != "unmeasured":
+            return plan
+        from .llama_engine import Weights, f32_path
+
+        copy = f32_path(self.model_path)
+        if self.servers[0].model_file == copy.name:
+            return Weights(copy, "f32", f"the float32 copy, as {self.servers[0].url} computes", plan.f32_bytes)
+        return Weights(self.model_path, "file", f"the file, as {self.servers[0].url} computes", plan.f32_bytes)
 
     def _check_same_model(self, s: Server) -> None:
         """The server's model must be this GGUF: the same vocabulary, parameter count and bytes of weights

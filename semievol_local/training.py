@@ -6,6 +6,7 @@ just `Answer: X` and the end-of-turn token, as the official SemiEvol code trains
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -99,7 +100,9 @@ def check_adapter(engine: Engine, adapter_dir: Path, sequences: list[list[int]])
         from .llama_engine import inference_weights
         from .parity import llama_logits_many
 
-        weights = inference_weights(engine.model_path, engine.cfg).path  # what the servers compute with
+        # what the servers compute with (the float32 copy made here where they use one)
+        weights = engine.weights.path if engine.weights.kind != "f32" else \
+            inference_weights(engine.model_path, dataclasses.replace(engine.cfg, weights="f32")).path
         ref = np.concatenate(llama_logits_many(weights, Path(adapter_dir) / "adapter.gguf", sequences))
     else:  # llama.cpp's side on the engine this process already holds (no second model load), adapter at scale 1
         previous = engine.adapter

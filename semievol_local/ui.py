@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 
 from rich.console import Console
@@ -26,6 +27,17 @@ def warn(message: str) -> None:
 
 def info(message: str) -> None:
     err.print(message, markup=False, soft_wrap=True)
+
+
+class LogLines(logging.Handler):
+    """The library's log records as lines on stderr, drawn through rich so they appear above a progress bar:
+    warnings as `warning: ...`, notes (INFO: a float32 copy being written, a resumed step) as they are."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            (warn if record.levelno >= logging.WARNING else info)(record.getMessage())
+        except Exception:  # a log line must never end a run
+            self.handleError(record)
 
 
 class _Rate(TextColumn):

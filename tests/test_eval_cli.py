@@ -63,6 +63,9 @@ def test_eval_limit(tiny_q4, tiny_task, tmp_path):
 def test_models_info_on_a_gguf(tiny_q4):
     res = run("models", "info", tiny_q4)
     assert "llama" in res.stdout and "Q4_1" in res.stdout and "yes" in res.stdout
+    # the prompt rates auto measured on this machine, and its choice
+    assert "prompt tok/s here" in res.stdout and "float32 copy" in res.stdout and "the file" in res.stdout
+    assert "measured" in res.stdout
 
 
 def test_models_list_names_the_default():

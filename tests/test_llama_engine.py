@@ -101,14 +101,14 @@ def test_context_overflow_is_a_user_error(engine):
 
 
 def test_a_quantized_file_computes_with_its_cached_float32_copy(tiny_q4, weights_cache):
-    # --weights auto on a CPU: llama.cpp computes with the file's weights dequantized to float32 (what MLX trains
-    # on), written once into the cache; --weights file computes with the file as given
+    # --weights f32: llama.cpp computes with the file's weights dequantized to float32 (what MLX trains on),
+    # written once into the cache; --weights file computes with the file as given
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
     from semievol_local import mlx_engine
 
-    auto = Engine(tiny_q4, EngineConfig(n_ctx=256))
+    auto = Engine(tiny_q4, EngineConfig(n_ctx=256, weights="f32"))
     plain = Engine(tiny_q4, EngineConfig(n_ctx=256, weights="file"))
     try:
         assert auto.weights.kind == "f32" and auto.weights.path.parent == weights_cache and auto.weights.path.is_file()
@@ -120,7 +120,7 @@ def test_a_quantized_file_computes_with_its_cached_float32_copy(tiny_q4, weights
             want = dequantize(t.data, t.tensor_type).reshape(-1)
             assert np.array_equal(np.asarray(copy[name].data).reshape(-1), want), name
         stamp = auto.weights.path.stat().st_mtime_ns
-        again = Engine(tiny_q4, EngineConfig(n_ctx=256))
+        again = Engine(tiny_q4, EngineConfig(n_ctx=256, weights="f32"))
         assert again.weights.path == auto.weights.path and auto.weights.path.stat().st_mtime_ns == stamp  # cached
         again.close()
         # the copy is closer to MLX's float32 forward pass than the quantized kernels are
@@ -135,6 +135,68 @@ def test_a_quantized_file_computes_with_its_cached_float32_copy(tiny_q4, weights
     finally:
         auto.close()
         plain.close()
+
+
+@pytest.mark.parametrize("rates, kind", [
+    ({"file": 130.0, "f32": 84.0}, "file"),   # a 1B Q4_K_M on VNNI cores: the file's own kernels win
+    ({"file": 200.0, "f32": 650.0}, "f32"),   # SmolLM2's Q4_1 on the same cores: the float32 copy wins
+    ({"file": 105.0, "f32": 100.0}, "f32"),   # a close call goes to the weights MLX trains on
+    ({"file": 111.0, "f32": 100.0}, "file"),  # past the margin
+    ({"file": 90.0, "f32": 0.0}, "file"),     # no copy could be made
+])
+def test_auto_chooses_the_file_only_where_it_is_clearly_faster(rates, kind):
+    from semievol_local.llama_engine import choose
+
+    assert choose(rates) == kind
+
+
+def test_auto_measures_once_per_file_machine_and_threads(tiny_q4, tmp_path, monkeypatch):
+    import json
+
+    from semievol_local import llama_engine
+    from semievol_local.llama_engine import f32_path, plan_weights
+
+    monkeypatch.setenv("SEMIEVOL_WEIGHTS", str(tmp_path))
+    assert plan_weights(tiny_q4, EngineConfig(), measure=False).kind == "unmeasured"
+    assert not list(tmp_path.iterdir())  # nothing measured, nothing written
+    w = plan_weights(tiny_q4, EngineConfig())
+    saved = json.loads((tmp_path / llama_engine.MEASURED).read_text())
+    (key, rates), = saved.items()
+    assert rates["file"] > 0 and rates["f32"] > 0 and key.endswith(f"|{llama_engine.default_threads()}")
+    assert w.kind == llama_engine.choose(rates) and dict(w.rates) == rates
+    assert f32_path(tiny_q4).is_file() == (w.kind == "f32")  # a losing copy gives its disk back
+    assert w.path == (f32_path(tiny_q4) if w.kind == "f32" else tiny_q4)
+
+    def no_timing(*a, **k):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(llama_engine, "_prompt_rate", no_timing)
+    assert plan_weights(tiny_q4, EngineConfig()) == w  # the cached answer, in this process or the next
+    assert plan_weights(tiny_q4, EngineConfig(), measure=False) == w
+    with pytest.raises(AssertionError, match="measured again"):  # another thread count is another measurement
+        plan_weights(tiny_q4, EngineConfig(n_threads=llama_engine.default_threads() + 1))
+    assert plan_weights(tiny_q4, EngineConfig(weights="file")).kind == "file"  # explicit choices measure nothing
+
+
+def test_the_run_computes_with_the_weights_auto_chose(tiny_q4, tmp_path, monkeypatch):
+    # whichever auto picks, the engine loads it, and the stages' identity names it
+    import json
+
+    from semievol_local import llama_engine
+    from semievol_local.pipeline import weights_identity
+    from semievol_local.runfolder import file_digest
+
+    monkeypatch.setenv("SEMIEVOL_WEIGHTS", str(tmp_path))
+    key = llama_engine._measure_key(tiny_q4, EngineConfig())
+    for rates, kind in (({"file": 500.0, "f32": 100.0}, "file"), ({"file": 100.0, "f32": 500.0}, "f32")):
+        (tmp_path / llama_engine.MEASURED).write_text(json.dumps({key: rates}))  # as a measurement left it
+        eng = Engine(tiny_q4, EngineConfig(n_ctx=256))
+        try:
+            assert eng.weights.kind == kind and eng.llm.model_path == str(eng.weights.path)
+            assert weights_identity(eng) == file_digest(tiny_q4) + ("" if kind == "file" else "+f32")
+            assert 0 < eng.score(prompt(eng), 3).mass <= 1
+        finally:
+            eng.close()
 
 
 def test_float32_files_and_an_unwritable_cache(tiny_model, tiny_q4, tmp_path, monkeypatch):
