@@ -398,7 +398,7 @@ def bench_train_cmd(
     batch_size: int = typer.Option(4, "--batch-size", min=1),
     seq_len: int = typer.Option(128, "--seq-len", min=8),
     num_layers: int = typer.Option(-1, "--num-layers", min=-1, help="LoRA on the last N blocks (-1: all, the "
-                                   "shape FACTS §3 compares with PyTorch + PEFT)."),
+                                   "shape the README compares with PyTorch + PEFT)."),
     answer_len: int = typer.Option(0, "--answer-len", min=0, help="Loss on the last N tokens of each sequence "
                                    "(0: all; SFT on a short answer is a few)."),
     peft_python: Optional[str] = typer.Option(None, "--peft-python", help="Also time PyTorch + PEFT on the same "
@@ -406,7 +406,8 @@ def bench_train_cmd(
                                               "transformers and peft; never needed by semievol itself)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write tokens_per_s, gemm_gflops, roofline_fraction here."),
 ):
-    """Training tokens/s beside the float32 GEMM roofline measured in the same run (and PyTorch + PEFT's)."""
+    """Training tokens/s beside the float32 GEMM roofline measured in the same run, counting the FLOPs this shape
+    needs (frozen blocks once, trained blocks 4x, the vocabulary projection at the loss only), and PyTorch + PEFT's."""
     from . import bench, mlx_engine, models
 
     path = models.resolve(model)
@@ -490,8 +491,8 @@ def bench_run_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the per-stage table, machine and command here."),
     *, run_config: RunConfig, train_config: TrainConfig, engine_config: EngineConfig,
 ):
-    """The whole `semievol run`, timed: per stage seconds, tokens, tokens/s, the stage's own limit measured in
-    the same run (llama.cpp's raw prompt rate; the float32 GEMM roofline for training), fraction, peak RSS."""
+    """The whole `semievol run`, timed: per stage seconds, tokens, tokens/s, the FLOPs its work needed, the
+    fraction of this machine's float32 GEMM speed (measured before each stage) they reached, peak RSS."""
     from . import bench, models
 
     result = bench.whole_run(models.resolve(model), data, out, run_config, train_config, engine_config,

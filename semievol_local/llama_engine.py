@@ -490,8 +490,8 @@ class Engine:
 
     def prefill_rate(self, n_tokens: int, repeats: int = 3, seed: int = 0, past: int = 0) -> float:
         """Raw llama.cpp prompt evaluation, tokens/s: `n_tokens` random tokens decoded after `past` cached ones
-        (decoded first, not timed) with the adapter now applied, best of `repeats` (the yardstick of `bench
-        run`; counts as no stage's work)."""
+        (decoded first, not timed) with the adapter now applied, best of `repeats` (`bench run`'s reference and
+        the run plan's calibration; counts as no stage's work)."""
         rng = np.random.default_rng(seed)
         past = max(0, min(past, self.n_ctx - 2))
         before = rng.integers(0, self.n_vocab, size=past).tolist()

@@ -520,7 +520,7 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
             "val_loss": best["val_loss"] if best is not None else None, "train_seconds": time.perf_counter() - t_run,
             "tokens_per_s": float(np.mean([r["tokens_per_s"] for r in steps_run])) if steps_run else None,
             "trainable_params": sum(v.size for _, v in tree_flatten(model.trainable_parameters())),
-            "processes": world, "flops": _flops(model, seqs, first if trunk is not None else 0, steps_run),
+            "processes": world, "flops": _flops(model, seqs, first if trunk is not None else 0, steps_run, trunk_reused),
             "grad_checkpoint": checkpointed, "estimated_peak_gb": round(estimate / 1e9, 2),
             "max_batch_tokens": max_tokens, "batches_split": split,
             "out_dir": str(out_dir), "adapter_gguf": str(out_dir / "adapter.gguf")}
@@ -569,18 +569,58 @@ def _check_same_run(saved: dict, now: dict, root: Path) -> None:
 
 # ----------------------------------------------------------------------------- checks and benchmarks
 
-def _flops(model: Model, seqs, first: int, steps_run: list[dict]) -> float:
-    """The matmul FLOPs this training needed (the yardstick of `bench run`'s roofline fraction): the trunk pass,
-    2 x its blocks' weights per token, and each step, 4 x the trained blocks' weights per input token (forward,
-    and backward to the activations; frozen weights get no gradient; the vocab projection runs only at answer
-    positions and is left out)."""
-    def weights(layers) -> int:
-        return sum(v.size for layer in layers for k, v in tree_flatten(layer.parameters()) if "lora" not in k)
+def block_weights(layers) -> list[int]:
+    """Elements of each block's weight matrices, block by block: what a token's matmuls multiply (2 FLOPs
+    each, forward). LoRA's own matrices are left out (rank 8: a few per mille of a block); a matrix kept
+    quantized (on a GPU) counts at its logical shape; norms and biases (vectors, no matmul) count nothing."""
+    out = []
+    for layer in layers:
+        n = 0
+        for _, m in layer.named_modules():  # a LoRA layer is no Linear: it holds the frozen one as `.linear`
+            if isinstance(m, nn.QuantizedLinear):  # packed: 32 / bits weights per uint32
+                n += m.weight.shape[0] * m.weight.shape[1] * 32 // m.bits
+            elif isinstance(m, nn.Linear):
+                n += m.weight.size
+        out.append(int(n))
+    return out
 
+
+def train_flops(per_block: list[int], lora_blocks: int, vocab_weights: int, *, trunk_cached: bool,
+                trunk_tokens: float, step_tokens: float, answer_tokens: float) -> float:
+    """The matmul FLOPs a LoRA training needs (no I/O): the frozen blocks below the first LoRA block, 2 x
+    their weights per token they run forward on (once per sequence, `trunk_tokens`, when their outputs are
+    cached; else in every step, `step_tokens`); the LoRA blocks, 4 x their weights per step token (forward,
+    and backward to the activations: frozen weights get no gradient); the vocabulary projection, 4 x
+    `vocab_weights` (vocab x hidden) per answer token (forward and backward to the activations; it runs only
+    where the loss is). The embedding lookup costs nothing; attention, LoRA's own matrices, the optimizer and
+    the forward pass that gradient checkpointing repeats are left out (small, or work no training needs)."""
+    frozen = sum(per_block[:len(per_block) - lora_blocks])
+    trained = sum(per_block[len(per_block) - lora_blocks:])
+    return float(2 * frozen * (trunk_tokens if trunk_cached else step_tokens) + 4 * trained * step_tokens
+                 + 4 * vocab_weights * answer_tokens)
+
+
+def _lora_blocks(layers) -> int:
+    """How many blocks, counted from the last, carry LoRA (the blocks `apply_lora` converted)."""
+    with_lora = [i for i, layer in enumerate(layers) if any("lora" in k for k, _ in tree_flatten(layer.parameters()))]
+    return len(layers) - with_lora[0] if with_lora else 0
+
+
+def _flops(model: Model, seqs, first: int, steps_run: list[dict], reused: int = 0) -> float:
+    """The matmul FLOPs this training needed (`train_flops`; the yardstick of `bench run`'s fraction), for the
+    steps run and, when `first` > 0 (the frozen blocks' outputs cached), one trunk pass over the sequences not
+    read back from a trunk store (`reused` of them were: their share of the tokens is left out, an estimate).
+    Answer tokens are the steps' input tokens times the training set's share of answer tokens, exact over
+    whole epochs."""
     layers = model.model.layers
-    trunk_tokens = sum(len(s[0]) - 1 for s in seqs) if first else 0
+    inputs = sum(len(s[0]) - 1 for s in seqs)
+    computed = inputs * (len(seqs) - reused) / len(seqs) if seqs else 0
+    answers = sum(len(s[0]) - s[1] for s in seqs)
     step_tokens = sum(r.get("tokens", 0) for r in steps_run)
-    return float(2 * weights(layers[:first]) * trunk_tokens + 4 * weights(layers[first:]) * step_tokens)
+    a = model.args
+    return train_flops(block_weights(layers), _lora_blocks(layers), a.vocab_size * a.hidden_size,
+                       trunk_cached=first > 0, trunk_tokens=computed, step_tokens=step_tokens,
+                       answer_tokens=step_tokens * answers / inputs if inputs else 0)
 
 
 @_releasing
@@ -606,13 +646,17 @@ def bench_train(model_path, steps: int = 8, *, batch_size: int = 4, seq_len: int
                 answer_len: int | None = None, skip_steps: int = 2, seed: int = 0, num_layers: int = -1) -> dict:
     """Training speed on random tokens: (batch_size x seq_len) input tokens per step, LoRA on all 7
     projections of the last `num_layers` blocks (-1: all), loss on the last `answer_len` tokens (default:
-    all of them).
+    all of them), beside float32 GEMM measured just before and just after (averaged).
 
-    roofline_fraction = tokens_per_s * 4 * n_params / measured float32 GEMM FLOPS (FACTS §3's yardstick:
-    forward 2N + backward to activations 2N FLOP per token; frozen weights get no weight gradient).
-    With fewer LoRA blocks the frozen ones run once per sequence before the first step (not timed per
-    step): `tokens_per_s_with_trunk` charges that pass to the steps. `shape` is what a peer benchmark
-    needs to build the same model (`peft_bench`)."""
+    `flops_per_token`: what this shape needs per input token (`train_flops`): 4 x the LoRA blocks' weights,
+    the vocabulary projection at the answer positions only (4 x vocab x hidden x answer_len / seq_len), and
+    the frozen blocks' one forward pass (2 x their weights). With fewer LoRA blocks that pass runs once per
+    sequence before the first step (`trunk_seconds`, not timed per step): `tokens_per_s_with_trunk` charges
+    it to the steps, and `roofline_fraction` = flops_per_token x tokens_per_s_with_trunk / GEMM FLOPS (the
+    trunk's FLOPs over the trunk's time included). `roofline_fraction_steps`: the steps alone, their own
+    FLOPs (`flops_per_token_steps`) at `tokens_per_s`. `roofline_tokens_per_s`: tokens/s at GEMM speed.
+    Not counted: attention, LoRA's own matrices, the optimizer (small at these lengths and rank).
+    `shape` is what a peer benchmark needs to build the same model (`peft_bench`)."""
     gflops_before = gemm_gflops()
     base = load_model(model_path)
     n_params = sum(v.size for _, v in tree_flatten(base.parameters()))
@@ -623,6 +667,7 @@ def bench_train(model_path, steps: int = 8, *, batch_size: int = 4, seq_len: int
              "rope_theta": getattr(a, "rope_theta", 10000.0),
              "tie_word_embeddings": bool(getattr(a, "tie_word_embeddings", True)), "model_type": a.model_type}
     vocab = a.vocab_size
+    per_block = block_weights(base.model.layers)
     del base
     answer_len = seq_len if answer_len is None else answer_len
     rng = np.random.default_rng(seed)
@@ -640,13 +685,25 @@ def bench_train(model_path, steps: int = 8, *, batch_size: int = 4, seq_len: int
     gflops_after = gemm_gflops()  # on a shared machine the GEMM speed drifts: measure on both sides, average
     gflops = (gflops_before + gflops_after) / 2
     per_token_trunk = info["trunk_seconds"] / (batch_size * seq_len * steps)
-    return {"tokens_per_s": tps, "tokens_per_s_with_trunk": tps / (1 + tps * per_token_trunk),  # exactly tps without a trunk
+    tps_trunk = tps / (1 + tps * per_token_trunk)  # exactly tps without a trunk pass
+    lora_blocks = len(per_block) if num_layers < 0 else min(num_layers, len(per_block))
+
+    def per_token(trunk: float) -> float:  # FLOPs per input token; every sequence passes the trunk once
+        return train_flops(per_block, lora_blocks, vocab * shape["hidden_size"],
+                           trunk_cached=info["frozen_blocks_cached"] > 0, trunk_tokens=trunk, step_tokens=1.0,
+                           answer_tokens=answer_len / seq_len)
+
+    flops_token, flops_steps = per_token(1.0), per_token(0.0)
+    return {"tokens_per_s": tps, "tokens_per_s_with_trunk": tps_trunk,
             "gemm_gflops": gflops, "gemm_gflops_before": gflops_before,
             "gemm_gflops_after": gflops_after, "n_params": int(n_params),
-            "roofline_tokens_per_s": gflops * 1e9 / (4 * n_params),
-            "roofline_fraction": tps * 4 * n_params / (gflops * 1e9), "seconds_per_step": batch_size * seq_len / tps,
+            "flops_per_token": flops_token, "flops_per_token_steps": flops_steps,
+            "roofline_tokens_per_s": gflops * 1e9 / flops_token,
+            "roofline_fraction": tps_trunk * flops_token / (gflops * 1e9),
+            "roofline_fraction_steps": tps * flops_steps / (gflops * 1e9),
+            "seconds_per_step": batch_size * seq_len / tps,
             "steps_timed": len(timed), "batch_size": batch_size, "seq_len": seq_len, "answer_len": answer_len,
-            "lora_blocks": shape["num_hidden_layers"] if num_layers < 0 else min(num_layers, shape["num_hidden_layers"]),
+            "lora_blocks": lora_blocks, "frozen_blocks_cached": info["frozen_blocks_cached"],
             "trunk_seconds": info["trunk_seconds"], "keys": cfg.keys.split(","), "rank": rank, "scale": cfg.scale,
             "trainable_params": info["trainable_params"], "first_step_tokens_per_s": speeds[0] if speeds else None,
             "shape": shape}

@@ -1,4 +1,5 @@
-"""Benchmarks at tiny size: `bench quality` (shared stages), `bench pseudo-label`, `bench publish`."""
+"""Benchmarks at tiny size: `bench quality` (shared stages), `bench pseudo-label`, `bench run` (FLOPs counted against
+float32 GEMM), `bench train`'s count, `bench publish`."""
 from __future__ import annotations
 
 import json
@@ -15,6 +16,9 @@ from semievol_local.errors import UserError
 
 # the tiny random models put little probability on the letters: select by entropy alone (test_pipeline)
 TINY_TRAIN = ["--epochs", "1", "--batch-size", "4", "--save-every", "100", "--min-letter-mass", "0"]
+# the tiny model's weights (conftest): a block's q, o (64 x 64), k, v (64 x 32: 2 of 4 heads) and MLP (3 of 64 x 128);
+# the vocabulary projection, 290 tokens x 64
+TINY_BLOCK, TINY_VOCAB = 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128, 290 * 64
 
 
 @pytest.fixture(scope="module")
@@ -269,15 +273,38 @@ def test_bench_run_puts_each_stage_beside_its_own_limit(tiny_q4, task, tmp_path)
     collab = json.loads((out / "round1" / "collaboration" / "manifest.json").read_text())["figures"]
     assert set(collab["tokens_by_adapter"]) == {"", str((out / "warmup" / "adapter.gguf").resolve())}
     assert sum(collab["tokens_by_adapter"].values()) == collab["tokens_computed"]
-    # the same tokens by decode shape ("cached:size"), adapter by adapter: the shapes the yardstick is taken at
+    # the same tokens by decode shape ("cached:size"), adapter by adapter: what the FLOP count reads
     assert {a: sum(d.values()) for a, d in collab["decode_shapes"].items()} == collab["tokens_by_adapter"]
-    measured = {(x["cached"], x["tokens"]) for x in r["prefill_tokens_per_s"]}
-    assert {tuple(int(v) for v in k.split(":")) for d in collab["decode_shapes"].values() for k in d} & measured
-    ref = r["prefill_reference"]  # the machine's drift, measured before every stage that ran and after the last
-    assert list(ref["before_stage"]) == list(rows) and min(ref["before_stage"].values()) > 0 and ref["after"] > 0
-    for name in ("eval/vanilla", "round1/collaboration", "round1/eval", "warmup", "round1/final"):
-        assert rows[name]["tokens"] > 0 and rows[name]["fraction"] >= 0, rows[name]  # its size: a benchmark's
-        assert rows[name]["limit"].startswith("GEMM" if name.endswith(("warmup", "final")) else "prefill")
+    # one yardstick, float32 GEMM, taken before every stage that ran and after the last
+    y = r["yardstick"]
+    assert list(y["before_stage"]) == list(rows) and min(y["before_stage"].values()) > 0 and y["after"] > 0
+    assert "prefill_tokens_per_s" not in r and "prefill_reference" not in r
+    ends = [*y["before_stage"].values(), y["after"]]
+    gflops = {n: (ends[i] + ends[i + 1]) / 2 for i, n in enumerate(rows)}  # each stage: the mean of its two ends
+    assert all(row["limit"] == f"GEMM {gflops[n]:.0f} GFLOPS" for n, row in rows.items())
+    # a llama.cpp stage's FLOPs: counted from its tokens, decode shapes and decodes on the model's own shape
+    shape = bench.model_shape(tiny_q4)
+    manifests = {n: json.loads((out / n / "manifest.json").read_text()) for n in rows}
+    flops = {n: bench.llama_flops(shape, manifests[n]["figures"]["decode_shapes"], manifests[n]["figures"]["decodes"])
+             for n in ("eval/vanilla", "eval/sft", "round1/collaboration", "round1/eval")}
+    flops.update({n: manifests[n]["figures"]["flops"] for n in ("warmup", "round1/final")})
+    for n, fl in flops.items():
+        sec = manifests[n]["seconds"]
+        assert rows[n]["tokens"] > 0 and rows[n]["tflop"] == pytest.approx(fl / 1e12, rel=1e-3), n
+        assert rows[n]["fraction"] == pytest.approx(fl / (sec * gflops[n] * 1e9), rel=1e-3), n
+    # the warm-up (one epoch, LoRA on the last of 2 blocks): each token once through the frozen block's cached
+    # pass (2x) and the LoRA block (4x), the vocabulary (4x) at a whole number of answer tokens
+    trained = rows["warmup"]["tokens"]
+    answers = (flops["warmup"] - 6 * TINY_BLOCK * trained) / (4 * TINY_VOCAB)
+    assert answers == pytest.approx(round(answers)) and 0 < round(answers) < trained
+    for n in ("round1/retrieval", "round1/selection"):  # TF-IDF and selection: no FLOPs, but their time counts
+        assert rows[n]["tflop"] is None and rows[n]["fraction"] is None
+    budget = sum(m["seconds"] * gflops[n] * 1e9 for n, m in manifests.items())
+    assert r["whole_run"]["fraction"] == pytest.approx(sum(flops.values()) / budget, rel=1e-3)
+    assert r["whole_run"]["tflop"] == pytest.approx(sum(flops.values()) / 1e12, rel=1e-3)
+    assert "note" not in rows["eval/vanilla"]  # float32 on a tiny model: far below 1, no note
+    ref = r["llama_reference"]  # informative: llama.cpp's best, by the same count
+    assert ref["tokens"] == bench.REFERENCE_DECODE and ref["tokens_per_s"] > 0 and 0 < ref["fraction"]
     final = json.loads((out / "round1" / "final" / "manifest.json").read_text())["figures"]
     assert final["trunk_sequences_reused"] == 12  # the warm-up's labeled rows, read back
     assert not (out / ".trunk").exists()  # the store goes when the run ends
@@ -285,15 +312,6 @@ def test_bench_run_puts_each_stage_beside_its_own_limit(tiny_q4, task, tmp_path)
     assert w["seconds"] == pytest.approx(sum(row["seconds"] for row in rows.values()), abs=1) and w["peak_rss_mb"] > 0
     again = CliRunner().invoke(app, ["bench", "run", "--model", str(tiny_q4), "--data", str(task), "--out", str(out)])
     assert again.exit_code == 2 and "already holds a run" in again.stderr
-
-
-def test_rare_decode_shapes_are_rated_at_their_nearest_common_shape():
-    from semievol_local.bench import _main_shapes
-
-    shapes = {"0:160": 900, "0:128": 80, "128:1": 15, "0:192": 5}  # 1000 tokens
-    kept = dict(_main_shapes(shapes, share=0.95))
-    assert kept == {(0, 160): 905, (0, 128): 95}  # 0:192 joins 0:160, 128:1 joins 0:128; no token dropped
-    assert {f"{p}:{z}": n for (p, z), n in _main_shapes(shapes, share=1.0)} == shapes
 
 
 def test_the_published_yardstick_says_how_it_was_taken():
@@ -305,3 +323,106 @@ def test_the_published_yardstick_says_how_it_was_taken():
     new = bench._prefill_sentence({"prefill_tokens_per_s": rates, "prefill_reference": {
         "tokens": 128, "before_stage": {"warmup": 330.0, "eval/vanilla": 290.0}, "after": 260.0}})
     assert "taken before each stage and after the last: 260-330 tok/s" in new and "352" not in new
+
+
+def test_llama_flops_is_the_hand_count():
+    """Weights per token, attention over the positions each token sees, the vocabulary per logits row read."""
+    m = bench.ModelShape(n_layer=2, block_weights=100, n_head=2, key_length=4, value_length=4, n_vocab=10, n_embd=3)
+    # one decode of 3 tokens on an empty cache (base model), two decodes of 1 token after 4 cached (an adapter)
+    shapes = {"": {"0:3": 3}, "adapter.gguf": {"4:1": 2}}
+    weights = 2 * 100 * 5  # 5 tokens
+    per_position = 2 * 2 * (2 * 4) * 2  # QK^T and AV: 2 x 2 x (heads x head size) per position, in 2 layers
+    attention = per_position * (1 + 2 + 3) + per_position * 5 * 2  # positions 1..3; 5 for each 1-token decode
+    vocab = 3 * 2 * 10 * 3  # 3 rows of logits read
+    assert bench.llama_flops(m, shapes, 3) == weights + attention + vocab == 2204
+    assert bench.llama_flops(m, shapes, 0) == 2204 - vocab  # embeddings read no logits
+
+
+def test_the_tiny_models_shape_is_read_from_its_gguf(tiny_q4):
+    m = bench.model_shape(tiny_q4)
+    assert m == bench.ModelShape(n_layer=2, block_weights=2 * TINY_BLOCK, n_head=4, key_length=16, value_length=16,
+                                 n_vocab=290, n_embd=64)  # norms: no matmul, not counted
+
+
+def test_whole_run_fraction_counts_every_stages_time_and_notes_fractions_above_1():
+    seconds = {"warmup": 10.0, "round1/collaboration": 5.0, "round1/selection": 2.0}
+    flops = {"warmup": 5e11, "round1/collaboration": 6e11}
+    gflops = {"warmup": 100.0, "round1/collaboration": 80.0, "round1/selection": 50.0}
+    each, whole = bench.gemm_fractions(seconds, flops, gflops)
+    assert each == {"warmup": pytest.approx(0.5), "round1/collaboration": pytest.approx(1.5),
+                    "round1/selection": None}
+    assert whole == pytest.approx((5e11 + 6e11) / (10 * 100e9 + 5 * 80e9 + 2 * 50e9))  # selection's 2 s count
+    llama = {"round1/collaboration"}
+    assert bench.above_1(each, llama, quantized=True) == {"round1/collaboration": bench.ABOVE_1}
+    assert bench.above_1(each, llama, quantized=False) == {"round1/collaboration": bench.ABOVE_1_FLOAT}
+    assert bench.above_1({"warmup": 0.99, "round1/selection": None}, llama, quantized=True) == {}
+
+
+def test_bench_train_counts_the_flops_of_its_own_shape(tiny_q4):
+    """LoRA on the last of 2 blocks, loss on 4 of 16 tokens: the trained block 4x, the frozen one 2x (its
+    one pass), the vocabulary projection at the answers only; less than 4 x all weights per token."""
+    from semievol_local import mlx_engine
+
+    b = mlx_engine.bench_train(tiny_q4, 3, batch_size=2, seq_len=16, num_layers=1, answer_len=4, skip_steps=1)
+    block, vocab = TINY_BLOCK, TINY_VOCAB
+    assert b["lora_blocks"] == 1 and b["frozen_blocks_cached"] == 1
+    assert b["flops_per_token_steps"] == 4 * block + 4 * vocab * 4 / 16
+    assert b["flops_per_token"] == 2 * block + 4 * block + 4 * vocab * 4 / 16 < 4 * b["n_params"]
+    assert b["roofline_fraction"] == pytest.approx(b["flops_per_token"] * b["tokens_per_s_with_trunk"]
+                                                   / (b["gemm_gflops"] * 1e9))
+    assert b["roofline_fraction_steps"] == pytest.approx(b["flops_per_token_steps"] * b["tokens_per_s"]
+                                                         / (b["gemm_gflops"] * 1e9))
+    assert b["roofline_tokens_per_s"] == pytest.approx(b["gemm_gflops"] * 1e9 / b["flops_per_token"])
+
+
+def test_a_fine_tunes_flops_are_counted_from_its_blocks():
+    """`train_flops`: frozen blocks 2x per token they run on (once, when cached; every step when not), LoRA
+    blocks 4x per step token, the vocabulary 4x per answer token."""
+    from semievol_local.mlx_engine import train_flops
+
+    per_block = [10, 20, 30]
+    kw = dict(trunk_tokens=7, step_tokens=100, answer_tokens=5)
+    assert train_flops(per_block, 1, 1000, trunk_cached=True, **kw) == 2 * 30 * 7 + 4 * 30 * 100 + 4 * 1000 * 5
+    assert train_flops(per_block, 1, 1000, trunk_cached=False, **kw) == 2 * 30 * 100 + 4 * 30 * 100 + 4 * 1000 * 5
+    assert train_flops(per_block, 3, 1000, trunk_cached=False, **kw) == 4 * 60 * 100 + 4 * 1000 * 5
+
+
+def _gemm_run_result() -> dict:
+    """A `bench run` result in the GEMM-rated format, small enough to read."""
+    return {"benchmark": "run",
+            "machine": {"date": "2027-01-01", "cores": 2, "cpu": "cpu", "os": "os", "commit": "abc"},
+            "command": "semievol bench run --data fpb", "model": "m.gguf", "task": "fpb", "weights": "file",
+            "train": {"num_layers": 16}, "gemm_gflops": 100.0,
+            "yardstick": {"what": "float32 GEMM", "before_stage": {"warmup": 90.0, "round1/collaboration": 110.0},
+                          "after": 100.0},
+            "llama_reference": {"tokens": 128, "tokens_per_s": 450.0, "fraction": 0.47},
+            "tables": {"stages": [
+                {"stage": "warmup", "seconds": 10.0, "tokens": 100, "tokens_per_s": 10.0, "tflop": 0.5,
+                 "limit": "GEMM 100 GFLOPS", "fraction": 0.5, "peak_rss_mb": 900, "note": None},
+                {"stage": "round1/collaboration", "seconds": 5.0, "tokens": 100, "tokens_per_s": 20.0, "tflop": 0.6,
+                 "limit": "GEMM 105 GFLOPS", "fraction": 1.143, "peak_rss_mb": 800, "note": bench.ABOVE_1}]},
+            "whole_run": {"task": "fpb", "seconds": 15.0, "peak_rss_mb": 900, "untimed_attempts": False,
+                          "tflop": 1.1, "fraction": 0.733}}
+
+
+def test_publish_renders_gemm_rated_runs():
+    text = bench.markdown([_gemm_run_result()])
+    assert "llama.cpp computed with the file as given; every stage rated against one yardstick, float32 GEMM" in text
+    assert "before each stage and after the last: 90-110 GFLOPS, each stage at the mean of its two ends" in text
+    assert "(128 random tokens, no adapter): 450 tok/s, 0.47 of GEMM by the same count." in text
+    assert ("| stage | seconds | tokens | tokens per s | TFLOP counted | limit | fraction | peak RSS (MB) | note |"
+            in text)
+    assert f"| 1.143 | 800 | {bench.ABOVE_1} |" in text and "| 0.500 | 900 | - |" in text
+    assert "The work counted, 1.1 TFLOP, is **0.73** of what float32 GEMM would do in the whole run's time" in text
+    assert "prefill" not in text
+
+
+def test_publish_renders_the_old_run_result_as_the_readme_has_it():
+    """Results measured against llama.cpp's own prompt rate keep their published text, byte for byte."""
+    root = Path(__file__).resolve().parents[1]
+    old = json.loads((root / "results" / "run_fpb.json").read_text())
+    assert "yardstick" not in old
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    section = bench.markdown([old])
+    assert section.startswith("### run: fpb\n") and "GEMM 111 GFLOPS | 0.383 |" in section
+    assert "\n" + section + "\n" in readme
