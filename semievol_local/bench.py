@@ -324,6 +324,7 @@ def whole_run(model_path: Path, data: Path, out: Path, cfg: RunConfig, tcfg: Tra
     where = machine()  # the commit that runs, not the one checked out when it ends
     engine = load(model_path, ecfg)  # the run's own engine (one per process): the float32 copy is made here
     shape = model_shape(model_path)
+    planned = {r.stage: r.seconds for r in pipeline.plan(model_path, data, cfg, tcfg, ecfg).at()}  # `run --plan`'s
     stick = _Yardstick(reporter or pipeline.Quiet())
     pipeline.run_semievol(model_path, data, out, cfg, tcfg, ecfg, stick)
     after = _gemm()
@@ -354,7 +355,8 @@ def whole_run(model_path: Path, data: Path, out: Path, cfg: RunConfig, tcfg: Tra
                      "tokens_per_s": round(n / sec, 1) if n and sec else None,
                      "tflop": _sig(flops[name] / 1e12) if name in flops else None,
                      "limit": f"GEMM {gflops[name]:.0f} GFLOPS", "fraction": _sig(fraction[name]),
-                     "peak_rss_mb": round(st["peak_rss_mb"])})
+                     "peak_rss_mb": round(st["peak_rss_mb"]),
+                     "predicted_s": round(planned[name], 1) if planned.get(name) is not None else None})
     notes = above_1(fraction, {n for n, st in rep["stages"].items() if "decode_shapes" in st["figures"]}, quantized)
     if notes:  # a column of its own only where some fraction needs one
         for r, name in zip(rows, rep["stages"]):
@@ -379,6 +381,8 @@ def whole_run(model_path: Path, data: Path, out: Path, cfg: RunConfig, tcfg: Tra
             "whole_run": {"task": Path(data).name, "seconds": round(total, 1), "peak_rss_mb": peak,
                           "untimed_attempts": any(s.get("untimed_attempts") for s in rep["stages"].values()),
                           "tflop": _sig(sum(flops.values()) / 1e12), "fraction": _sig(whole),
+                          "predicted_seconds": (round(sum(planned.values()), 1)
+                                                if all(v is not None for v in planned.values()) else None),
                           "goal": {"minutes_at_most_30": total <= 1800, "peak_at_most_3_gb": bool(peak and peak <= 3000)}}}
 
 
@@ -617,7 +621,7 @@ HEADINGS = {"majority": "majority", "vanilla": "vanilla", "sft": "SFT", "semievo
             "consistency_rate": "consistency", "accuracy_all": "acc. all", "accuracy_consistent": "acc. consistent",
             "accuracy_justified": "acc. justified", "accuracy_selected": "acc. selected",
             "pseudo_label_accuracy_selected": "pseudo-label acc. (selected)", "peak_rss_mb": "peak RSS (MB)",
-            "tflop": "TFLOP counted"}
+            "tflop": "TFLOP counted", "predicted_s": "predicted s (--plan)"}
 
 
 def heading(key: str) -> str:

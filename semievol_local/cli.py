@@ -585,9 +585,12 @@ def run_cmd(
     config_file: Optional[Path] = typer.Option(None, "--config", help="Take the options from a TOML file (flag names "
                                                "as keys, e.g. learners = 2) or a run folder's run.json (repeats that "
                                                "run); options given on the command line win."),
+    plan_only: bool = typer.Option(False, "--plan", help="Print the estimate (tokens, rate calibrated here, time and "
+                                   "peak memory per stage) and stop: nothing is written."),
     *, run_config: RunConfig, train_config: TrainConfig, engine_config: EngineConfig,
 ):
-    """SemiEvol: warm-up, retrieval, collaboration, selection, final fine-tune, evaluation (and rounds)."""
+    """SemiEvol: warm-up, retrieval, collaboration, selection, final fine-tune, evaluation (and rounds). The
+    estimate of its time and memory on this machine comes first."""
     if config_file is not None:
         f = config.read_file(config_file)
         run_config, train_config, engine_config = (
@@ -599,7 +602,7 @@ def run_cmd(
         raise UserError("give --data (a task folder with labeled, unlabeled and test splits), or a --config that names data")
     if out is None:
         raise UserError("give --out (the run folder), or a --config that names out")
-    run_pipeline(model, data, out, run_config, train_config, engine_config)
+    run_pipeline(model, data, out, run_config, train_config, engine_config, plan_only=plan_only)
 
 
 def _typed_in(ctx: typer.Context, name: str) -> bool:
@@ -614,13 +617,33 @@ def _given(ctx: typer.Context, cls) -> dict:
             if _typed_in(ctx, p := _param(config.flag(f, toggle=True)))}
 
 
-def run_pipeline(model, data, out, run_config, train_config, engine_config):
+def run_pipeline(model, data, out, run_config, train_config, engine_config, *, plan_only: bool = False):
     from . import models, pipeline, report
 
-    pipeline.run_semievol(models.resolve(model), data, out, run_config, train_config, engine_config,
-                          reporter=ui.Reporter())
+    path = models.resolve(model)
+    run_config = plan_first(path, data, run_config, train_config, engine_config)
+    if plan_only:
+        return
+    pipeline.run_semievol(path, data, out, run_config, train_config, engine_config, reporter=ui.Reporter())
     ui.run_report(report.build_report(out))
     ui.info(f"report: {out / 'report.md'}")
+
+
+def plan_first(model_path: Path, data: Path, run_config: RunConfig, train_config: TrainConfig,
+               engine_config: EngineConfig) -> RunConfig:
+    """Print the run's estimate; with --time-budget, the run config limited to the unlabeled questions that fit."""
+    from . import estimate, pipeline
+
+    with ui.status("estimating the run: counting its prompts and batches, calibrating this machine"):
+        plan = pipeline.plan(model_path, data, run_config, train_config, engine_config)
+    if run_config.time_budget:
+        n = estimate.fit_budget(plan, estimate.parse_duration(run_config.time_budget), run_config.time_budget)
+        ui.info(f"--time-budget {run_config.time_budget}: {n} of {plan.n_unlabeled} unlabeled questions fit "
+                f"(about {estimate._clock(plan.seconds(n))}); the run uses the first {n}")
+        ui.plan_table(plan, n)
+        return dataclasses.replace(run_config, limit_unlabeled=n)
+    ui.plan_table(plan)
+    return run_config
 
 
 @command(app, "report")

@@ -64,6 +64,13 @@ def _hosts(text: str) -> None:
         parse_hosts(text)
 
 
+def _duration(text: str) -> None:
+    if text:
+        from .estimate import parse_duration
+
+        parse_duration(text)
+
+
 def _fmt(v) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
@@ -229,6 +236,9 @@ class RunConfig:
     max_tokens: int = opt(256, "Longest learner response in sample mode.", min=1, stages=("collaboration",))
     limit_unlabeled: int = opt(0, "Use only the first N unlabeled questions (0: all).", min=0)
     limit_test: int = opt(0, "Evaluate on only the first N test questions (0: all).", min=0)
+    time_budget: str = opt("", "Pseudo-label as many unlabeled questions (the first N) as fit this long a run, by the "
+                           "estimate every run prints first: 45m, 2h, 1h30m, 90s (a bare number: minutes). "
+                           "Empty: all of them.", valid=lambda v: _duration(v))
 
 
 def field_names(cls) -> list[str]:

@@ -476,6 +476,19 @@ def read_selected(sel: StageResult, unlabeled: list[Item]) -> tuple[list[Item], 
     return out, chosen
 
 
+def plan(model_path: Path, data: Path, cfg: RunConfig, tcfg: TrainConfig, ecfg: EngineConfig):
+    """The run's estimate (`estimate.Plan`): its work counted with this module's own prompt builders, the rates
+    calibrated on this machine with the engine the run will use. Nothing is written into a run folder."""
+    from . import estimate
+
+    for c in (cfg, tcfg, ecfg):
+        config.check(c)
+    task = load_task(data)
+    items = task["labeled"].items + task["unlabeled"].items + task["test"].items
+    mode = resolve_mode(None if cfg.mode == "auto" else cfg.mode, items)
+    return estimate.plan_run(load(model_path, ecfg), model_path, task, cfg, tcfg, mode)
+
+
 def run_semievol(model_path: Path, data: Path, out: Path, cfg: RunConfig, tcfg: TrainConfig,
                  ecfg: EngineConfig | None = None, reporter=None, share: tuple[Path, ...] = ()) -> dict:
     """The whole method; returns the stage results by name. Writes everything under `out`.

@@ -69,6 +69,16 @@ def progress(total: int, description: str, unit: str = "items"):
         yield advance
 
 
+@contextlib.contextmanager
+def status(message: str):
+    """A spinner with a message on stderr while something slow with no count runs (silent off a terminal)."""
+    if not err.is_terminal:
+        yield
+        return
+    with err.status(message):
+        yield
+
+
 def table(title: str, columns: list[str], rows: list[list], *, to_stderr: bool = False) -> None:
     from rich.text import Text
 
@@ -153,6 +163,24 @@ class Reporter:
         if self._train is not None:
             self._train[0].stop()
             self._train = None
+
+
+def plan_table(plan, n: int | None = None) -> None:
+    """The estimate a run prints first: per stage the tokens it will evaluate or train, the rate calibrated
+    here, the time, and peak memory; then the total and what was assumed."""
+    from .estimate import _clock
+
+    rows = plan.at(n)
+    n = plan.n_unlabeled if n is None else n
+    table(f"estimate for {n} unlabeled questions on this machine", ["stage", "tokens", "tok/s", "time", "peak MB"],
+          [[r.stage, f"{r.tokens:,.0f}" if r.tokens else "-", f"{r.rate:.0f}" if r.rate else "-",
+            _clock(r.seconds) if r.seconds is not None else "?", f"{r.peak_mb:.0f}" if r.peak_mb else "-"]
+           for r in rows])
+    total = plan.seconds(n)
+    peak = max((r.peak_mb for r in rows if r.peak_mb), default=None)
+    out.print(f"estimated run: {_clock(total) if total is not None else 'unknown'}"
+              + (f", peak about {peak / 1e3:.1f} GB" if peak else "") + f" ({plan.assumptions})",
+              markup=False, soft_wrap=True)
 
 
 def run_report(report: dict) -> None:
