@@ -410,6 +410,59 @@ def _last_eval(run: Path) -> dict:
     return json.loads((Path(run) / f"round{last}" / "eval" / "eval.json").read_text())
 
 
+# --- the sizes users bring ------------------------------------------------------------------------
+
+SIZES_SHAPE = dict(batch_size=4, seq_len=128, answer_len=4)  # bench train's shape: short answers, as SFT has
+
+
+def size_row(model_path: Path, data: Path, cfg: RunConfig, tcfg: TrainConfig, ecfg: EngineConfig,
+             steps: int = 6) -> dict:
+    """One model's row of the sizes table, measured in this process (run it in a fresh one: peaks are absolute):
+    the prompt rates `--weights auto` measured for the file and its float32 copy and its choice; training
+    tokens/s and the honest roofline fraction (`mlx_engine.bench_train`, the run's LoRA depth, SIZES_SHAPE) with
+    its peak RSS; and the estimate `semievol run --plan` prints for `data` (time and peak)."""
+    from . import mlx_engine
+    from .llama_engine import plan_weights, unload
+    from .models import read_gguf
+    from .runfolder import PeakMemory
+
+    w = plan_weights(model_path, ecfg)  # measured here the first time, then cached
+    rates = dict(w.rates)
+    with PeakMemory() as peak:
+        t = mlx_engine.bench_train(model_path, steps, num_layers=tcfg.num_layers, **SIZES_SHAPE)
+    train_peak = peak.peak_mb
+    plan = pipeline.plan(model_path, data, cfg, tcfg, ecfg)
+    rows = plan.at()
+    unload()
+    n_params = sum(int(x.n_elements) for x in read_gguf(Path(model_path)).tensors)
+    return {"model": Path(model_path).name, "weights_b": round(n_params / 1e9, 3),
+            "file_mb": round(Path(model_path).stat().st_size / 1e6),
+            "train_tokens_per_s": round(t["tokens_per_s"], 1), "train_fraction": round(t["roofline_fraction"], 3),
+            "train_peak_mb": round(train_peak),
+            "prompt_file": round(rates["file"], 1) if rates.get("file") else None,
+            "prompt_f32": round(rates["f32"], 1) if rates.get("f32") else None,
+            "auto": w.kind, "run_peak_mb": round(max((r.peak_mb for r in rows if r.peak_mb), default=0)) or None,
+            "plan_minutes": _sig(plan.seconds() / 60, 3) if plan.seconds() is not None else None}
+
+
+def sizes(model_paths: list[Path], data: Path, cfg: RunConfig, tcfg: TrainConfig, ecfg: EngineConfig,
+          command: str = "", on_model=lambda path: None) -> dict:
+    """`size_row` for every model, each in a fresh process (one model's memory is not the next one's)."""
+    import multiprocessing
+
+    if ecfg.server:
+        raise UserError("bench sizes measures llama.cpp in this process; leave out --server")
+    load_task(Path(data))  # a bad task folder fails before any model is measured
+    rows = []
+    for path in model_paths:
+        on_model(path)
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            rows.append(pool.apply(size_row, (path, data, cfg, tcfg, ecfg)))
+    return {"benchmark": "sizes", "machine": machine(), "command": command, "task": str(data),
+            "model": ", ".join(Path(p).name for p in model_paths), "train": dataclasses.asdict(tcfg),
+            "train_shape": SIZES_SHAPE, "tables": {"sizes": rows}}
+
+
 # --- training speed against the peer --------------------------------------------------------------
 
 def train_vs_peft(model_path: Path, peft_python: str, *, steps: int, batch_size: int, seq_len: int,
@@ -621,7 +674,10 @@ HEADINGS = {"majority": "majority", "vanilla": "vanilla", "sft": "SFT", "semievo
             "consistency_rate": "consistency", "accuracy_all": "acc. all", "accuracy_consistent": "acc. consistent",
             "accuracy_justified": "acc. justified", "accuracy_selected": "acc. selected",
             "pseudo_label_accuracy_selected": "pseudo-label acc. (selected)", "peak_rss_mb": "peak RSS (MB)",
-            "tflop": "TFLOP counted", "predicted_s": "predicted s (--plan)"}
+            "tflop": "TFLOP counted", "predicted_s": "predicted s (--plan)", "weights_b": "weights (B)",
+            "file_mb": "file MB", "train_tokens_per_s": "train tok/s", "train_fraction": "train GEMM fraction",
+            "train_peak_mb": "train peak MB", "prompt_file": "prompt tok/s, file", "prompt_f32": "prompt tok/s, f32 copy",
+            "auto": "auto picks", "run_peak_mb": "run peak MB (plan)", "plan_minutes": "run minutes (plan)"}
 
 
 def heading(key: str) -> str:
@@ -634,6 +690,9 @@ TITLES = {"main": "Main table (test accuracy; error reduction is relative)",
           "rounds": "Rounds (paper Fig. 7; round 0 is SFT)",
           "baselines": "Baselines (p: exact McNemar against SemiEvol on the same test questions)",
           "whole_run": "Whole run, per stage",
+          "sizes": "At the sizes users bring: training tokens/s and the fraction of float32 GEMM its FLOPs reach "
+                   "(batch 4 x 128, loss on 4 answer tokens), prompt tokens/s with the file and with its float32 "
+                   "copy, which one `--weights auto` picks, peak RSS, and the estimate `run --plan` prints",
           "stages": "Per stage: llama.cpp tokens evaluated (after prefix reuse) or trained, and the fraction of the "
                     "stage's own limit measured in the same run"}
 

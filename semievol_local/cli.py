@@ -549,6 +549,26 @@ def bench_servers_cmd(
     _publish(result, json_out)
 
 
+@command(bench_app, "sizes")
+@options_from(RunConfig, TrainConfig, EngineConfig)
+def bench_sizes_cmd(
+    ctx: typer.Context,
+    model: list[str] = typer.Option(..., "--model", "-m", help="A model to measure; repeat for more (alias or .gguf; "
+                                    "`semievol bench model` writes one of Llama 3.2 1B's shape)."),
+    data: Path = typer.Option(..., "--data", "-d", help="The task whose run `--plan` estimates (e.g. fpb)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the table, machine and command here."),
+    *, run_config: RunConfig, train_config: TrainConfig, engine_config: EngineConfig,
+):
+    """Per model, each in a fresh process: training tokens/s and its honest GEMM fraction, prompt tokens/s with
+    each weight choice and what auto picks, peak memory, and the run estimate for --data."""
+    from . import bench, models
+
+    paths = [models.resolve(m) for m in model]
+    result = bench.sizes(paths, data, run_config, train_config, engine_config, command=invocation(ctx),
+                         on_model=lambda p: ui.info(f"measuring {p.name}"))
+    _publish(result, json_out)
+
+
 @command(bench_app, "publish")
 def bench_publish_cmd(
     results: list[Path] = typer.Argument(..., help="JSON files written by `semievol bench ... --json`."),
@@ -567,7 +587,7 @@ def bench_publish_cmd(
             raise UserError(f"{p}: no such file; write it with `semievol bench quality|pseudo-label|run --json {p}`") from None
         except ValueError as e:
             raise UserError(f"{p}: not JSON ({e}); give a file written by `semievol bench ... --json`") from None
-        if loaded[-1].get("benchmark") not in ("quality", "pseudo-label", "run"):
+        if loaded[-1].get("benchmark") not in ("quality", "pseudo-label", "run", "sizes"):
             raise UserError(f"{p}: not a benchmark result (no 'benchmark' key)")
     bench.publish(readme, loaded)
     ui.info(f"{readme}: results section rewritten from {len(loaded)} file(s)")

@@ -1,9 +1,10 @@
-"""Data-parallel training on more than one process or host, through MLX's own launcher (`mlx.launch`).
+"""Data-parallel training on more than one process or host, over MLX's ring backend.
 
-`train` writes what a fine-tune needs (token ids, options, paths) into the output folder, starts
-`mlx.launch --backend ring --hosts ...` with this module as the program, and follows rank 0's progress,
+`train` writes what a fine-tune needs (token ids, options, paths) into the output folder, starts this module
+as the program of every rank (directly where every host is this machine, else through `mlx.launch --backend
+ring --hosts ...` over ssh), and follows rank 0's progress,
 which the worker prints as JSON lines. Each worker runs `mlx_engine.train`, which shards every micro-batch
-over the processes and sums gradients with `mx.distributed.all_sum` (FACTS §10). The caller gets the same
+over the processes and sums gradients with `mx.distributed.all_sum`. The caller gets the same
 summary, callbacks and files as from an in-process `mlx_engine.train`.
 
 Started by hand instead (`mlx.launch ... -- semievol train ...`), `semievol train` does the same without
@@ -80,13 +81,13 @@ def free_port(n: int) -> int:
     raise UserError("found no free TCP ports for the training processes")
 
 
-def thread_env(hosts: list[str]) -> list[str]:
-    """`mlx.launch` options giving each process its share of the cores when every host is this machine (BLAS
+def thread_env(hosts: list[str]) -> dict[str, str]:
+    """The environment giving each process its share of the cores when every host is this machine (BLAS
     results depend on the thread count: the same processes means the same threads too)."""
     if not all(ipaddress.ip_address(h).is_loopback for h in hosts):
-        return []
+        return {}
     n = str(max(1, (os.cpu_count() or 1) // len(hosts)))
-    return ["--env", f"OPENBLAS_NUM_THREADS={n}", "--env", f"OMP_NUM_THREADS={n}"]
+    return {"OPENBLAS_NUM_THREADS": n, "OMP_NUM_THREADS": n}
 
 
 def train(model_path, train_examples, cfg, out_dir: Path, *, valid_examples=None, resume: bool = False,
@@ -102,15 +103,11 @@ def train(model_path, train_examples, cfg, out_dir: Path, *, valid_examples=None
             "config": dataclasses.asdict(dataclasses.replace(cfg, hosts="")), "out_dir": str(out_dir.resolve()),
             "resume": resume, "init_adapter": str(Path(init_adapter).resolve()) if init_adapter else None}
     atomic_write_json(out_dir / SPEC, spec)
-    cmd = [str(launcher()), "--backend", "ring", "--hosts", ",".join(hosts), "--starting-port", str(free_port(len(hosts))),
-           *thread_env(hosts), "--", sys.executable, "-m", "semievol_local.distributed", str((out_dir / SPEC).resolve())]
+    program = [sys.executable, "-m", "semievol_local.distributed", str((out_dir / SPEC).resolve())]
     summary, errors, tail = None, [], []
-    # its own session: on an interrupt the launcher and its local processes go down together (remote ranks lose
-    # their ssh session); no stdin, which mlx.launch would otherwise set non-blocking under our terminal
-    with subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          bufsize=1, start_new_session=True) as proc:
+    with _start(hosts, program, out_dir) as lines:
         try:
-            for line in proc.stdout:  # mlx.launch merges every rank's output; rank 0 alone prints progress
+            for line in lines:  # every rank's output, merged; rank 0 alone prints progress
                 if line.startswith(PROGRESS):
                     msg = json.loads(line[len(PROGRESS):])
                     if "trunk" in msg and on_trunk:
@@ -124,10 +121,7 @@ def train(model_path, train_examples, cfg, out_dir: Path, *, valid_examples=None
                 elif line.strip():
                     tail = (tail + [line.rstrip()])[-20:]
         except BaseException:  # interrupted: take the processes down with us (the checkpoints stay)
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            lines.stop()
             raise
     if summary is None:  # mlx.launch exits 0 whatever its processes did: the summary line is the proof
         if errors:
@@ -136,6 +130,72 @@ def train(model_path, train_examples, cfg, out_dir: Path, *, valid_examples=None
                         + "\n".join(tail[-8:]))
     (out_dir / SPEC).unlink(missing_ok=True)
     return summary
+
+
+class _Lines:
+    """The merged output lines of the training processes, read with blocking reads (one thread per stream:
+    no CPU while the processes train), and a way to stop them all."""
+
+    def __init__(self, procs: list[subprocess.Popen], cleanup: Callable[[], None] = lambda: None):
+        import queue
+        import threading
+
+        self.procs, self.cleanup, self._q = procs, cleanup, queue.Queue()
+        for p in procs:
+            threading.Thread(target=self._pump, args=(p,), daemon=True).start()
+
+    def _pump(self, p: subprocess.Popen) -> None:
+        for line in p.stdout:
+            self._q.put(line)
+        if p.wait() != 0:  # a process that failed leaves the others waiting in a collective: stop them too
+            self.stop()
+        self._q.put(None)
+
+    def __iter__(self):
+        open_streams = len(self.procs)
+        while open_streams:
+            line = self._q.get()
+            if line is None:
+                open_streams -= 1
+            else:
+                yield line
+
+    def stop(self) -> None:
+        for p in self.procs:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for p in self.procs:
+            p.wait()
+        self.cleanup()
+
+
+def _start(hosts: list[str], program: list[str], out_dir: Path) -> _Lines:
+    """Start one training process per host. Where every host is this machine, the processes are started
+    here directly, as MLX's ring backend expects them (MLX_RANK, and MLX_HOSTFILE naming every rank's
+    address and port), each with its share of the cores; otherwise through `mlx.launch` over ssh. (mlx.launch
+    relays output by polling: on one 2-core machine it took most of a core away from the ranks.) Each
+    process (or the launcher) in its own session: an interrupt takes it down with its children; no stdin."""
+    port = free_port(len(hosts))
+    if all(ipaddress.ip_address(h).is_loopback for h in hosts):
+        hostfile = out_dir / ".hosts.json"
+        atomic_write_json(hostfile, [[f"{h}:{port + i}"] for i, h in enumerate(hosts)])
+        procs = [subprocess.Popen(program, env={**os.environ, **thread_env(hosts), "MLX_RANK": str(rank),
+                                                "MLX_HOSTFILE": str(hostfile)},
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True, bufsize=1, start_new_session=True)
+                 for rank in range(len(hosts))]
+        return _Lines(procs, cleanup=lambda: hostfile.unlink(missing_ok=True))
+    cmd = [str(launcher()), "--backend", "ring", "--hosts", ",".join(hosts), "--starting-port", str(port), "--",
+           *program]
+    return _Lines([subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True, bufsize=1, start_new_session=True)])
 
 
 def _worker(spec_path: str) -> int:

@@ -300,8 +300,8 @@ class Fleet:
             return plan
         from .llama_engine import Weights, f32_path
 
-        copy = f32_path(self.model_path)
-        if self.servers[0].model_file == copy.name:
+        copy, served = f32_path(self.model_path), self.servers[0].model_file or ""
+        if served.endswith("-f32.gguf"):  # a float32 copy (if of another file, _check_same_model says so)
             return Weights(copy, "f32", f"the float32 copy, as {self.servers[0].url} computes", plan.f32_bytes)
         return Weights(self.model_path, "file", f"the file, as {self.servers[0].url} computes", plan.f32_bytes)
 

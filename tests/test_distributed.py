@@ -25,7 +25,7 @@ def semievol(*args) -> list[str]:
 
 def launch(n: int, command: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
     cmd = [str(LAUNCH), "--backend", "ring", "-n", str(n), "--starting-port", str(free_port(n)),
-           *thread_env(["127.0.0.1"] * n), "--", *command]
+           *(a for k, v in thread_env(["127.0.0.1"] * n).items() for a in ("--env", f"{k}={v}")), "--", *command]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
