@@ -166,9 +166,9 @@ class TrainConfig:
                                "itself. 0: half of this machine's RAM.", min=0)
     save_every: int = opt(50, "Write a resumable checkpoint (and the adapter so far) every N optimizer steps.", min=1)
     seed: int = opt(0, "Random seed for initialization, data order and dropout.", flag="--train-seed", stages=("train",))
-    hosts: str = opt("", "Train data-parallel with MLX's launcher (mlx.launch, ring backend): comma-separated IP "
-                     "addresses, one training process each, rank 0 first (127.0.0.1,127.0.0.1: two processes here). "
-                     "Every host needs this project installed and the model and run folder at the same paths. The "
+    hosts: str = opt("", "Train data-parallel over MLX's ring backend: comma-separated IP addresses, one training "
+                     "process each, rank 0 first (127.0.0.1,127.0.0.1: two processes here, started directly; other "
+                     "machines through mlx.launch over ssh). Every host needs this project installed and the model and run folder at the same paths. The "
                      "adapter equals the one-process adapter up to float rounding.", flag="--train-hosts",
                      valid=lambda v: _hosts(v))
 

@@ -273,6 +273,7 @@ class Rates:
     llama_peak_mb: float = 0.0
     train: float | None = None  # input tokens/s of a step
     trunk: float | None = None  # tokens/s of the frozen blocks' pass
+    per_decode: float = 0.0  # seconds each llama.cpp call costs beyond its tokens (prompt building, logits)
     train_overhead: float = 0.0  # seconds a fine-tune spends on anything but tokens (model load, compilation)
     train_peak_mb: float = 0.0
     seconds: float = 0.0  # the calibration's own time
@@ -285,10 +286,11 @@ class Rates:
 
 
 def calibrate(engine, model_path: Path, stages: list[Stage], exs: list, tcfg: TrainConfig, n: int,
-              budget: float = CALIBRATION_SECONDS) -> Rates:
-    """llama.cpp's prompt rate for the decode shapes holding most tokens (no adapter, random tokens), then a
-    few MLX training steps on the warm-up's own examples of about median length: within about `budget`
-    seconds (a model that takes longer per step gets one step)."""
+              budget: float = CALIBRATION_SECONDS, questions=()) -> Rates:
+    """llama.cpp's prompt rate for the decode shapes holding most tokens (no adapter, random tokens), and what
+    each call costs beyond its tokens (a few of `questions` answered for real, against their count at those
+    rates), then a few MLX training steps on the warm-up's own examples of about median length: within about
+    `budget` seconds (a model that takes longer per step gets one step)."""
     from .runfolder import PeakMemory
 
     rates, tic = Rates(), time.perf_counter()
@@ -305,12 +307,34 @@ def calibrate(engine, model_path: Path, stages: list[Stage], exs: list, tcfg: Tr
                 if time.perf_counter() - tic > 0.4 * budget:
                     break
                 rates.llama[shape] = engine.prefill_rate(shape[1], repeats=1, past=min(shape[0], engine.n_ctx - 64))
+            if rates.llama and questions:
+                rates.per_decode = _per_decode(engine, rates, questions, tic + 0.55 * budget)
         rates.llama_peak_mb = peak.peak_mb
     if exs:
         rates.train, rates.trunk, rates.train_overhead, rates.train_peak_mb = _train_rate(
             engine, model_path, exs, tcfg, budget - (time.perf_counter() - tic))
     rates.seconds = time.perf_counter() - tic
     return rates
+
+
+def _per_decode(engine, rates: Rates, questions, until: float, most: int = 8) -> float:
+    """Seconds per llama.cpp call beyond its tokens: some of `questions` scored for real (each one at least,
+    up to `most` or the clock `until`), less what their decodes take at the measured rates, per decode."""
+    from .evaluate import predict_item
+
+    tally = Tally(engine)
+    engine.reset()
+    spent = 0.0
+    for i, it in enumerate(questions[:most]):
+        if i and time.perf_counter() > until:
+            break
+        predict_item(tally, it)
+        tic = time.perf_counter()
+        predict_item(engine, it)
+        spent += time.perf_counter() - tic
+    engine.reset()
+    tokens_s = sum(v / rates.llama_rate(k) for k, v in tally.shapes.items())
+    return max(0.0, spent - tokens_s) / max(1, tally.decodes)
 
 
 class _Enough(Exception):
@@ -402,7 +426,8 @@ class Plan:
             elif s.kind == "llama":
                 secs = None
                 if self.rates.llama:
-                    secs = sum(v / self.rates.llama_rate(k) for k, v in w.shapes.items())
+                    secs = (sum(v / self.rates.llama_rate(k) for k, v in w.shapes.items())
+                            + w.decodes * self.rates.per_decode)
                 tok = sum(w.shapes.values())
                 rows.append(Row(s.name, tok, tok / secs if secs else None, secs, self.rates.llama_peak_mb or None))
             else:
@@ -434,7 +459,8 @@ def plan_run(engine, model_path: Path, task, cfg: RunConfig, tcfg: TrainConfig, 
     n = len(task["unlabeled"].items)
     n = min(n, cfg.limit_unlabeled) if cfg.limit_unlabeled else n
     exs = training.examples(engine, task["labeled"].items)
-    rates = calibrate(engine, model_path, stages, exs, tcfg, n)
+    questions = [it for it in task["labeled"].items if it.options] if mode == "score" else []
+    rates = calibrate(engine, model_path, stages, exs, tcfg, n, questions=questions)
     keep = f"{cfg.theta:g}%" if cfg.adaptive_selection and cfg.selection == "percentile" else "an assumed share"
     text = (f"assumed: learners disagree on {JUSTIFIED:.0%} of questions (each then asks a justification), "
             f"selection keeps {keep} of the pseudo-labels")
@@ -442,6 +468,8 @@ def plan_run(engine, model_path: Path, task, cfg: RunConfig, tcfg: TrainConfig, 
         text += f", every sampled answer is --max-tokens {cfg.max_tokens} long (an upper bound)"
     if not rates.llama:
         text += "; llama.cpp rates not measured (--server)"
+    elif questions:
+        text += f"; each llama.cpp call costs {rates.per_decode * 1e3:.0f} ms beyond its tokens"
     return Plan(stages, rates, n, trunk_ok, text + f"; calibrated in {rates.seconds:.0f} s")
 
 

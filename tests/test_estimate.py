@@ -104,11 +104,20 @@ def test_the_budget_picks_the_largest_count_that_fits():
         estimate.fit_budget(plan, 101, "101s")
 
 
+def test_each_llama_call_costs_its_measured_overhead_on_top_of_its_tokens():
+    plan = toy_plan()
+    plan.stages[1].each.decodes = 4  # 4 calls per question
+    plan.rates.per_decode = 0.05
+    assert plan.seconds(10) == pytest.approx(100 + 10 * (2.5 + 4 * 0.05))
+
+
 def test_plan_names_every_stage_the_run_has(tiny_q4, tiny_task, tmp_path):
     cfg, tcfg = RunConfig(min_letter_mass=0.0), TrainConfig(epochs=1.0, batch_size=4, save_every=1)
     plan = pipeline.plan(tiny_q4, tiny_task, cfg, tcfg, EngineConfig())
     rows = plan.at()
     assert plan.n_unlabeled == 20 and plan.rates.llama and plan.rates.train
+    assert 0 <= plan.rates.per_decode < 1  # measured on a few labeled questions: milliseconds, not seconds
+    assert "ms beyond its tokens" in plan.assumptions
     assert all(r.seconds is not None and r.seconds >= 0 for r in rows)
     busy = {r.stage: r for r in rows if r.tokens}
     assert set(busy) == {"warmup", "eval/vanilla", "eval/sft", "round1/collaboration", "round1/final", "round1/eval"}
