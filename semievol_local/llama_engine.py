@@ -160,14 +160,14 @@ def measure_weights(model_path: Path, cfg: EngineConfig, f32_bytes: int) -> dict
     n_threads = cfg.n_threads or default_threads()
     copy = f32_path(model_path)
     log.info("measuring which weights llama.cpp computes %s faster with on this machine (once)", Path(model_path).name)
-    rates = {"file": _prompt_rate(Path(model_path), n_threads)}
     try:
         if not copy.is_file():
             _write_f32(Path(model_path), copy, f32_bytes + (64 << 20), n_threads)
     except UserError as e:
         log.warning("computing with %s as given: no float32 copy could be made (%s)", model_path, e)
-        return {**rates, "f32": 0.0}  # not recorded: a later run with space or a writable cache measures again
-    rates["f32"] = _prompt_rate(copy, n_threads)
+        (rate,) = _prompt_rates([Path(model_path)], n_threads)
+        return {"file": rate, "f32": 0.0}  # not recorded: a later run with space or a writable cache measures again
+    rates = dict(zip(("file", "f32"), _prompt_rates([Path(model_path), copy], n_threads)))
     log.info("prompt tokens/s: %.0f with the file, %.0f with its float32 copy", rates["file"], rates["f32"])
     if choose(rates) == "file":
         copy.unlink(missing_ok=True)  # disk and page cache back (4.3 GB for a 1B model)
@@ -175,32 +175,39 @@ def measure_weights(model_path: Path, cfg: EngineConfig, f32_bytes: int) -> dict
     return rates
 
 
-def _prompt_rate(path: Path, n_threads: int, repeats: int = 3) -> float:
-    """Prompt tokens/s of one GGUF on the CPU: the decodes of PROBE_DECODES (random tokens) timed together,
-    best of `repeats` after a warm-up."""
+def _prompt_rates(paths: list[Path], n_threads: int, repeats: int = 3) -> list[float]:
+    """Prompt tokens/s of each GGUF on the CPU: the decodes of PROBE_DECODES (random tokens) timed together,
+    best of `repeats` after a warm-up. The files take turns, repeat by repeat: a busy moment on a shared
+    machine slows them alike instead of deciding between them (on 2 shared cores, timing one file after the
+    other put a 1B Q4_K_M file at 46-81 tok/s against 53-60 for its float32 copy)."""
     import llama_cpp
 
-    with suppress_stdout_stderr(disable=False):
-        llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_batch=512, n_threads=n_threads,
-                              n_threads_batch=n_threads, n_gpu_layers=0, verbose=False)
+    llms = []
     try:
+        for path in paths:
+            with suppress_stdout_stderr(disable=False):
+                llms.append(llama_cpp.Llama(model_path=str(path), n_ctx=512, n_batch=512, n_threads=n_threads,
+                                            n_threads_batch=n_threads, n_gpu_layers=0, verbose=False))
         rng = np.random.default_rng(0)
-        work = [(rng.integers(0, llm.n_vocab(), size=c).tolist(), rng.integers(0, llm.n_vocab(), size=n).tolist())
+        n_vocab = llms[0].n_vocab()
+        work = [(rng.integers(0, n_vocab, size=c).tolist(), rng.integers(0, n_vocab, size=n).tolist())
                 for c, n in PROBE_DECODES]
-        best = float("inf")
+        best = [float("inf")] * len(llms)
         for _ in range(repeats + 1):
-            took = 0.0
-            for cached, new in work:
-                llm.reset()
-                if cached:
-                    llm.eval(cached)
-                tic = time.perf_counter()
-                llm.eval(new)
-                took += time.perf_counter() - tic
-            best = min(best, took)
-        return sum(n for _, n in PROBE_DECODES) / best
+            for i, llm in enumerate(llms):
+                took = 0.0
+                for cached, new in work:
+                    llm.reset()
+                    if cached:
+                        llm.eval(cached)
+                    tic = time.perf_counter()
+                    llm.eval(new)
+                    took += time.perf_counter() - tic
+                best[i] = min(best[i], took)
+        return [sum(n for _, n in PROBE_DECODES) / b for b in best]
     finally:
-        llm.close()
+        for llm in llms:
+            llm.close()
 
 
 def _machine_id() -> str:

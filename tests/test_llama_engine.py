@@ -170,7 +170,7 @@ def test_auto_measures_once_per_file_machine_and_threads(tiny_q4, tmp_path, monk
     def no_timing(*a, **k):
         raise AssertionError("measured again")
 
-    monkeypatch.setattr(llama_engine, "_prompt_rate", no_timing)
+    monkeypatch.setattr(llama_engine, "_prompt_rates", no_timing)
     assert plan_weights(tiny_q4, EngineConfig()) == w  # the cached answer, in this process or the next
     assert plan_weights(tiny_q4, EngineConfig(), measure=False) == w
     with pytest.raises(AssertionError, match="measured again"):  # another thread count is another measurement
