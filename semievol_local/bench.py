@@ -422,6 +422,7 @@ def size_row(model_path: Path, data: Path, cfg: RunConfig, tcfg: TrainConfig, ec
     tokens/s and the honest roofline fraction (`mlx_engine.bench_train`, the run's LoRA depth, SIZES_SHAPE) with
     its peak RSS; and the estimate `semievol run --plan` prints for `data` (time and peak)."""
     from . import mlx_engine
+    from .estimate import clock
     from .llama_engine import plan_weights, unload
     from .models import read_gguf
     from .runfolder import PeakMemory
@@ -437,12 +438,12 @@ def size_row(model_path: Path, data: Path, cfg: RunConfig, tcfg: TrainConfig, ec
     n_params = sum(int(x.n_elements) for x in read_gguf(Path(model_path)).tensors)
     return {"model": Path(model_path).name, "weights_b": round(n_params / 1e9, 3),
             "file_mb": round(Path(model_path).stat().st_size / 1e6),
-            "train_tokens_per_s": round(t["tokens_per_s"], 1), "train_fraction": round(t["roofline_fraction"], 3),
+            "train_tokens_per_s": round(t["tokens_per_s"]), "train_fraction": round(t["roofline_fraction"], 3),
             "train_peak_mb": round(train_peak),
-            "prompt_file": round(rates["file"], 1) if rates.get("file") else None,
-            "prompt_f32": round(rates["f32"], 1) if rates.get("f32") else None,
+            "prompt_file": round(rates["file"]) if rates.get("file") else None,
+            "prompt_f32": round(rates["f32"]) if rates.get("f32") else None,
             "auto": w.kind, "run_peak_mb": round(max((r.peak_mb for r in rows if r.peak_mb), default=0)) or None,
-            "plan_minutes": _sig(plan.seconds() / 60, 3) if plan.seconds() is not None else None}
+            "plan_time": clock(plan.seconds()) if plan.seconds() is not None else None}
 
 
 def sizes(model_paths: list[Path], data: Path, cfg: RunConfig, tcfg: TrainConfig, ecfg: EngineConfig,
@@ -677,7 +678,7 @@ HEADINGS = {"majority": "majority", "vanilla": "vanilla", "sft": "SFT", "semievo
             "tflop": "TFLOP counted", "predicted_s": "predicted s (--plan)", "weights_b": "weights (B)",
             "file_mb": "file MB", "train_tokens_per_s": "train tok/s", "train_fraction": "train GEMM fraction",
             "train_peak_mb": "train peak MB", "prompt_file": "prompt tok/s, file", "prompt_f32": "prompt tok/s, f32 copy",
-            "auto": "auto picks", "run_peak_mb": "run peak MB (plan)", "plan_minutes": "run minutes (plan)"}
+            "auto": "auto picks", "run_peak_mb": "run peak MB (plan)", "plan_time": "run time (plan)"}
 
 
 def heading(key: str) -> str:

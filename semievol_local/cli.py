@@ -659,7 +659,7 @@ def plan_first(model_path: Path, data: Path, run_config: RunConfig, train_config
     if run_config.time_budget:
         n = estimate.fit_budget(plan, estimate.parse_duration(run_config.time_budget), run_config.time_budget)
         ui.info(f"--time-budget {run_config.time_budget}: {n} of {plan.n_unlabeled} unlabeled questions fit "
-                f"(about {estimate._clock(plan.seconds(n))}); the run uses the first {n}")
+                f"(about {estimate.clock(plan.seconds(n))}); the run uses the first {n}")
         ui.plan_table(plan, n)
         return dataclasses.replace(run_config, limit_unlabeled=n)
     ui.plan_table(plan)

@@ -499,8 +499,8 @@ def fit_budget(plan: Plan, budget: float, text: str) -> int:
     floor = plan.seconds(1)
     if floor > budget:
         raise UserError(f"--time-budget {text}: too small; the warm-up and evaluations alone take about "
-                        f"{_clock(plan.seconds(0))} here, before any unlabeled question (give at least "
-                        f"{_clock(floor * 1.1)})")
+                        f"{clock(plan.seconds(0))} here, before any unlabeled question (give at least "
+                        f"{clock(floor * 1.1)})")
     lo, hi = 1, plan.n_unlabeled  # seconds(n) grows with n: the largest n within the budget
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -511,7 +511,7 @@ def fit_budget(plan: Plan, budget: float, text: str) -> int:
     return lo
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float) -> str:
     seconds = int(round(seconds))
     h, rest = divmod(seconds, 3600)
     return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"

@@ -168,17 +168,17 @@ class Reporter:
 def plan_table(plan, n: int | None = None) -> None:
     """The estimate a run prints first: per stage the tokens it will evaluate or train, the rate calibrated
     here, the time, and peak memory; then the total and what was assumed."""
-    from .estimate import _clock
+    from .estimate import clock
 
     rows = plan.at(n)
     n = plan.n_unlabeled if n is None else n
     table(f"estimate for {n} unlabeled questions on this machine", ["stage", "tokens", "tok/s", "time", "peak MB"],
           [[r.stage, f"{r.tokens:,.0f}" if r.tokens else "-", f"{r.rate:.0f}" if r.rate else "-",
-            _clock(r.seconds) if r.seconds is not None else "?", f"{r.peak_mb:.0f}" if r.peak_mb else "-"]
+            clock(r.seconds) if r.seconds is not None else "?", f"{r.peak_mb:.0f}" if r.peak_mb else "-"]
            for r in rows])
     total = plan.seconds(n)
     peak = max((r.peak_mb for r in rows if r.peak_mb), default=None)
-    out.print(f"estimated run: {_clock(total) if total is not None else 'unknown'}"
+    out.print(f"estimated run: {clock(total) if total is not None else 'unknown'}"
               + (f", peak about {peak / 1e3:.1f} GB" if peak else "") + f" ({plan.assumptions})",
               markup=False, soft_wrap=True)
 

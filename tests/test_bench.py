@@ -3,6 +3,7 @@ float32 GEMM), `bench train`'s count, `bench publish`."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -444,5 +445,5 @@ def test_bench_sizes_measures_each_model_in_its_own_process(tiny_q4, task, tmp_p
     assert row["prompt_file"] > 0 and row["prompt_f32"] > 0  # both weights timed, the choice follows the rates
     assert (row["auto"] == "file") == (row["prompt_file"] > 1.1 * row["prompt_f32"])
     assert row["train_tokens_per_s"] > 0 and 0 < row["train_fraction"] and row["train_peak_mb"] > 0
-    assert row["plan_minutes"] > 0 and row["run_peak_mb"] > 0
+    assert re.fullmatch(r"\d+h\d\dm|\d+m\d\ds", row["plan_time"]) and row["run_peak_mb"] > 0
     assert "At the sizes users bring" in bench.markdown([r])
