@@ -434,6 +434,7 @@ def size_row(model_path: Path, data: Path, cfg: RunConfig, tcfg: TrainConfig, ec
     train_peak = peak.peak_mb
     plan = pipeline.plan(model_path, data, cfg, tcfg, ecfg)
     rows = plan.at()
+    run_s = plan.seconds()
     unload()
     n_params = sum(int(x.n_elements) for x in read_gguf(Path(model_path)).tensors)
     return {"model": Path(model_path).name, "weights_b": round(n_params / 1e9, 3),
@@ -443,7 +444,7 @@ def size_row(model_path: Path, data: Path, cfg: RunConfig, tcfg: TrainConfig, ec
             "prompt_file": round(rates["file"]) if rates.get("file") else None,
             "prompt_f32": round(rates["f32"]) if rates.get("f32") else None,
             "auto": w.kind, "run_peak_mb": round(max((r.peak_mb for r in rows if r.peak_mb), default=0)) or None,
-            "plan_time": clock(plan.seconds()) if plan.seconds() is not None else None}
+            "plan_time": clock(run_s) if run_s is not None else None}
 
 
 def sizes(model_paths: list[Path], data: Path, cfg: RunConfig, tcfg: TrainConfig, ecfg: EngineConfig,

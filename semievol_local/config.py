@@ -168,7 +168,8 @@ class TrainConfig:
     seed: int = opt(0, "Random seed for initialization, data order and dropout.", flag="--train-seed", stages=("train",))
     hosts: str = opt("", "Train data-parallel over MLX's ring backend: comma-separated IP addresses, one training "
                      "process each, rank 0 first (127.0.0.1,127.0.0.1: two processes here, started directly; other "
-                     "machines through mlx.launch over ssh). Every host needs this project installed and the model and run folder at the same paths. The "
+                     "machines through mlx.launch over ssh). Every host needs this project installed and the model "
+                     "and run folder at the same paths. The "
                      "adapter equals the one-process adapter up to float rounding.", flag="--train-hosts",
                      valid=lambda v: _hosts(v))
 

@@ -81,10 +81,15 @@ def free_port(n: int) -> int:
     raise UserError("found no free TCP ports for the training processes")
 
 
+def _all_here(hosts: list[str]) -> bool:
+    """Whether every host is this machine (`parse_hosts` gives IP addresses)."""
+    return all(ipaddress.ip_address(h).is_loopback for h in hosts)
+
+
 def thread_env(hosts: list[str]) -> dict[str, str]:
     """The environment giving each process its share of the cores when every host is this machine (BLAS
     results depend on the thread count: the same processes means the same threads too)."""
-    if not all(ipaddress.ip_address(h).is_loopback for h in hosts):
+    if not _all_here(hosts):
         return {}
     n = str(max(1, (os.cpu_count() or 1) // len(hosts)))
     return {"OPENBLAS_NUM_THREADS": n, "OMP_NUM_THREADS": n}
@@ -179,11 +184,11 @@ class _Lines:
 def _start(hosts: list[str], program: list[str], out_dir: Path) -> _Lines:
     """Start one training process per host. Where every host is this machine, the processes are started
     here directly, as MLX's ring backend expects them (MLX_RANK, and MLX_HOSTFILE naming every rank's
-    address and port), each with its share of the cores; otherwise through `mlx.launch` over ssh. (mlx.launch
-    relays output by polling: on one 2-core machine it took most of a core away from the ranks.) Each
-    process (or the launcher) in its own session: an interrupt takes it down with its children; no stdin."""
+    address and port), each with its share of the cores: one process less than through a launcher, and no
+    relay between the ranks and this one; otherwise through `mlx.launch` over ssh. Each process (or the
+    launcher) in its own session: an interrupt takes it down with its children; no stdin."""
     port = free_port(len(hosts))
-    if all(ipaddress.ip_address(h).is_loopback for h in hosts):
+    if _all_here(hosts):
         hostfile = out_dir / ".hosts.json"
         atomic_write_json(hostfile, [[f"{h}:{port + i}"] for i, h in enumerate(hosts)])
         procs = [subprocess.Popen(program, env={**os.environ, **thread_env(hosts), "MLX_RANK": str(rank),

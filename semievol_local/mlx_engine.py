@@ -231,7 +231,8 @@ def _trunk(model: Model, seqs: list[batching.Seq], first: int, batch_size: int,
 # ----------------------------------------------------------------------------- data parallel (mx.distributed)
 
 def group():
-    """The MLX distributed group of this process: rank 0 of 1 unless started as one rank of several (`--train-hosts`, `mlx.launch`) (FACTS §10)."""
+    """The MLX distributed group of this process: rank 0 of 1 unless started as one rank of several
+    (`--train-hosts`, `mlx.launch`) (FACTS §10)."""
     return mx.distributed.init()
 
 

@@ -306,9 +306,10 @@ def test_bench_run_puts_each_stage_beside_its_own_limit(tiny_q4, task, tmp_path)
     budget = sum(m["seconds"] * gflops[n] * 1e9 for n, m in manifests.items())
     assert r["whole_run"]["fraction"] == pytest.approx(sum(flops.values()) / budget, rel=1e-3)
     assert r["whole_run"]["tflop"] == pytest.approx(sum(flops.values()) / 1e12, rel=1e-3)
-    # float32 on a tiny model: far below 1, no note (the column appears where any stage has one: a tiny
-    # fine-tune's few milliseconds can pass 1 on a noisy machine)
-    assert rows["eval/vanilla"].get("note") is None
+    # float32 weights: a note exactly where the fraction passes 1, and it blames the machine's speed, not the
+    # kernels (a stage of a tiny model lasts milliseconds: on a busy machine it can pass 1)
+    vanilla = rows["eval/vanilla"]
+    assert vanilla.get("note") == (bench.ABOVE_1_FLOAT if vanilla["fraction"] > 1 else None)
     ref = r["llama_reference"]  # informative: llama.cpp's best, by the same count
     assert ref["tokens"] == bench.REFERENCE_DECODE and ref["tokens_per_s"] > 0 and 0 < ref["fraction"]
     final = json.loads((out / "round1" / "final" / "manifest.json").read_text())["figures"]
