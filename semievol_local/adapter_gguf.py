@@ -4,7 +4,7 @@
   `TensorNameMap`; the loader in `gguf_loader` and the adapter writer below both use it, so the two
   directions cannot drift.
 - `write_lora_gguf` writes an MLX LoRA adapter as a GGUF LoRA adapter that llama.cpp loads as-is
-  (FACTS §4): no fusing, no re-quantizing, no Q/K un-permuting (MLX trained on the GGUF's own layout).
+  (`adapter.lora.alpha` = scale x rank, A as (rank, in), B as (out, rank)): no fusing, no re-quantizing, no Q/K un-permuting (MLX trained on the GGUF's own layout).
 - `read_lora_gguf` reads one back (numpy, llama.cpp layout) for checks and tests.
 
 This module knows nothing about MLX arrays or training: numpy in, files out.

@@ -1,7 +1,7 @@
 """Make MLX's CPU matmuls fast on Linux by loading an optimized BLAS before MLX starts.
 
 The Linux `mlx-cpu` wheel links the reference (netlib) BLAS: a float32 GEMM runs at ~7 GFLOPS where
-OpenBLAS reaches ~202 GFLOPS on the same 2 cores (FACTS §3). Loading a library that exports the standard
+OpenBLAS reaches ~202 GFLOPS on the same 2 cores. Loading a library that exports the standard
 `cblas_*` symbols with RTLD_GLOBAL *before* `import mlx.core` makes MLX bind to it instead; no
 LD_PRELOAD or re-exec is needed. On macOS MLX uses Accelerate and this module does nothing.
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .blas import ensure_fast_blas
 
-ensure_fast_blas()  # before the first `import mlx.core` (FACTS §3)
+ensure_fast_blas()  # before the first `import mlx.core` (blas.py says why)
 
 import mlx.core as mx  # noqa: E402
 

@@ -180,7 +180,7 @@ def peft_adapter(adapter_dir: Path, model_path: Path) -> tuple[dict[str, np.ndar
     put back in the Hugging Face order, so the adapter applies to the Hugging Face base model."""
     from .blas import ensure_fast_blas
 
-    ensure_fast_blas()  # before MLX's first import (FACTS §3)
+    ensure_fast_blas()  # before MLX's first import (blas.py says why)
     import mlx.core as mx
 
     from .gguf_loader import ARCHITECTURES, Meta, read

@@ -104,7 +104,7 @@ class Arch:
     """How one GGUF architecture becomes an mlx-lm model."""
 
     mlx_module: str                       # mlx_lm.models.<this>
-    rope: str                             # "interleaved": Q/K rows permuted for it (FACTS §2); "neox": as in HF
+    rope: str                             # "interleaved": Q/K rows permuted for it by llama.cpp's converter; "neox": as in HF
     args: Callable[[Meta, dict], dict]    # ModelArgs fields from metadata and tensor shapes
     norm_offset: float = 0.0              # subtracted from norm weights (the gemma converter stored 1 + w)
     rope_freqs: bool = False              # llama 3: per-frequency factors in rope_freqs.weight
@@ -240,7 +240,7 @@ def load_model(gguf_path, *, dequantize: bool | None = None):
     """An mlx-lm model (the class the architecture table names) holding the GGUF's weights.
 
     On a CPU (`dequantize`, the default there) every tensor becomes float32: quantized matmuls there do
-    not use BLAS and train ~15x slower (FACTS §3). On a GPU Q4_0/Q4_1/Q8_0 layers stay quantized
+    not use BLAS and train ~15x slower (SmolLM2 here: 8 against 125 tokens/s). On a GPU Q4_0/Q4_1/Q8_0 layers stay quantized
     (QLoRA) and other quantized tensors are dequantized to float16.
     """
     import mlx.core as mx

@@ -555,7 +555,8 @@ class Engine:
         return out
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        """Mean-pooled, L2-normalized hidden states (N, dim): retrieval vectors (FACTS §8: MEAN beats LAST)."""
+        """Mean-pooled, L2-normalized hidden states (N, dim): retrieval vectors (mean pooling: on fpb its 3 nearest
+        labeled neighbours voted 0.695 right, the last token's 0.64)."""
         if self._embedder is None:
             # A second context on the same mmap'ed weights, in embedding mode.
             n_ctx = self.n_ctx if not self.vocab_only else (self.cfg.n_ctx or 2048)  # as the in-process context

@@ -37,7 +37,8 @@ def cache_dir() -> Path:
 
 
 def _cmake_args() -> list[str]:
-    """The flags `just setup` builds llama-cpp-python with (FACTS §3: no AMX kernels on Linux x86-64)."""
+    """The flags `just setup` builds llama-cpp-python with (on Linux x86-64 without llama.cpp's AMX
+    kernels: the compiler's AMX macros undefined)."""
     args = ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
             "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON", "-DBUILD_SHARED_LIBS=OFF"]
     if platform.system() == "Linux" and platform.machine() == "x86_64":

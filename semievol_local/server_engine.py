@@ -2,7 +2,7 @@
 
 Tokens never travel as text. The GGUF's vocabulary is loaded here (llama.cpp, vocabulary only: no
 weights), so prompts are tokenized and templated exactly as in process, and sent as token ids. A score is
-one generated token after `Answer:` with `n_probs` (probabilities before sampling, FACTS §10); a sample
+one generated token after `Answer:` with `n_probs` (probabilities before sampling: `post_sampling_probs` false); a sample
 is a generation with an explicit seed, plain temperature sampling over the whole vocabulary, and the
 probability of each sampled token under the model. Adapters are loaded by the server at start (`--lora`,
 matched here by path) and chosen per request with zero scale for the others.
@@ -152,8 +152,8 @@ class Lane:
         self.adapter = (str(Path(path).resolve()), float(scale), "")
 
     def _lora(self) -> list[dict]:
-        """Every adapter the server holds, at scale 0 except the chosen one (FACTS §10: unlisted ones would
-        get the scale they were started with)."""
+        """Every adapter the server holds, at scale 0 except the chosen one (an adapter a request does not
+        list gets the scale the server was started with, not 0)."""
         if self.adapter is not None and self.adapter[0] not in self.server.adapters:
             self.server.wait_for_adapter(self.adapter[0])
         want = self.server.adapters[self.adapter[0]] if self.adapter is not None else None

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from tinymodel import quantize_with_llama_cpp, write_tiny_gguf
 
-from semievol_local import mlx_engine as me  # first: it loads OpenBLAS before mlx.core (FACTS §3)
+from semievol_local import mlx_engine as me  # first: it loads OpenBLAS before mlx.core (blas.py)
 from semievol_local import gguf_loader, models
 from semievol_local.config import TrainConfig
 from semievol_local.errors import UserError
@@ -124,7 +124,7 @@ def test_family_loads_trains_and_exports_with_parity(family, name, tmp_path):
 
 
 def test_quantized_files_hold_the_types_users_download(family):
-    # llama.cpp's own quantizer, as in FACTS §9: K-quant mixes, and Q5_K that mx.load refuses
+    # llama.cpp's own quantizer, as users' files are made: K-quant mixes, and Q5_K that mx.load refuses
     assert {"Q4_K", "Q6_K"} <= tensor_types(family("llama3-q4_k_m"))
     assert "Q5_K" in tensor_types(family("qwen2-q5_k_m"))
     with pytest.raises((RuntimeError, ValueError)):

@@ -15,3 +15,13 @@ def test_readme_opens_with_two_commands_and_ci_runs_the_second():
     assert len(cmds) == 2 and cmds[0].endswith("just demo") and cmds[1].endswith("just test")
     ci = [ln for ln in (ROOT / ".ci/run").read_text().splitlines() if ln.strip() and not ln.startswith(("#", "set ", "cd "))]
     assert ci == [cmds[1]]
+
+
+def test_no_comment_help_or_readme_line_cites_a_document_outside_the_repo():
+    """What the code relies on is said here, in the project's own words: no pointer to the team's notes."""
+    files = [*ROOT.glob("semievol_local/*.py"), *ROOT.glob("tests/*.py"), ROOT / "README.md", ROOT / "justfile"]
+    outside = ("FACTS", "PAPER.md", "STYLE.md", "shared/docs")
+    me = Path(__file__).resolve()
+    hits = [f"{p.name}:{i}" for p in files if p.resolve() != me
+            for i, line in enumerate(p.read_text().splitlines(), 1) if any(o in line for o in outside)]
+    assert not hits, hits
