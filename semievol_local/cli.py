@@ -404,6 +404,8 @@ def bench_train_cmd(
     peft_python: Optional[str] = typer.Option(None, "--peft-python", help="Also time PyTorch + PEFT on the same "
                                               "shape, right after, with this Python (an environment with torch, "
                                               "transformers and peft; never needed by semievol itself)."),
+    split: bool = typer.Option(False, "--split", help="Also time one trained block whole and by part (frozen "
+                               "products, alone and joined; LoRA products; attention; the rest) at this shape."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write tokens_per_s, gemm_gflops, roofline_fraction here."),
 ):
     """Training tokens/s beside the float32 GEMM roofline measured in the same run, counting the FLOPs this shape
@@ -421,7 +423,11 @@ def bench_train_cmd(
     else:
         result = mlx_engine.bench_train(path, steps, **shape)
         result.pop("shape")
-    _publish(result, json_out, lambda r: ui.kv_table("bench train", r))
+    if split:
+        from . import step_profile
+
+        result["block_split"] = step_profile.split(path, batch_size=batch_size, seq_len=seq_len, rank=result["rank"])
+    _publish(result, json_out, ui.train_bench)
 
 
 @command(bench_app, "model")

@@ -1,7 +1,8 @@
 """MLX engine: train LoRA on a GGUF's own weights (loaded into an mlx-lm model), export for llama.cpp.
 
 One GGUF, two engines: MLX trains directly on the GGUF's tensors (no conversion; `gguf_loader` builds the
-mlx-lm model of the file's architecture on the rope convention of its Q/K rows, FACTS §2), and the
+mlx-lm model of the file's architecture on the rope convention of its Q/K rows: llama-family files store them permuted for
+llama.cpp's interleaved rope, and the model is built for that layout, so nothing is un-permuted), and the
 adapter is written twice: in mlx-lm's layout (`adapters.safetensors` + `adapter_config.json`) and as a
 llama.cpp GGUF LoRA adapter (`adapter.gguf`) that `Llama(lora_path=...)` loads as-is.
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 from .blas import ensure_fast_blas, gemm_gflops, tune_malloc, untune_malloc
 
-ensure_fast_blas()  # must run before the first `import mlx.core` (FACTS §3)
+ensure_fast_blas()  # must run before the first `import mlx.core` (blas.py says why)
 
 import dataclasses  # noqa: E402
 import hashlib  # noqa: E402
@@ -40,7 +41,7 @@ from mlx_lm.models.base import create_attention_mask  # noqa: E402
 from mlx_lm.tuner.utils import linear_to_lora_layers, load_adapters  # noqa: E402
 
 from . import adapter_gguf as ag  # noqa: E402
-from . import batching, config, gguf_loader  # noqa: E402
+from . import batching, config, gguf_loader, mlx_fast  # noqa: E402
 from .files import atomic_target  # noqa: E402
 from .batching import Example  # noqa: E402
 from .checkpoint import discard_partial, load_latest_checkpoint, save_checkpoint  # noqa: E402
@@ -232,7 +233,7 @@ def _trunk(model: Model, seqs: list[batching.Seq], first: int, batch_size: int,
 
 def group():
     """The MLX distributed group of this process: rank 0 of 1 unless started as one rank of several
-    (`--train-hosts`, `mlx.launch`) (FACTS §10)."""
+    (`--train-hosts`, `mlx.launch`; MLX's `ring` backend, over TCP)."""
     return mx.distributed.init()
 
 
@@ -341,6 +342,7 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
     tune_malloc()
     model = load_model(model_path)
     adapter_cfg = apply_lora(model, cfg)
+    mlx_fast.fuse_projections(model)  # q/k/v and gate/up as one product each (where the CPU modules are in)
     if cfg.grad_checkpoint:
         checkpoint_blocks(model)
     init_sha = _load_init_adapter(model, Path(init_adapter)) if init_adapter is not None and lead else None

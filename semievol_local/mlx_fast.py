@@ -21,7 +21,7 @@ import math
 
 from .blas import ensure_fast_blas
 
-ensure_fast_blas()  # before the first `import mlx.core` (FACTS §3)
+ensure_fast_blas()  # before the first `import mlx.core` (blas.py says why)
 
 import mlx.core as mx  # noqa: E402
 
@@ -95,12 +95,87 @@ def _gelu_tanh_vjp(primals, cotangent, output):
 
 # ---- mlx-lm modules using them: subclasses of the model's own classes (only __call__ differs)
 
+# ---- projections that share an input, computed as one (`fuse_projections`)
+
+class _Joined:
+    """Projections of one input (q/k/v, or gate/up) as one matrix product: their frozen weights side by side
+    in one array (each projection's own weight is then a view of its rows: no second copy), and, where each
+    carries LoRA, x @ [A_1 | A_2 | ...] and a block-diagonal B, so the whole projection is two products
+    instead of 2 x n. Built once, after LoRA is applied and the weights are final (`fuse_projections`)."""
+
+    def __init__(self, mods: list):
+        lora = [m for m in mods if "lora_a" in m]
+        linears = [m.linear if "lora_a" in m else m for m in mods]
+        self.mods, self.lora = mods, len(lora) == len(mods)
+        self.sizes = [int(lin.weight.shape[0]) for lin in linears]
+        self.starts = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+        self.weight_t = mx.concatenate([lin.weight for lin in linears], axis=0).T  # (in, sum out): x @ it
+        mx.eval(self.weight_t)
+        for lin, start, n in zip(linears, self.starts, self.sizes):
+            lin.weight = self.weight_t.T[start: start + n]  # a view of the joined rows
+        mx.eval([lin.weight for lin in linears])
+        self.bias = mx.concatenate([lin.bias for lin in linears]) if "bias" in linears[0] else None
+        self.scale = mods[0].scale if self.lora else 0.0
+
+    def __call__(self, x: mx.array) -> list[mx.array]:
+        y = x @ self.weight_t
+        if self.bias is not None:
+            y = y + self.bias
+        if self.lora:
+            a = mx.concatenate([m.lora_a for m in self.mods], axis=1)  # (in, n x r)
+            total = sum(self.sizes)
+            # block-diagonal B: projection i reads only its own r columns of x @ a
+            b = mx.concatenate([mx.pad(m.lora_b, [(0, 0), (start, total - start - n)])
+                                for m, start, n in zip(self.mods, self.starts, self.sizes)], axis=0)
+            y = y + (self.scale * ((x @ a) @ b)).astype(x.dtype)
+        return mx.split(y, self.starts[1:], axis=-1)
+
+
+def _joinable(mods: list) -> bool:
+    """Plain float Linear layers, or LoRA layers over them with one scale and rank and no dropout (one
+    dropout mask for all would change what is trained), all with a bias or all without."""
+    import mlx.nn as nn
+
+    lora = ["lora_a" in m for m in mods]
+    if any(lora) and not all(lora):
+        return False
+    linears = [m.linear if "lora_a" in m else m for m in mods]
+    if not all(type(lin) is nn.Linear for lin in linears) or len({"bias" in lin for lin in linears}) > 1:
+        return False
+    if all(lora):
+        if len({(m.scale, m.lora_a.shape[1]) for m in mods}) > 1 or any(m.dropout._p_1 != 1 for m in mods):
+            return False
+    return True
+
+
+def fuse_projections(model) -> int:
+    """Join the q/k/v projections of every sped-up attention and the gate/up ones of every sped-up MLP
+    (`_Joined`); return how many groups were joined. Call it after LoRA is applied and before training."""
+    joined = 0
+    for layer in model.layers:
+        for module, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj")), (layer.mlp, ("gate_proj", "up_proj"))):
+            if not type(module).__name__.startswith("Fast") or not all(n in module for n in names):
+                continue
+            mods = [module[n] for n in names]
+            if _joinable(mods):
+                object.__setattr__(module, "_joined", _Joined(mods))
+                joined += 1
+    return joined
+
+
+def _projections(self, x, names: tuple[str, ...]) -> list[mx.array]:
+    joined = self.__dict__.get("_joined")
+    return joined(x) if joined is not None else [self[n](x) for n in names]
+
+
 def _swiglu_mlp(self, x):
-    return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+    g, u = _projections(self, x, ("gate_proj", "up_proj"))
+    return self.down_proj(swiglu(g, u))
 
 
 def _gelu_mlp(self, x):
-    return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
+    g, u = _projections(self, x, ("gate_proj", "up_proj"))
+    return self.down_proj(gelu_tanh(g) * u)
 
 
 def _attention(self, x, mask=None, cache=None):
@@ -110,9 +185,10 @@ def _attention(self, x, mask=None, cache=None):
         return type(self).__mro__[1].__call__(self, x, mask, cache)
     B, L, _ = x.shape
     H, KVH = self.n_heads, self.n_kv_heads
-    q = self.rope(self.q_proj(x).reshape(B, L, H, -1).transpose(0, 2, 1, 3))  # (B, H, L, D)
-    k = self.rope(self.k_proj(x).reshape(B, L, KVH, -1).transpose(0, 2, 1, 3))  # (B, KVH, L, D)
-    v = self.v_proj(x).reshape(B, L, KVH, -1).transpose(0, 2, 1, 3)  # (B, KVH, L, D)
+    q, k, v = _projections(self, x, ("q_proj", "k_proj", "v_proj"))
+    q = self.rope(q.reshape(B, L, H, -1).transpose(0, 2, 1, 3))  # (B, H, L, D)
+    k = self.rope(k.reshape(B, L, KVH, -1).transpose(0, 2, 1, 3))  # (B, KVH, L, D)
+    v = v.reshape(B, L, KVH, -1).transpose(0, 2, 1, 3)  # (B, KVH, L, D)
     D = q.shape[-1]
     # query heads h = kvh * rep + r share kv head kvh (as in mlx and llama.cpp): stack them as rows
     rep = H // KVH

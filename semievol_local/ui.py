@@ -116,6 +116,13 @@ def kv_table(title: str, data: dict) -> None:
                                  for k, v in data.items()])
 
 
+def train_bench(result: dict) -> None:
+    """`bench train`'s figures, and with `--split` one trained block's time by part."""
+    kv_table("bench train", {k: v for k, v in result.items() if k != "block_split"})
+    if "block_split" in result:
+        kv_table("one trained block, forward + backward", result["block_split"])
+
+
 class Reporter:
     """Draws the pipeline's stages, progress bars and training steps (the pipeline's `Quiet`, made visible)."""
 

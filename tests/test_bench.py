@@ -382,6 +382,27 @@ def test_bench_train_counts_the_flops_of_its_own_shape(tiny_q4):
     assert b["roofline_tokens_per_s"] == pytest.approx(b["gemm_gflops"] * 1e9 / b["flops_per_token"])
 
 
+def test_bench_train_split_times_one_trained_block_by_part(tiny_q4, tmp_path):
+    """`--split`: the block whole (as trained, and with q/k/v and gate/up joined) and its parts at the same
+    shape; the frozen products' fraction is their FLOPs (forward and input gradient: 4 x the block's weights
+    per token) over their time, against the GEMM speed measured with them."""
+    out = tmp_path / "t.json"
+    r = CliRunner().invoke(app, ["bench", "train", "--model", str(tiny_q4), "--steps", "3", "--batch-size", "2",
+                                 "--seq-len", "16", "--split", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "one trained block" in r.output
+    s = json.loads(out.read_text())["block_split"]
+    assert s["tokens"] == 32 and s["frozen_flops"] == 4 * 32 * TINY_BLOCK
+    for k in ("block_ms", "block_joined_ms", "frozen_products_ms", "frozen_products_joined_ms", "lora_products_ms",
+              "attention_ms"):
+        assert s[k] > 0, k
+    assert s["other_ms"] >= 0
+    assert s["frozen_products_gemm_fraction"] == pytest.approx(
+        s["frozen_flops"] / (s["frozen_products_ms"] / 1e3) / (s["gemm_gflops"] * 1e9), rel=2e-3)
+    assert s["block_joined_gemm_fraction"] == pytest.approx(
+        s["frozen_flops"] / (s["block_joined_ms"] / 1e3) / (s["gemm_gflops"] * 1e9), rel=2e-3)
+
+
 def test_a_fine_tunes_flops_are_counted_from_its_blocks():
     """`train_flops`: frozen blocks 2x per token they run on (once, when cached; every step when not), LoRA
     blocks 4x per step token, the vocabulary 4x per answer token."""

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from tinymodel import write_tiny_gguf
 
-from semievol_local import mlx_engine as me  # first: it loads OpenBLAS before mlx.core (FACTS §3)
+from semievol_local import mlx_engine as me  # first: it loads OpenBLAS before mlx.core (blas.py)
 from semievol_local import batching
 from semievol_local.blas import ensure_fast_blas
 from semievol_local.config import TrainConfig
@@ -453,31 +453,64 @@ def test_fast_exp_never_returns_a_denormal():
     ("gemma3", {"head_dim": 32}),                 # tanh GELU
 ])
 def test_fast_layers_match_mlx_lm_values_and_gradients(tmp_path, toy, arch, kwargs):
-    """The CPU MLP/attention/softmax rewrites against mlx-lm's own modules: same loss, same LoRA gradients."""
+    """The CPU MLP/attention/softmax rewrites, alone and with the projections that share an input joined
+    (q/k/v, gate/up: one product each), against mlx-lm's own modules: same loss, same LoRA gradients."""
     import mlx.nn as nn
     from mlx.utils import tree_flatten, tree_map
+
+    from semievol_local import mlx_fast
 
     path = write_tiny_gguf(tmp_path / f"{arch}.gguf", arch=arch, **kwargs)
     inputs, pos, targets, mask = map(mx.array, batching.collate(batching.prepare(toy, 64, "test"), range(4)))
     results = []
-    for fast in (True, False):
+    for variant in ("joined", "fast", "mlx-lm"):
         model = me.load_model(path)
         assert type(model.layers[0].mlp).__name__.startswith("Fast")
         me.apply_lora(model, toy_cfg())
-        model.update(tree_map(lambda p: p + 0.05, model.trainable_parameters()))  # non-zero B: LoRA path live
-        if not fast:  # back to mlx-lm's own classes
+        mx.random.seed(1)  # non-zero B, random (a constant B sums the output gradient to near 0): LoRA path live
+        model.update(tree_map(lambda p: p + 0.05 * mx.random.normal(p.shape), model.trainable_parameters()))
+        if variant == "joined":  # gate/up everywhere; q/k/v where the attention is mlx_fast's
+            fast_attention = type(model.layers[0].self_attn).__name__.startswith("Fast")
+            assert mlx_fast.fuse_projections(model) == len(model.layers) * (1 + fast_attention)
+        if variant == "mlx-lm":  # back to mlx-lm's own classes
             for layer in model.layers:
                 for m in (layer.mlp, layer.self_attn):
                     if type(m).__name__.startswith("Fast"):
                         m.__class__ = type(m).__mro__[1]
         loss, grads = nn.value_and_grad(model, me._loss)(model, inputs, pos, targets, mask, mx.array(1.0))
         results.append((loss[0].item(), dict(tree_flatten(grads)), me.logits(model, toy[0][0])))
-    (l1, g1, z1), (l2, g2, z2) = results
-    assert l1 == pytest.approx(l2, rel=1e-5)
-    for k in g1:
-        a, b = np.array(g1[k], np.float64), np.array(g2[k], np.float64)
-        assert np.linalg.norm(a - b) <= 1e-4 * np.linalg.norm(b) + 1e-12, k  # floor: saturated softmax -> ~0
-    assert compare_logits(z2, z1)["kl_max"] < 1e-6
+    l2, g2, z2 = results[-1]
+    for l1, g1, z1 in results[:-1]:
+        assert l1 == pytest.approx(l2, rel=1e-5)
+        assert g1.keys() == g2.keys()
+        for k in g1:
+            a, b = np.array(g1[k], np.float64), np.array(g2[k], np.float64)
+            assert np.linalg.norm(a - b) <= 1e-4 * np.linalg.norm(b) + 1e-12, k  # floor: saturated softmax -> ~0
+        assert compare_logits(z2, z1)["kl_max"] < 1e-6
+
+
+def test_joined_projections_keep_one_copy_of_the_weights(tmp_path):
+    """Each projection's frozen weight becomes a view of the joined array: the weights a checkpoint or an
+    export would read are unchanged, and none is held twice."""
+    from mlx.utils import tree_flatten
+
+    from semievol_local import mlx_fast
+
+    path = write_tiny_gguf(tmp_path / "llama.gguf", arch="llama")
+    model = me.load_model(path)
+    me.apply_lora(model, toy_cfg())
+    before = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+    mx.eval(model.parameters())
+    mx.clear_cache()
+    held = mx.get_active_memory()
+    assert mlx_fast.fuse_projections(model) == 2 * len(model.layers)
+    mx.clear_cache()
+    after = dict(tree_flatten(model.parameters()))
+    assert after.keys() == before.keys()
+    for k, v in after.items():
+        assert np.array_equal(np.array(v), before[k]), k
+    joined = sum(m.__dict__["_joined"].weight_t.nbytes for layer in model.layers for m in (layer.self_attn, layer.mlp))
+    assert mx.get_active_memory() - held < 0.5 * joined  # the old per-projection arrays were freed
 
 
 def test_training_can_start_from_an_earlier_adapter(trained, tiny_q4, toy, tmp_path):
