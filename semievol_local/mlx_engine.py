@@ -41,7 +41,7 @@ from mlx_lm.models.base import create_attention_mask  # noqa: E402
 from mlx_lm.tuner.utils import linear_to_lora_layers, load_adapters  # noqa: E402
 
 from . import adapter_gguf as ag  # noqa: E402
-from . import batching, config, gguf_loader, mlx_fast  # noqa: E402
+from . import batching, config, gguf_loader  # noqa: E402
 from .files import atomic_target  # noqa: E402
 from .batching import Example  # noqa: E402
 from .checkpoint import discard_partial, load_latest_checkpoint, save_checkpoint  # noqa: E402
@@ -342,7 +342,6 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
     tune_malloc()
     model = load_model(model_path)
     adapter_cfg = apply_lora(model, cfg)
-    mlx_fast.fuse_projections(model)  # q/k/v and gate/up as one product each (where the CPU modules are in)
     if cfg.grad_checkpoint:
         checkpoint_blocks(model)
     init_sha = _load_init_adapter(model, Path(init_adapter)) if init_adapter is not None and lead else None
