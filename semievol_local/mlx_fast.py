@@ -93,9 +93,12 @@ def _gelu_tanh_vjp(primals, cotangent, output):
     return (cotangent * (s + x * s * (1.0 - s) * du),)
 
 
-# ---- mlx-lm modules using them: subclasses of the model's own classes (only __call__ differs)
-
 # ---- projections that share an input, computed as one (`fuse_projections`)
+
+def _base(m):
+    """The frozen Linear of a projection: itself, or the one inside its LoRA layer."""
+    return m.linear if "lora_a" in m else m
+
 
 class _Joined:
     """Projections of one input (q/k/v, or gate/up) as one matrix product: their frozen weights side by side
@@ -105,7 +108,7 @@ class _Joined:
 
     def __init__(self, mods: list):
         lora = [m for m in mods if "lora_a" in m]
-        linears = [m.linear if "lora_a" in m else m for m in mods]
+        linears = [_base(m) for m in mods]
         self.mods, self.lora = mods, len(lora) == len(mods)
         self.sizes = [int(lin.weight.shape[0]) for lin in linears]
         self.starts = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
@@ -139,7 +142,7 @@ def _joinable(mods: list) -> bool:
     lora = ["lora_a" in m for m in mods]
     if any(lora) and not all(lora):
         return False
-    linears = [m.linear if "lora_a" in m else m for m in mods]
+    linears = [_base(m) for m in mods]
     if not all(type(lin) is nn.Linear for lin in linears) or len({"bias" in lin for lin in linears}) > 1:
         return False
     if all(lora):
@@ -164,6 +167,8 @@ def fuse_projections(model) -> int:
                 joined += 1
     return joined
 
+
+# ---- mlx-lm modules using them: subclasses of the model's own classes (only __call__ differs)
 
 def _projections(self, x, names: tuple[str, ...]) -> list[mx.array]:
     joined = self.__dict__.get("_joined")
@@ -191,16 +196,22 @@ def _attention(self, x, mask=None, cache=None):
     q = self.rope(q.reshape(B, L, H, -1).transpose(0, 2, 1, 3))  # (B, H, L, D)
     k = self.rope(k.reshape(B, L, KVH, -1).transpose(0, 2, 1, 3))  # (B, KVH, L, D)
     v = v.reshape(B, L, KVH, -1).transpose(0, 2, 1, 3)  # (B, KVH, L, D)
-    D = q.shape[-1]
+    o = attend(q, k, v, self.scale, causal=mask is not None)  # a str mask: "causal"
+    return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+def attend(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool = True) -> mx.array:
+    """Attention without projections: q (B, H, L, D), k and v (B, KVH, L, D) -> (B, H, L, D)."""
+    B, H, L, D = q.shape
+    KVH = k.shape[1]
     # query heads h = kvh * rep + r share kv head kvh (as in mlx and llama.cpp): stack them as rows
     rep = H // KVH
-    q = (q * self.scale).reshape(B, KVH, rep * L, D)
+    q = (q * scale).reshape(B, KVH, rep * L, D)
     s = (q @ k.swapaxes(-1, -2)).reshape(B, KVH, rep, L, L)  # (B, KVH, rep, L, L)
-    if mask is not None:  # "causal"
+    if causal:
         s = s + mx.triu(mx.full((L, L), -1e9, dtype=s.dtype), k=1)
     p = softmax(s).reshape(B, KVH, rep * L, L)
-    o = (p @ v).reshape(B, H, L, D).transpose(0, 2, 1, 3).reshape(B, L, H * D)
-    return self.o_proj(o)
+    return (p @ v).reshape(B, H, L, D)
 
 
 _CALLS = {"swiglu": _swiglu_mlp, "gelu_tanh": _gelu_mlp, "attention": _attention}
