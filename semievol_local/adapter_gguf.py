@@ -108,3 +108,26 @@ def read_lora_gguf(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
 def _layer_order(module_path: str):
     m = _MLX_LAYER.match(module_path)
     return (int(m.group(1)), module_path) if m else (-1, module_path)
+
+
+def random_adapter(path: str | Path, model_path: str | Path, keys: str, num_layers: int, rank: int,
+                   scale: float, seed: int = 0) -> Path:
+    """An adapter of the shape training would give `model_path` (LoRA rank `rank` on the `keys` projections of
+    the last `num_layers` blocks, -1: all), with small random weights: what llama.cpp computes with a trained
+    adapter, for timing it before one exists (the run plan's calibration)."""
+    from .gguf_file import open_gguf
+
+    f = open_gguf(model_path)
+    arch = str(f.fields["general.architecture"])
+    n_blocks = int(f.fields[f"{arch}.block_count"])
+    shapes = {t.name: t.shape for t in f.tensors}
+    first = 0 if num_layers < 0 else max(0, n_blocks - num_layers)
+    rng = np.random.default_rng(seed)
+    pairs = {}
+    for i in range(first, n_blocks):
+        for key in (k.strip() for k in keys.split(",") if k.strip()):
+            module = f"model.layers.{i}.{LORA_TARGETS[key]}"
+            out, inp = shapes[mlx_module_to_gguf_weight(arch, n_blocks, module)][:2]
+            pairs[module] = (rng.normal(0, 0.01, (inp, rank)).astype(np.float32),
+                             rng.normal(0, 0.01, (rank, out)).astype(np.float32))
+    return write_lora_gguf(path, arch, n_blocks, pairs, scale=scale, rank=rank)

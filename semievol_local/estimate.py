@@ -137,6 +137,7 @@ class Stage:
     each: Work = field(default_factory=Work)
     scale: object = None  # n -> questions' worth of `each` (None: n)
     seconds_cpu: float = 0.0  # "cpu" stages: measured while counting
+    lora: bool = False  # "llama" stages: llama.cpp computes with a LoRA adapter (its products cost time too)
 
 
 def _tally(engine, fn) -> Work:
@@ -185,7 +186,7 @@ def count(engine, task, cfg: RunConfig, tcfg: TrainConfig, mode: str, n_blocks: 
     warm, exs = _train_work(engine, labeled, tcfg, n_blocks, trunk_ok)
     evals = {a: _eval_work(engine, test, mode, a) for a in (None, "warm")}
     stages = [Stage("warmup", "train", warm), Stage("eval/vanilla", "llama", evals[None]),
-              Stage("eval/sft", "llama", evals["warm"])]
+              Stage("eval/sft", "llama", evals["warm"], lora=True)]
     # retrieval: TF-IDF is timed on the real texts here (seconds); model embeddings are counted (labeled texts
     # once, unlabeled ones per question), their neighbours drawn at random (only their lengths matter here)
     sample = [unlabeled[i] for i in sample_positions(len(unlabeled))]
@@ -226,7 +227,7 @@ def count(engine, task, cfg: RunConfig, tcfg: TrainConfig, mode: str, n_blocks: 
     collab = Work().plus(_tally(engine, collaborate), per_q)
     if len(learners) > 1 and cfg.labeler != "self-consistency":
         collab = collab.plus(_tally(engine, justify), per_q * JUSTIFIED)
-    stages.append(Stage("round1/collaboration", "llama", Work(), collab))
+    stages.append(Stage("round1/collaboration", "llama", Work(), collab, lora=cfg.iwp))
     stages.append(Stage("round1/selection", "cpu", Work()))
     # the final fine-tune: labeled (or nothing, continuing M_warm) + the kept share of pseudo-labeled questions
     keep = cfg.theta / 100 if cfg.adaptive_selection and cfg.selection == "percentile" else (
@@ -245,12 +246,12 @@ def count(engine, task, cfg: RunConfig, tcfg: TrainConfig, mode: str, n_blocks: 
         return lambda n: n * (1 - (1 - keep) ** r)  # every round's so far
 
     stages.append(Stage("round1/final", "train", fixed, pseudo_each, scale=trained(1)))
-    stages.append(Stage("round1/eval", "llama", evals["warm"]))
+    stages.append(Stage("round1/eval", "llama", evals["warm"], lora=True))
     for r in range(2, cfg.rounds + 1):  # later rounds: the questions left after each round kept its share
         stages += [Stage(f"round{r}/collaboration", "llama", Work(), collab,
-                         scale=lambda n, r=r: n * (1 - keep) ** (r - 1)),
+                         scale=lambda n, r=r: n * (1 - keep) ** (r - 1), lora=True),
                    Stage(f"round{r}/final", "train", fixed, pseudo_each, scale=trained(r)),
-                   Stage(f"round{r}/eval", "llama", evals["warm"])]
+                   Stage(f"round{r}/eval", "llama", evals["warm"], lora=True)]
     return stages
 
 
@@ -269,7 +270,7 @@ def _embed_work(engine, items) -> Work:
 
 @dataclass
 class Rates:
-    llama: dict = field(default_factory=dict)  # (cached, size) -> tokens/s, as measured
+    llama: dict = field(default_factory=dict)  # (lora, (cached, size)) -> tokens/s, as measured
     llama_peak_mb: float = 0.0
     train: float | None = None  # input tokens/s of a step
     trunk: float | None = None  # tokens/s of the frozen blocks' pass
@@ -278,35 +279,46 @@ class Rates:
     train_peak_mb: float = 0.0
     seconds: float = 0.0  # the calibration's own time
 
-    def llama_rate(self, shape: tuple[int, int]) -> float | None:
-        if not self.llama:
+    def llama_rate(self, shape: tuple[int, int], lora: bool = False) -> float | None:
+        """The rate measured at the nearest shape, with an adapter where `lora` (where measured: else without)."""
+        same = [k for k in self.llama if k[0] == lora] or list(self.llama)
+        if not same:
             return None
-        near = min(self.llama, key=lambda s: abs(s[0] - shape[0]) / 128 + abs(s[1] - shape[1]) / 8)
+        near = min(same, key=lambda k: abs(k[1][0] - shape[0]) / 128 + abs(k[1][1] - shape[1]) / 8)
         return self.llama[near]
 
 
 def calibrate(engine, model_path: Path, stages: list[Stage], exs: list, tcfg: TrainConfig, n: int,
               budget: float = CALIBRATION_SECONDS, questions=()) -> Rates:
-    """llama.cpp's prompt rate for the decode shapes holding most tokens (no adapter, random tokens), and what
-    each call costs beyond its tokens (a few of `questions` answered for real, against their count at those
-    rates), then a few MLX training steps on the warm-up's own examples of about median length: within about
-    `budget` seconds (a model that takes longer per step gets one step)."""
+    """llama.cpp's prompt rate for the decode shapes holding most tokens (random tokens; for the stages that
+    compute with a trained adapter, with a random one of the same shape: its products cost time too), and
+    what each call costs beyond its tokens (a few of `questions` answered for real, against their count at
+    those rates), then a few MLX training steps on the warm-up's own examples of about median length: within
+    about `budget` seconds (a model that takes longer per step gets one step)."""
+    import tempfile
+
+    from .adapter_gguf import random_adapter
     from .runfolder import PeakMemory
 
     rates, tic = Rates(), time.perf_counter()
     if hasattr(engine, "prefill_rate"):  # in process; llama-servers (`--server`) are not measured here
-        total = Counter()
+        total = Counter()  # (lora, shape) -> tokens
         for s in stages:
             if s.kind == "llama":
-                total.update(s.fixed.shapes)
-                total.update({k: v * n for k, v in s.each.shapes.items()})
-        with PeakMemory() as peak:
+                total.update({(s.lora, k): v for k, v in s.fixed.shapes.items()})
+                total.update({(s.lora, k): v * n for k, v in s.each.shapes.items()})
+        with PeakMemory() as peak, tempfile.TemporaryDirectory(prefix="semievol-plan-") as tmp:
+            lora = random_adapter(Path(tmp) / "adapter.gguf", model_path, tcfg.keys, tcfg.num_layers, tcfg.rank,
+                                  tcfg.scale) if any(k[0] for k in total) else None
             engine.set_adapter(None)
             engine.prefill_rate(16, repeats=1)  # warm-up: threads, buffers
-            for shape, _ in total.most_common():
+            for key, _ in total.most_common():
                 if time.perf_counter() - tic > 0.4 * budget:
                     break
-                rates.llama[shape] = engine.prefill_rate(shape[1], repeats=1, past=min(shape[0], engine.n_ctx - 64))
+                engine.set_adapter(lora if key[0] else None)
+                shape = key[1]
+                rates.llama[key] = engine.prefill_rate(shape[1], repeats=1, past=min(shape[0], engine.n_ctx - 64))
+            engine.set_adapter(None)
             if rates.llama and questions:
                 rates.per_decode = _per_decode(engine, rates, questions, tic + 0.55 * budget)
         rates.llama_peak_mb = peak.peak_mb
@@ -426,7 +438,7 @@ class Plan:
             elif s.kind == "llama":
                 secs = None
                 if self.rates.llama:
-                    secs = (sum(v / self.rates.llama_rate(k) for k, v in w.shapes.items())
+                    secs = (sum(v / self.rates.llama_rate(k, s.lora) for k, v in w.shapes.items())
                             + w.decodes * self.rates.per_decode)
                 tok = sum(w.shapes.values())
                 rows.append(Row(s.name, tok, tok / secs if secs else None, secs, self.rates.llama_peak_mb or None))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -88,7 +89,7 @@ def test_bad_durations_are_one_line(text):
 
 def toy_plan() -> Plan:
     """100 s of fixed work, then 2 s of collaboration and 0.5 s of fine-tune (half kept) per question."""
-    rates = Rates(llama={(0, 8): 100.0}, train=10.0)
+    rates = Rates(llama={(False, (0, 8)): 100.0}, train=10.0)
     stages = [Stage("warmup", "train", Work(train_tokens=1000)),
               Stage("round1/collaboration", "llama", Work(), Work(Counter({(0, 8): 200}))),
               Stage("round1/final", "train", Work(), Work(train_tokens=10), scale=lambda n: n * 0.5)]
@@ -109,6 +110,41 @@ def test_each_llama_call_costs_its_measured_overhead_on_top_of_its_tokens():
     plan.stages[1].each.decodes = 4  # 4 calls per question
     plan.rates.per_decode = 0.05
     assert plan.seconds(10) == pytest.approx(100 + 10 * (2.5 + 4 * 0.05))
+
+
+def test_stages_with_an_adapter_take_the_rate_measured_with_one():
+    plan = toy_plan()
+    plan.stages[1].lora = True
+    assert plan.seconds(10) == 100 + 10 * 2.5  # nothing measured with an adapter: the rate without
+    plan.rates.llama[(True, (0, 8))] = 50.0
+    assert plan.seconds(10) == 100 + 10 * (4 + 0.5)
+    plan.stages[1].lora = False
+    assert plan.seconds(10) == 100 + 10 * 2.5
+
+
+def test_the_calibration_adapter_has_the_shape_training_gives(tiny_q4, tiny_task, tmp_path):
+    """`random_adapter` (what the plan times llama.cpp's adapter stages with): the tensors, shapes and alpha of
+    an adapter `semievol train` writes with the same options, and llama.cpp loads it and computes with it."""
+    from semievol_local import adapter_gguf, mlx_engine, training
+
+    for keys, layers in (("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", -1), ("q_proj,down_proj", 1)):
+        tcfg = TrainConfig(epochs=1.0, batch_size=4, keys=keys, num_layers=layers, rank=4, val_fraction=0.0)
+        out = tmp_path / f"t{layers}"
+        eng = Engine(tiny_q4, EngineConfig(n_ctx=256), vocab_only=True)
+        mlx_engine.train(tiny_q4, training.examples(eng, load_task(tiny_task)["labeled"].items), tcfg, out,
+                         valid_examples=[])
+        made = adapter_gguf.random_adapter(tmp_path / f"r{layers}.gguf", tiny_q4, keys, layers, 4, tcfg.scale)
+        (meta_t, trained), (meta_r, rand) = (adapter_gguf.read_lora_gguf(f) for f in (out / "adapter.gguf", made))
+        assert meta_t == meta_r
+        assert {k: v.shape for k, v in trained.items()} == {k: v.shape for k, v in rand.items()}
+    full = Engine(tiny_q4, EngineConfig(n_ctx=256))
+    try:
+        toks = full.tokenize("Answer: the quick brown fox")
+        before = full.score(toks, 3).probs
+        full.set_adapter(made)
+        assert np.abs(full.score(toks, 3).probs - before).max() > 0  # loaded, and computed with
+    finally:
+        full.close()
 
 
 def test_plan_names_every_stage_the_run_has(tiny_q4, tiny_task, tmp_path):
