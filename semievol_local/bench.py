@@ -573,7 +573,9 @@ def servers(model_path: Path, data: Path, n_items: int, out: Path, cfg: RunConfi
     process with every core, through 1 llama-server and through `n_servers` (1 thread each), then again
     through them with one server killed a third of the way. Questions/s of each, and whether the
     pseudo-labels, entropies and selections are the in-process ones."""
-    from . import engines, llama_server
+    import tempfile
+
+    from . import apikey, engines, llama_server
     from . import llama_engine
     from .llama_engine import default_threads
 
@@ -624,15 +626,17 @@ def servers(model_path: Path, data: Path, n_items: int, out: Path, cfg: RunConfi
                            "max_entropy_diff": 0.0, "selection_equal": True, "questions_lost": 0})
     logs = Path(out) / "servers"
     logs.mkdir(parents=True, exist_ok=True)
+    private = tempfile.TemporaryDirectory(prefix="semievol-bench-")  # the servers' API key, as `serve` keeps one
+    key_file = apikey.generate(Path(private.name) / "api-key").source
     for n, kill in ((1, False), (n_servers, False), (n_servers, True)):
         procs, urls = [], []
         try:
             for i in range(n):
                 proc, url = llama_server.start(engine.weights.path, adapters=[warm_path], n_ctx=ecfg.n_ctx, threads=1,
-                                               log_path=logs / f"server-{n}-{i}.log")
+                                               log_path=logs / f"server-{n}-{i}.log", key_file=Path(key_file))
                 procs.append(proc)
                 urls.append(url)
-            fleet = engines.load(model_path, dataclasses.replace(ecfg, server=",".join(urls)))
+            fleet = engines.load(model_path, dataclasses.replace(ecfg, server=",".join(urls), api_key_file=key_file))
             name = f"{n} server{'s' if n > 1 else ''} x 1 thread" + (", 1 killed at 1/3" if kill else "")
             recs, secs = collaborate(fleet, name, kill=(lambda: procs[0].kill()) if kill else None)
             fleet.close()
@@ -646,6 +650,7 @@ def servers(model_path: Path, data: Path, n_items: int, out: Path, cfg: RunConfi
             "max_entropy_diff": max(abs(recs[p]["entropy"] - base[p]["entropy"]) for p in recs),
             "selection_equal": selected(recs) == want if len(recs) == len(base) else False,
             "questions_lost": len(base) - len(recs)})
+    private.cleanup()
     result["goal"] = {"labels_identical": all(r["labels_equal"] == len(base) for r in result["rows"]),
                       "selection_identical": all(r["selection_equal"] for r in result["rows"]),
                       "no_question_lost": all(r["questions_lost"] == 0 for r in result["rows"])}

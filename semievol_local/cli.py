@@ -91,6 +91,13 @@ def options_from(*classes):
     return deco
 
 
+def option_of(cls, name: str, help: str = ""):
+    """A command's own option declared by a config field (its flag, default and help, plus `help`): for the
+    commands that take one option of a config class, not all of them."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return typer.Option(f.default, config.flag(f, toggle=True), help=f.metadata.get("help", "") + help)
+
+
 def _param(flag: str) -> str:
     """`--train-seed` -> `opt_train_seed`; `--iwp/--no-iwp` -> `opt_iwp` (prefixed: `--as` is a keyword)."""
     return "opt_" + flag.split("/")[0].lstrip("-").replace("-", "_")
@@ -699,16 +706,26 @@ def serve_cmd(
                                 "auto, f32 or file."),
     build_only: bool = typer.Option(False, "--build-only", help="Only get the llama-server binary (build it if "
                                     "needed), print its path and exit."),
+    api_key_file: str = option_of(EngineConfig, "api_key_file", help=" If there is none, one is generated "
+                                  "(mode 0600) where clients on this machine find it."),
+    no_api_key: bool = typer.Option(False, "--no-api-key", help="Serve without a key (only on a loopback --host: "
+                                    "anyone on this machine can then use the servers)."),
 ):
-    """Start local llama-servers for `semievol run --server`: prints their URLs, serves until Ctrl-C."""
-    from . import export, llama_server, models
+    """Start local llama-servers for `semievol run --server`: prints their URLs, serves until Ctrl-C.
+
+    Every request but /health needs the API key (`Authorization: Bearer KEY`), which `--server` sends."""
+    from . import apikey, export, llama_server, models
     from .llama_engine import Engine, default_threads, inference_weights
 
-    config.check(EngineConfig(weights=weights))  # the run's own check of --weights
+    config.check(EngineConfig(weights=weights, api_key_file=api_key_file))  # the run's own checks of these
+    if no_api_key and not apikey.is_loopback(host):
+        raise UserError(f"--host {host} --no-api-key: servers other machines can reach need a key; leave out "
+                        "--no-api-key (a key is then found or generated) or listen on 127.0.0.1")
     exe = llama_server.binary(say=ui.info)
     if build_only:
         typer.echo(str(exe))
         return
+    key, made = (None, False) if no_api_key else apikey.for_server(api_key_file)
     model_path = models.resolve(model)
     arch = Engine(model_path, vocab_only=True).architecture
     # the weights a run with the same --weights computes with (llama-server has no GPU here: as on a CPU)
@@ -720,10 +737,18 @@ def serve_cmd(
     ports = [port + i for i in range(servers)] if port else [llama_server.free_port() for _ in range(servers)]
     logs = Path(os.environ.get("TMPDIR", "/tmp"))
     fleet = llama_server.Local(served, arch, ports, host=host, threads=threads, parallel=parallel, n_ctx=n_ctx,
-                               adapters=fixed, run=run, log_prefix=logs / f"semievol-llama-server-{os.getpid()}")
+                               adapters=fixed, run=run, log_prefix=logs / f"semievol-llama-server-{os.getpid()}",
+                               key=key)
     with fleet:
         for u in fleet.urls:
             typer.echo(u)
+        if key is None:
+            ui.info("no API key: anyone on this machine can use these servers")
+        elif made:
+            ui.info(f"API key generated in {key.source} (mode 0600): clients on this machine find it there; on "
+                    "another machine give a copy with --api-key-file FILE (chmod 600)")
+        else:
+            ui.info(f"API key from {key.source}: clients give the same key (--api-key-file or {apikey.ENV})")
         ui.info(f"{servers} llama-server(s), {threads} thread(s) and {parallel} slot(s) each, "
                 f"{len(fleet.adapters)} adapter(s){' (and each new one of ' + str(run) + ')' if run else ''}: "
                 f"use --server {','.join(fleet.urls)}   (Ctrl-C stops them)")

@@ -64,6 +64,13 @@ def _hosts(text: str) -> None:
         parse_hosts(text)
 
 
+def _key_file(path: str) -> None:
+    if path:
+        from .apikey import read
+
+        read(path)
+
+
 def _duration(text: str) -> None:
     if text:
         from .estimate import parse_duration
@@ -126,6 +133,9 @@ class EngineConfig:
                       valid=lambda v: _urls(v))
     server_timeout: float = opt(300.0, "Seconds to wait for one llama-server answer before asking another server.",
                                 gt=0)
+    api_key_file: str = opt("", "File holding the llama-servers' API key (its first line that is not a # comment; "
+                            "readable by you alone). Default: $SEMIEVOL_API_KEY, else the key `semievol serve` "
+                            "generated on this machine.", valid=lambda v: _key_file(v))
 
 
 @dataclass

@@ -119,9 +119,10 @@ def free_port() -> int:
 
 
 def command(model: Path, *, port: int, host: str = "127.0.0.1", adapters: list[Path] = (), n_ctx: int = 2048,
-            parallel: int = 1, threads: int = 1, exe: Path | None = None) -> list[str]:
+            parallel: int = 1, threads: int = 1, exe: Path | None = None, key_file: Path | None = None) -> list[str]:
     """The llama-server command line for `model` with `adapters` loaded and off until a request asks for one.
-    Each of the `parallel` slots holds `n_ctx` tokens.
+    Each of the `parallel` slots holds `n_ctx` tokens. With `key_file` (`apikey.server_file`: the key alone)
+    every request but `/health` needs that key.
 
     Two defaults of llama-server are turned off so that it computes what llama-cpp-python computes (measured
     on the tiny test model): flash attention (`-fa auto` picks it on CPU; llama-cpp-python does not; option
@@ -133,15 +134,18 @@ def command(model: Path, *, port: int, host: str = "127.0.0.1", adapters: list[P
            "--no-webui", "--lora-init-without-apply", "--no-warmup", "--flash-attn", "off", "--cache-ram", "0"]
     for a in adapters:
         cmd += ["--lora", str(Path(a).resolve())]
+    if key_file is not None:
+        cmd += ["--api-key-file", str(key_file)]
     return cmd
 
 
 def start(model: Path, *, port: int | None = None, host: str = "127.0.0.1", adapters: list[Path] = (),
           n_ctx: int = 2048, parallel: int = 1, threads: int = 1, log_path: Path | None = None,
-          timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
+          timeout: float = 120.0, key_file: Path | None = None) -> tuple[subprocess.Popen, str]:
     """Start one local llama-server and wait until it answers; (the process, its URL)."""
     port = port or free_port()
-    cmd = command(model, port=port, host=host, adapters=adapters, n_ctx=n_ctx, parallel=parallel, threads=threads)
+    cmd = command(model, port=port, host=host, adapters=adapters, n_ctx=n_ctx, parallel=parallel, threads=threads,
+                  key_file=key_file)
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL
     proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
@@ -179,15 +183,16 @@ def run_adapters(run: Path) -> list[Path]:
 
 class Local:
     """Local llama-servers on fixed ports, with fixed adapters and, with `run`, every adapter that run has
-    finished: when the run trains a new one they are restarted (same ports) with it loaded. A context
-    manager: leaving it stops them."""
+    finished: when the run trains a new one they are restarted (same ports) with it loaded. With `key`
+    (`apikey.Key`) they answer only requests that carry it. A context manager: leaving it stops them."""
 
     def __init__(self, model: Path, architecture: str, ports: list[int], *, host: str = "127.0.0.1",
                  threads: int = 1, parallel: int = 1, n_ctx: int = 2048, adapters: list[Path] = (),
-                 run: Path | None = None, log_prefix: Path | None = None):
+                 run: Path | None = None, log_prefix: Path | None = None, key=None):
         self.model, self.arch, self.ports, self.host = Path(model), architecture, ports, host
         self.threads, self.parallel, self.n_ctx, self.fixed, self.run = threads, parallel, n_ctx, list(adapters), run
-        self.log_prefix = log_prefix
+        self.log_prefix, self.key = log_prefix, key
+        self._private: tempfile.TemporaryDirectory | None = None  # the key's file for the servers (mode 0700)
         self.procs: list[subprocess.Popen] = []
         self.adapters: list[Path] = []
         local = host in ("0.0.0.0", "::", "127.0.0.1")
@@ -205,12 +210,23 @@ class Local:
         return [(str(f.resolve()), f.stat().st_mtime_ns) for f in files if f.exists()]
 
     def start(self) -> None:
+        from .apikey import server_file
+
         self.adapters = self._wanted()
-        for i, port in enumerate(self.ports):
-            log = Path(f"{self.log_prefix}-{i}.log") if self.log_prefix else None
-            proc, _ = start(self.model, port=port, host=self.host, adapters=self.adapters, n_ctx=self.n_ctx,
-                            parallel=self.parallel, threads=self.threads, log_path=log)
-            self.procs.append(proc)
+        key_file = None
+        if self.key is not None:
+            if self._private is None:
+                self._private = tempfile.TemporaryDirectory(prefix="semievol-serve-")
+            key_file = server_file(self.key, Path(self._private.name))
+        try:
+            for i, port in enumerate(self.ports):
+                log = Path(f"{self.log_prefix}-{i}.log") if self.log_prefix else None
+                proc, _ = start(self.model, port=port, host=self.host, adapters=self.adapters, n_ctx=self.n_ctx,
+                                parallel=self.parallel, threads=self.threads, log_path=log, key_file=key_file)
+                self.procs.append(proc)
+        finally:
+            if key_file is not None:
+                key_file.unlink()  # read as they start: this copy of the key does not stay on disk
 
     def stop(self) -> None:
         for p in self.procs:
@@ -227,6 +243,9 @@ class Local:
 
     def __exit__(self, *exc):
         self.stop()
+        if self._private is not None:
+            self._private.cleanup()
+            self._private = None
 
     def serve(self, on_restart: Callable[[int], None] = lambda n: None, poll: float = 2.0) -> None:
         """Until interrupted (Ctrl-C, SIGTERM): restart when the run finishes a new adapter; stop on a crash."""

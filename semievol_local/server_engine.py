@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from . import apikey
 from .config import EngineConfig
 from .errors import UserError
 from .llama_engine import Engine as LocalEngine, Sample, Score, check_adapter, entropy
@@ -57,6 +58,10 @@ def parse_urls(text: str) -> list[str]:
         urls = [u.strip() for u in text.split(",") if u.strip()]
     for u in urls:
         parts = urlsplit(u if "://" in u else "http://" + u)
+        if parts.scheme == "https":
+            raise UserError(f"--server {u}: the llama-server this toolkit builds has no TLS; reach a server on another "
+                            "machine through an ssh tunnel (ssh -N -L 8080:127.0.0.1:8080 HOST, then --server "
+                            "http://127.0.0.1:8080; README \"More machines\")")
         if parts.scheme != "http" or not parts.hostname:
             raise UserError(f"--server {u!r}: give an http://HOST:PORT URL of a llama-server (or a file of them)")
     return [(u if "://" in u else "http://" + u).rstrip("/") for u in urls]
@@ -65,8 +70,8 @@ def parse_urls(text: str) -> list[str]:
 class Server:
     """One llama-server: what it serves (slots, context per slot, adapters), probed at start."""
 
-    def __init__(self, url: str, timeout: float):
-        self.url, self.timeout = url, timeout
+    def __init__(self, url: str, timeout: float, key=None):
+        self.url, self.timeout, self.key = url, timeout, key  # key: an `apikey.Key`, sent with every request
         self.alive = True
         self._lock = threading.Lock()
         props = self.request("GET", "/props", timeout=min(timeout, 10))
@@ -111,8 +116,10 @@ class Server:
         own = conn is None
         c = conn or http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout or self.timeout)
         try:
-            c.request(method, path, body=json.dumps(body) if body is not None else None,
-                      headers={"Content-Type": "application/json"})
+            headers = {"Content-Type": "application/json"}
+            if self.key is not None:
+                headers["Authorization"] = f"Bearer {self.key.value}"
+            c.request(method, path, body=json.dumps(body) if body is not None else None, headers=headers)
             r = c.getresponse()
             data = r.read()
         except (OSError, http.client.HTTPException) as e:
@@ -123,6 +130,11 @@ class Server:
                 c.close()
         if r.status >= 500 or r.status == 503:
             raise ServerDown(f"{self.url}{path}: HTTP {r.status}: {data[:200]!r}")
+        if r.status == 401:  # a wrong key is the user's to fix: never retried elsewhere as if the server were down
+            said = (f"the API key from {self.key.source} is not its key" if self.key is not None
+                    else "it needs an API key and none was found")
+            raise UserError(f"--server {self.url} refused the request (HTTP 401): {said}; {apikey.HOW} (`semievol serve` "
+                            "printed where the servers' key is)")
         if r.status >= 400:
             raise UserError(f"{self.url}{path}: the server refused the request (HTTP {r.status}): "
                             f"{data[:300].decode(errors='replace')}")
@@ -252,10 +264,11 @@ class Fleet:
         self.eos_token, self.adds_bos = self.vocab.eos_token, self.vocab.adds_bos
         self.plain_token = self.vocab.llm.tokenize(b" A", add_bos=False, special=False)[-1]  # ASCII text
         self._local_meta: dict | None = None
+        key = apikey.find(cfg.api_key_file)
         self.servers = []
         for url in urls:
             try:
-                self.servers.append(Server(url, timeout))
+                self.servers.append(Server(url, timeout, key))
             except ServerDown as e:
                 raise UserError(f"--server {url}: no llama-server answers there ({e}); start one "
                                 "(`semievol serve`) or drop it from the list") from None

@@ -169,19 +169,52 @@ def test_bad_server_urls_are_one_line(tiny_q4, tiny_task, tmp_path, value, messa
     assert res.exit_code == 2 and message in res.stderr and "Traceback" not in res.stderr
 
 
-def test_serve_then_eval_through_it_equals_eval_in_process(server_bin, tiny_q4, warm, tmp_path):
+def _post(url: str, path: str, body, key: str | None = None) -> int:
+    """The HTTP status of a POST to a server, with or without `Authorization: Bearer key`."""
+    import urllib.error
+    import urllib.request
+
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    req = urllib.request.Request(url + path, data=json.dumps(body).encode(), headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_serve_then_eval_through_it_equals_eval_in_process(server_bin, tiny_q4, warm, tmp_path, monkeypatch):
     """`semievol serve --run` as a user starts it, `semievol eval --server` against it, Ctrl-C stops it; and
-    it restarts with an adapter the run finishes while it serves."""
+    it restarts with an adapter the run finishes while it serves. With no key anywhere, serve generates one
+    (mode 0600, in the cache) that eval on the same machine finds; requests without it are refused, and a
+    wrong key ends eval with one line."""
+    from semievol_local import apikey
+
     adapter, task = warm
     run = tmp_path / "run"
     (run / "warmup").mkdir(parents=True)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cache = tmp_path / "cache"  # the key's cache (the binary comes from $SEMIEVOL_LLAMA_SERVER)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "XDG_CACHE_HOME": str(cache),
+           "SEMIEVOL_LLAMA_SERVER": str(server_bin)}
+    env.pop(apikey.ENV, None)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    monkeypatch.delenv(apikey.ENV, raising=False)
     serve = subprocess.Popen([sys.executable, "-m", "semievol_local.cli", "serve", "--model", str(tiny_q4),
                               "--run", str(run), "--n-ctx", "512", "--threads", "1"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         url = serve.stdout.readline().strip()
         assert url.startswith("http://127.0.0.1:"), serve.stderr.read() if serve.poll() is not None else url
+        key_path = cache / "semievol" / "api-key"
+        assert oct(key_path.stat().st_mode & 0o777) == oct(0o600)
+        key = key_path.read_text().strip()
+        assert _post(url, "/lora-adapters", [{"id": 0, "scale": 7.5}]) == 401
+        assert _post(url, "/completion", {"prompt": [1, 2], "n_predict": 1}) == 401
+        assert _post(url, "/completion", {"prompt": [1, 2], "n_predict": 1}, key="not-" + key) == 401
+        assert _post(url, "/completion", {"prompt": [1, 2], "n_predict": 1}, key=key) == 200
+        import urllib.request
+        with urllib.request.urlopen(url + "/health", timeout=5) as r:
+            assert r.status == 200  # open: clients and `serve` itself wait on it
         # the run finishes its warm-up: the server restarts with that adapter, and eval through it waits for it
         (run / "warmup" / "adapter.gguf").write_bytes(adapter.read_bytes())
         runner = CliRunner()
@@ -191,6 +224,15 @@ def test_serve_then_eval_through_it_equals_eval_in_process(server_bin, tiny_q4, 
                                 "--adapter", str(run / "warmup" / "adapter.gguf"), "--server", url,
                                 "--json", str(tmp_path / "b.json")])
         assert a.exit_code == 0 and b.exit_code == 0, (a.stderr, b.stderr)
+        wrong = tmp_path / "wrong.key"
+        wrong.write_text("not-the-key\n")
+        wrong.chmod(0o600)
+        tic = time.monotonic()
+        c = runner.invoke(app, ["eval", "--model", str(tiny_q4), "--data", str(task), "--n-ctx", "512",
+                                "--server", url, "--api-key-file", str(wrong)])
+        assert c.exit_code == 2 and "HTTP 401" in c.stderr and str(wrong) in c.stderr, c.stderr
+        assert len(c.stderr.strip().splitlines()) == 1 and url in c.stderr and "not-the-key" not in c.stderr
+        assert time.monotonic() - tic < 30  # refused at once, not retried as a server that is down
         pa, pb = (json.loads((tmp_path / f).read_text())["predictions"] for f in ("a.json", "b.json"))
         assert [p["predicted"] for p in pa] == [p["predicted"] for p in pb]
         np.testing.assert_allclose([p["probs"] for p in pb], [p["probs"] for p in pa], rtol=1e-5, atol=1e-7)
@@ -200,7 +242,9 @@ def test_serve_then_eval_through_it_equals_eval_in_process(server_bin, tiny_q4, 
             serve.wait(30)
         except subprocess.TimeoutExpired:
             serve.kill()
-    assert serve.returncode == 0, serve.stderr.read()
+    out, err = serve.stdout.read(), serve.stderr.read()
+    assert serve.returncode == 0, err
+    assert str(key_path) in err and key not in out + err  # where the key is, never the key
     time.sleep(0.5)
     with pytest.raises(OSError):  # the servers went with it
         import urllib.request
@@ -214,7 +258,13 @@ def test_a_whole_run_through_a_served_fleet_equals_the_run_in_process(server_bin
     from conftest import write_task
 
     task = write_task(tmp_path / "task")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    key = "fleet-" + os.urandom(16).hex()
+    key_file = tmp_path / "fleet.key"
+    key_file.write_text(key + "\n")
+    key_file.chmod(0o600)
+    logs = tmp_path / "tmp"  # where serve's llama-servers write their logs
+    logs.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "TMPDIR": str(logs)}
     common = ["run", "--model", str(tiny_q4), "--data", str(task), "--epochs", "1", "--batch-size", "4",
               "--min-letter-mass", "0", "--n-ctx", "512"]
     local = subprocess.run([sys.executable, "-m", "semievol_local.cli", *common, "--out", str(tmp_path / "local")],
@@ -223,17 +273,25 @@ def test_a_whole_run_through_a_served_fleet_equals_the_run_in_process(server_bin
     run = tmp_path / "served"
     run.mkdir()
     serve = subprocess.Popen([sys.executable, "-m", "semievol_local.cli", "serve", "--model", str(tiny_q4), "--run",
-                              str(run), "--n-ctx", "512", "--threads", "1", "--servers", "2"],
+                              str(run), "--n-ctx", "512", "--threads", "1", "--servers", "2",
+                              "--api-key-file", str(key_file)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         urls = [serve.stdout.readline().strip() for _ in range(2)]
         assert all(u.startswith("http://") for u in urls), urls
+        assert all(_post(u, "/completion", {"prompt": [1], "n_predict": 1}) == 401 for u in urls)
         served = subprocess.run([sys.executable, "-m", "semievol_local.cli", *common, "--out", str(run),
-                                 "--server", ",".join(urls)], capture_output=True, text=True, env=env, timeout=900)
+                                 "--server", ",".join(urls), "--api-key-file", str(key_file)],
+                                capture_output=True, text=True, env=env, timeout=900)
         assert served.returncode == 0, served.stderr
     finally:
         serve.send_signal(signal.SIGINT)
         serve.wait(30)
+    # the key is in no file of the run folder, no server log and nothing either command printed
+    files = [f for f in [*run.rglob("*"), *logs.rglob("*")] if f.is_file()]
+    assert any(f.name.startswith("semievol-llama-server-") for f in files)  # the logs were looked at
+    assert not [f for f in files if key.encode() in f.read_bytes()]
+    assert key not in served.stdout + served.stderr + serve.stdout.read() + serve.stderr.read()
 
     def read(folder, name):
         return [json.loads(x) for x in (folder / name).read_text().splitlines()]
