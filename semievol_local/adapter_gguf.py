@@ -7,7 +7,8 @@
   (`adapter.lora.alpha` = scale x rank, A as (rank, in), B as (out, rank)): no fusing, no re-quantizing, no Q/K un-permuting (MLX trained on the GGUF's own layout).
 - `read_lora_gguf` reads one back (numpy, llama.cpp layout) for checks and tests.
 
-This module knows nothing about MLX arrays or training: numpy in, files out.
+This module knows nothing about MLX arrays or training: numpy in, files out. The format and the names it
+relies on: docs/engines.md.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ the first task). Variants of one task are sibling run folders that share every s
 identical, so an ablation re-runs only what its flag changes. `pseudo_label` times the paper's generative
 recipe against score mode on the same questions, demonstrations, learners and warm adapter. Both read
 the unlabeled split's held-back answers, for reporting pseudo-label accuracy only. `markdown` renders
-measured results for the README; nothing there is typed in by hand.
+measured results for the README and docs/performance.md; nothing there is typed in by hand.
 """
 from __future__ import annotations
 
@@ -657,7 +657,7 @@ def servers(model_path: Path, data: Path, n_items: int, out: Path, cfg: RunConfi
     return result
 
 
-# --- README -----------------------------------------------------------------------------------------
+# --- publishing ---------------------------------------------------------------------------------------
 
 def _cell(v) -> str:
     if isinstance(v, bool):
@@ -697,6 +697,8 @@ TITLES = {"main": "Main table (test accuracy; error reduction is relative)",
           "rounds": "Rounds (paper Fig. 7; round 0 is SFT)",
           "baselines": "Baselines (p: exact McNemar against SemiEvol on the same test questions)",
           "whole_run": "Whole run, per stage",
+          "servers": "Collaboration in process and through local llama-servers (`--server`): the same questions, "
+                     "labels and selections",
           "sizes": "At the sizes users bring: training tokens/s and the fraction of float32 GEMM its FLOPs reach "
                    "(batch 4 x 128, loss on 4 answer tokens), prompt tokens/s with the file and with its float32 "
                    "copy, which one `--weights auto` picks, peak RSS, and the estimate `run --plan` prints",
@@ -705,7 +707,8 @@ TITLES = {"main": "Main table (test accuracy; error reduction is relative)",
 
 
 def markdown(results: list[dict]) -> str:
-    """The README's Results section from benchmark JSON files, each with its machine, commit and command."""
+    """Every table of the results (docs/performance.md's results section), each with its machine, commit and
+    command."""
     lines = []
     for r in results:
         m = r.get("machine", {})
@@ -728,6 +731,13 @@ def markdown(results: list[dict]) -> str:
             lines += [f"{r['n_items']} questions; learners {', '.join(r['learners'])}; sample mode up to "
                       f"{r['sample_max_tokens']} new tokens (mean {r['sample'].get('mean_response_tokens', 0):.0f}). "
                       f"Speed ratio score/sample: **{r['ratio']:.1f}x** (goal 10x).", ""]
+        elif r.get("benchmark") == "servers":
+            rows = [{"engine": x["engine"], "seconds": round(x["seconds"]), "questions/s": x["questions_per_s"],
+                     "speed-up": x["speedup"], "same labels": f"{x['labels_equal']} of {r['n_items']}",
+                     "same selection": x["selection_equal"], "questions lost": x["questions_lost"]}
+                    for x in r["rows"]]
+            lines += [f"**{TITLES['servers']}**", ""] + _md_table(rows)
+            lines += [f"{r['n_items']} questions; learners {', '.join(r['learners'])}.", ""]
         else:
             if r.get("benchmark") == "run" and "yardstick" in r:
                 kind = "the float32 copy of the file" if r.get("weights") == "f32" else "the file as given"
@@ -793,11 +803,55 @@ def _gemm_sentence(r: dict) -> str:
     return text
 
 
-def publish(readme: Path, results: list[dict]) -> None:
-    """Replace the README's section between the results markers with `markdown(results)`."""
-    text = Path(readme).read_text(encoding="utf-8")
+PUBLISHED = ("quality", "pseudo-label", "run", "sizes", "servers")  # the benchmarks `publish` renders
+_ORDER = {"run": 0, "quality": 1, "pseudo-label": 2, "servers": 3, "sizes": 4}
+
+
+def in_order(named: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+    """Results in the order they are published, whatever order they were given in: the whole run first, then
+    the quality tables (main before the other suites), then pseudo-labeling speed and the sizes table."""
+    def key(item):
+        name, r = item
+        suites = r.get("suites") or []
+        return (_ORDER.get(r.get("benchmark"), 9), "main" not in suites, r.get("task") or "", suites, name)
+    return sorted(named, key=key)
+
+
+def summary(named: list[tuple[str, dict]]) -> str:
+    """The README's Results section: every main-table row of the results (test accuracy), each with the run's
+    setting, date and the file it comes from, and the whole runs' time and memory."""
+    rows, runs = [], []
+    for name, r in in_order(named):
+        layers = (r.get("train") or {}).get("num_layers")
+        limit = (r.get("run") or {}).get("limit_unlabeled")
+        setting = ("LoRA on all blocks" if layers == -1 else f"LoRA on {layers} blocks" if layers else "-") + (
+            f", first {limit} unlabeled" if limit else ", all unlabeled")
+        for row in (r.get("tables") or {}).get("main", []):
+            rows.append({"task": row.get("task"), "model": Path(r.get("model", "?")).name,
+                         **{k: row.get(k) for k in ("majority", "vanilla", "sft", "semievol", "p_vs_sft")},
+                         "setting": setting, "measured": (r.get("machine") or {}).get("date"), "file": f"`{name}`"})
+        w = r.get("whole_run")
+        if r.get("benchmark") == "run" and w:
+            runs.append(f"The whole `semievol run` on {w['task']} took {w['seconds'] / 60:.1f} min, peak "
+                        f"{w['peak_rss_mb'] / 1000:.2f} GB, on {(r.get('machine') or {}).get('cores')} cores "
+                        f"(`{name}`).")
+    lines = ["Test accuracy (SemiEvol against the model as it is, the warm-up alone (SFT) and the majority class; "
+             "p: exact McNemar test against SFT on the same questions):", ""] + _md_table(rows)
+    return "\n".join(lines + runs).rstrip() + "\n"
+
+
+def _between(path: Path, body: str) -> str:
+    text = Path(path).read_text(encoding="utf-8")
     if START not in text or END not in text:
-        raise UserError(f"{readme}: no '{START}' ... '{END}' markers; add them where the results should go")
+        raise UserError(f"{path}: no '{START}' ... '{END}' markers; add them where the results should go")
     head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    atomic_write_text(Path(readme), head + START + "\n" + markdown(results) + END + tail)
+    return head + START + "\n" + body + END + rest.split(END, 1)[1]
+
+
+def publish(readme: Path, details: Path, named: list[tuple[str, dict]]) -> None:
+    """Replace the results section of `readme` with `summary` and that of `details` with every table
+    (`markdown`), both from the same (file name, result) pairs; neither file is written unless both can be."""
+    named = in_order(named)
+    texts = {Path(readme): _between(readme, summary(named)), Path(details): _between(details, markdown([r for _, r in named]))}
+    for path, text in texts.items():
+        atomic_write_text(path, text)

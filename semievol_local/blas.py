@@ -17,6 +17,7 @@ is chosen from the CPU's own flags before the library loads (AVX-512 F/CD/BW/DQ/
 FMA: Haswell); a CPU OpenBLAS knows gets the same kernels either way.
 
 This module does not install anything and does not print: it logs one warning when no BLAS is found.
+More on BLAS and the build flags: docs/engines.md.
 """
 from __future__ import annotations
 

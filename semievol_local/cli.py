@@ -18,6 +18,7 @@ import typer
 from . import config, ui
 from .config import EngineConfig, RunConfig, TrainConfig
 from .errors import UserError
+from .models import DEFAULT_MODEL
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Semi-supervised fine-tuning (SemiEvol) of GGUF models: MLX trains LoRA, llama.cpp serves it.")
@@ -30,6 +31,20 @@ app.add_typer(data_app, name="data")
 app.add_typer(adapter_app, name="adapter")
 app.add_typer(bench_app, name="bench")
 MODEL_HELP = "Alias, .gguf path, or hf:owner/repo/file.gguf."
+
+
+def model_option(help: str = MODEL_HELP):
+    """`--model`/`-m`, the default model alias: declared here once for every command that takes a model."""
+    return typer.Option(DEFAULT_MODEL, "--model", "-m", help=help)
+
+
+def mode_option():
+    """`--mode` of the commands that answer questions (eval, predict)."""
+    return typer.Option("auto", "--mode", help="score (option probabilities), sample (generate), or auto.")
+
+
+def max_tokens_option():
+    return typer.Option(256, "--max-tokens", min=1, help="Longest generated answer in sample mode.")
 
 
 def command(group: typer.Typer, name: str | None = None):
@@ -157,7 +172,7 @@ def models_pull(model: str = typer.Argument(..., help="Alias, hf:owner/repo/file
 
 
 @command(models_app, "info")
-def models_info(model: str = typer.Argument(models_default := "smollm2-135m", help="Alias or .gguf path.")):
+def models_info(model: str = typer.Argument(DEFAULT_MODEL, help="Alias or .gguf path.")):
     """Architecture, parameters, quantization per tensor kind, context, chat template, MLX support."""
     from . import models
 
@@ -209,14 +224,14 @@ def data_check(path: Path = typer.Argument(..., help="A task folder (labeled/unl
 @command(app, "eval")
 @options_from(EngineConfig)
 def eval_cmd(
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
+    model: str = model_option(),
     data: Path = typer.Option(..., "--data", "-d", help="Task folder or split file (CSV/JSONL)."),
     adapter: Optional[Path] = typer.Option(None, "--adapter", "-a", help="GGUF LoRA adapter (e.g. RUN/adapter.gguf)."),
     split: str = typer.Option("test", "--split", help="Which split of a task folder."),
-    mode: str = typer.Option("auto", "--mode", help="score (option probabilities), sample (generate), or auto."),
+    mode: str = mode_option(),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate only the first N rows."),
     category_column: Optional[str] = typer.Option(None, "--category-column", help="Metadata column for the per-category table (auto-detected)."),
-    max_tokens: int = typer.Option(256, "--max-tokens", help="Longest generated answer in sample mode."),
+    max_tokens: int = max_tokens_option(),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write accuracy and every prediction here."),
     *, engine_config: EngineConfig,
 ):
@@ -258,15 +273,15 @@ def run_eval(model, data, adapter, split, mode, limit, category_column, max_toke
 @command(app, "predict")
 @options_from(EngineConfig)
 def predict_cmd(
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
+    model: str = model_option(),
     data: Path = typer.Option(..., "--data", "-d", help="Rows to label (CSV/JSONL with question, and options where "
                               "there are any; answers not needed), or a task folder (see --split)."),
     out: Path = typer.Option(..., "--out", "-o", help="Where to write the rows with their predictions (.csv or .jsonl)."),
     adapter: Optional[Path] = typer.Option(None, "--adapter", "-a", help="GGUF LoRA adapter: an adapter.gguf, a "
                                            "`semievol train` folder, or a run folder (its last round's adapter)."),
     split: str = typer.Option("unlabeled", "--split", help="Which split of a task folder."),
-    mode: str = typer.Option("auto", "--mode", help="score (option probabilities), sample (generate), or auto."),
-    max_tokens: int = typer.Option(256, "--max-tokens", min=1, help="Longest generated answer in sample mode."),
+    mode: str = mode_option(),
+    max_tokens: int = max_tokens_option(),
     *, engine_config: EngineConfig,
 ):
     """Label new rows: each row with its predicted answer, its distribution (score mode) or text (sample mode) and
@@ -329,7 +344,7 @@ def export_cmd(
 @command(app, "train")
 @options_from(TrainConfig, EngineConfig)
 def train_cmd(
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
+    model: str = model_option(),
     data: Path = typer.Option(..., "--data", "-d", help="Task folder or split file (CSV/JSONL)."),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder for adapter.gguf, adapters.safetensors, logs, checkpoints."),
     split: str = typer.Option("labeled", "--split", help="Which split of a task folder to train on."),
@@ -341,9 +356,10 @@ def train_cmd(
 
     from . import data as data_mod, llama_engine, models, training
 
-    if not resume and (out / "adapter_config.json").exists():
+    from .runfolder import check_folder, exclusive
+
+    if not resume and (check_folder(out) / "adapter_config.json").exists():
         raise UserError(f"{out}: already holds a trained adapter; pass --resume to continue it or choose another --out")
-    from .runfolder import exclusive
 
     items = data_mod.load_split(data_mod.find_split_file(data, split), split).items
     engine = llama_engine.load(models.resolve(model), engine_config)
@@ -365,7 +381,7 @@ def train_cmd(
 
 @command(adapter_app, "check")
 def adapter_check_cmd(
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="The base model the adapter was trained on."),
+    model: str = model_option("The base model the adapter was trained on."),
     adapter: Path = typer.Option(..., "--adapter", "-a", help="The training run folder (holds adapters.safetensors and adapter.gguf)."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="Questions to compare on (default: the demo task)."),
     n: int = typer.Option(8, "--n", min=1, help="How many questions."),
@@ -400,12 +416,12 @@ def adapter_check_cmd(
 
 @command(bench_app, "train")
 def bench_train_cmd(
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model to train."),
+    model: str = model_option("Model to train."),
     steps: int = typer.Option(8, "--steps", min=1, help="Timed optimizer steps."),
     batch_size: int = typer.Option(4, "--batch-size", min=1),
     seq_len: int = typer.Option(128, "--seq-len", min=8),
     num_layers: int = typer.Option(-1, "--num-layers", min=-1, help="LoRA on the last N blocks (-1: all, the "
-                                   "shape the README compares with PyTorch + PEFT)."),
+                                   "shape docs/models.md compares with PyTorch + PEFT)."),
     answer_len: int = typer.Option(0, "--answer-len", min=0, help="Loss on the last N tokens of each sequence "
                                    "(0: all; SFT on a short answer is a few)."),
     peft_python: Optional[str] = typer.Option(None, "--peft-python", help="Also time PyTorch + PEFT on the same "
@@ -444,7 +460,7 @@ def bench_model_cmd(
                               "FFN 8192, 32/8 heads, llama3 rope scaling; 1.07 B weights)."),
     qtype: str = typer.Option("Q4_K_M", "--type", help="Quantization, by llama.cpp's own quantizer: F16, Q8_0, Q4_0, "
                               "Q4_1, Q4_K_M, Q5_K_M or Q6_K."),
-    tokenizer_from: str = typer.Option("smollm2-135m", "--tokenizer-from", help="The model whose tokenizer and chat "
+    tokenizer_from: str = typer.Option(DEFAULT_MODEL, "--tokenizer-from", help="The model whose tokenizer and chat "
                                        "template the file gets (alias or .gguf path)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random weights."),
 ):
@@ -469,7 +485,7 @@ def _publish(result: dict, json_out: Path | None, show=ui.bench_tables) -> None:
 @options_from(RunConfig, TrainConfig, EngineConfig)
 def bench_quality_cmd(
     ctx: typer.Context,
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
+    model: str = model_option(),
     data: list[Path] = typer.Option(..., "--data", "-d", help="Task folder; repeat for more tasks (ablations, "
                                     "sensitivity, rounds and baselines use the first)."),
     out: Path = typer.Option(Path("runs/bench"), "--out", "-o", help="Folder for the runs (one per task and variant)."),
@@ -498,7 +514,7 @@ def bench_quality_cmd(
 @options_from(RunConfig, TrainConfig, EngineConfig)
 def bench_run_cmd(
     ctx: typer.Context,
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
+    model: str = model_option(),
     data: Path = typer.Option(..., "--data", "-d", help="Task folder (labeled, unlabeled, test)."),
     out: Path = typer.Option(Path("runs/bench-run"), "--out", "-o", help="A new folder for the run."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the per-stage table, machine and command here."),
@@ -517,7 +533,7 @@ def bench_run_cmd(
 @options_from(RunConfig, TrainConfig, EngineConfig)
 def bench_pseudo_label_cmd(
     ctx: typer.Context,
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
+    model: str = model_option(),
     data: Path = typer.Option(..., "--data", "-d", help="Task folder with labeled and unlabeled splits (with options)."),
     n_items: int = typer.Option(20, "--n-items", "-n", help="Unlabeled questions to pseudo-label with each recipe."),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="Warm-up adapter.gguf (default: train one on the "
@@ -541,7 +557,7 @@ def bench_pseudo_label_cmd(
 @options_from(RunConfig, TrainConfig, EngineConfig)
 def bench_servers_cmd(
     ctx: typer.Context,
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
+    model: str = model_option(),
     data: Path = typer.Option(..., "--data", "-d", help="Task folder with labeled and unlabeled splits (with options)."),
     n_items: int = typer.Option(100, "--n-items", "-n", help="Unlabeled questions to pseudo-label each way."),
     n_servers: int = typer.Option(2, "--servers", min=2, help="Local llama-servers of the fleet rows (1 thread each)."),
@@ -585,9 +601,12 @@ def bench_sizes_cmd(
 @command(bench_app, "publish")
 def bench_publish_cmd(
     results: list[Path] = typer.Argument(..., help="JSON files written by `semievol bench ... --json`."),
-    readme: Path = typer.Option(Path("README.md"), "--readme", help="File whose results section is rewritten."),
+    readme: Path = typer.Option(Path("README.md"), "--readme", help="File whose results section gets the summary."),
+    details: Path = typer.Option(Path("docs/performance.md"), "--details",
+                                 help="File whose results section gets every table."),
 ):
-    """Rewrite the README's Results section from measured benchmark JSON (never typed in by hand)."""
+    """Rewrite the Results sections of the README (summary) and docs/performance.md (every table) from measured
+    benchmark JSON (never typed in by hand)."""
     import json
 
     from . import bench
@@ -595,15 +614,17 @@ def bench_publish_cmd(
     loaded = []
     for p in results:
         try:
-            loaded.append(json.loads(p.read_text()))
+            r = json.loads(p.read_text())
         except FileNotFoundError:
             raise UserError(f"{p}: no such file; write it with `semievol bench quality|pseudo-label|run --json {p}`") from None
         except ValueError as e:
             raise UserError(f"{p}: not JSON ({e}); give a file written by `semievol bench ... --json`") from None
-        if loaded[-1].get("benchmark") not in ("quality", "pseudo-label", "run", "sizes"):
-            raise UserError(f"{p}: not a benchmark result (no 'benchmark' key)")
-    bench.publish(readme, loaded)
-    ui.info(f"{readme}: results section rewritten from {len(loaded)} file(s)")
+        if not isinstance(r, dict) or r.get("benchmark") not in bench.PUBLISHED:
+            raise UserError(f"{p}: not a published benchmark result (its 'benchmark' is none of "
+                            f"{', '.join(bench.PUBLISHED)})")
+        loaded.append((p.as_posix(), r))
+    bench.publish(readme, details, loaded)
+    ui.info(f"{readme}, {details}: results sections rewritten from {len(loaded)} file(s)")
 
 
 # --- run / report / demo --------------------------------------------------------------------------
@@ -612,7 +633,7 @@ def bench_publish_cmd(
 @options_from(RunConfig, TrainConfig, EngineConfig)
 def run_cmd(
     ctx: typer.Context,
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
+    model: str = model_option(),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="Task folder with labeled, unlabeled and test splits."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (running again resumes it)."),
     config_file: Optional[Path] = typer.Option(None, "--config", help="Take the options from a TOML file (flag names "
@@ -653,6 +674,9 @@ def _given(ctx: typer.Context, cls) -> dict:
 def run_pipeline(model, data, out, run_config, train_config, engine_config, *, plan_only: bool = False):
     from . import models, pipeline, report
 
+    from .runfolder import check_folder
+
+    check_folder(out)  # before the estimate's half minute
     path = models.resolve(model)
     run_config = plan_first(path, data, run_config, train_config, engine_config)
     if plan_only:
@@ -689,7 +713,7 @@ def report_cmd(run: Path = typer.Argument(..., help="A run folder written by `se
 
 @command(app, "serve")
 def serve_cmd(
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help=MODEL_HELP),
+    model: str = model_option(),
     adapter: list[Path] = typer.Option([], "--adapter", "-a", help="A GGUF LoRA adapter to load (repeatable), or "
                                        "a `semievol train` folder."),
     run: Optional[Path] = typer.Option(None, "--run", help="A run folder: load the adapter of every finished stage, "
@@ -757,7 +781,7 @@ def serve_cmd(
 
 @command(app, "demo")
 def demo(
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Model to run the demo with."),
+    model: str = model_option("Model to run the demo with."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: runs/demo, runs/demo-open)."),
     open_answers: bool = typer.Option(False, "--open", help="The open-answer variant: the same reviews answered "
                                       "with the word itself, pseudo-labeled by sampling (the paper's recipe)."),

@@ -207,7 +207,7 @@ class RunConfig:
     seed: int = opt(0, "Seed for learner configurations and sampling.", stages=("collaboration",))
     embedding: str = opt("tfidf", "Retrieval embeddings: tfidf (word and bigram TF-IDF, scikit-learn: under 3 s on "
                          "fpb) or model (the model's mean-pooled hidden states through llama.cpp: 297 s on fpb, 6 "
-                         "texts/s here). The same neighbour quality measured on fpb and arc (README).",
+                         "texts/s here). The same neighbour quality measured on fpb and arc: docs/method.md.",
                          choices=EMBEDDINGS, stages=("retrieval",))
     iwp: bool = opt(True, "In-weight propagation: the warm adapter takes part in pseudo-labeling (learners and "
                     "the self-justifier); without it only the base model does.", flag="--iwp/--no-iwp",

@@ -24,6 +24,9 @@ class InferenceEngine(Protocol):
     eos_token: int
     adds_bos: bool
     adapter: tuple | None  # (resolved path, scale, stat) of the adapter applied, or None
+    cfg: EngineConfig
+    weights: object  # llama_engine.Weights: what llama.cpp computes with (the file, or its float32 copy)
+    remote: bool  # forward passes run elsewhere (llama-servers) or not at all here (a vocabulary-only engine)
 
     @property
     def template(self): ...  # prompts.ChatTemplate of the GGUF
@@ -38,6 +41,8 @@ class InferenceEngine(Protocol):
                max_tokens: int = 256) -> list: ...  # -> [llama_engine.Sample]
     def embed(self, texts: list[str]) -> np.ndarray: ...
     def logits(self, tokens: list[int]) -> np.ndarray: ...
+    def release(self) -> None: ...  # free the weights while MLX trains (the next forward pass loads them)
+    def counts(self) -> tuple | None: ...  # (decode calls, tokens by adapter and decode shape); None: remote
     def close(self) -> None: ...
 
 

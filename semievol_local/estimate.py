@@ -301,7 +301,7 @@ def calibrate(engine, model_path: Path, stages: list[Stage], exs: list, tcfg: Tr
     from .runfolder import PeakMemory
 
     rates, tic = Rates(), time.perf_counter()
-    if hasattr(engine, "prefill_rate"):  # in process; llama-servers (`--server`) are not measured here
+    if not engine.remote:  # in process; llama-servers (`--server`) are not measured here
         total = Counter()  # (lora, shape) -> tokens
         for s in stages:
             if s.kind == "llama":
@@ -385,8 +385,7 @@ def _train_rate(engine, model_path: Path, exs: list, tcfg: TrainConfig, budget: 
         if info["step"] < info["total_steps"] and time.perf_counter() - tic > budget:
             raise _Enough
 
-    if hasattr(engine, "release"):
-        engine.release()  # as the pipeline does while MLX trains
+    engine.release()  # as the pipeline does while MLX trains
     with tempfile.TemporaryDirectory() as tmp, PeakMemory() as peak:
         try:
             mlx_engine.train(model_path, pick, cfg, tmp, valid_examples=[], on_step=on_step,

@@ -16,7 +16,7 @@ import numpy as np
 from .data import LETTERS, Item, Split
 from .errors import UserError
 from . import engines
-from .engines import InferenceEngine as Engine
+from .engines import InferenceEngine
 from .prompts import answers_match, extract_answer, fit_prompt
 
 MODES = ("score", "sample")
@@ -68,7 +68,7 @@ def resolve_mode(mode: str | None, items: Sequence[Item]) -> str:
     return mode
 
 
-def predict_item(engine: Engine, item: Item, demos: Sequence[Item] = (), *, mode: str = "score",
+def predict_item(engine: InferenceEngine, item: Item, demos: Sequence[Item] = (), *, mode: str = "score",
                  max_tokens: int = 256) -> tuple[Prediction, bool]:
     """One prediction; also whether the prompt had to be shortened to fit the context."""
     reserve = 1 if mode == "score" else max_tokens
@@ -107,7 +107,7 @@ def majority_baseline(prior: Sequence[str] | None, items: Sequence[Item]) -> dic
             "oracle_label": oracle_label, "oracle_accuracy": oracle_acc}
 
 
-def evaluate(engine: Engine, split: Split, *, mode: str | None = None, limit: int | None = None,
+def evaluate(engine: InferenceEngine, split: Split, *, mode: str | None = None, limit: int | None = None,
              category_column: str | None = None, max_tokens: int = 256, prior: Sequence[str] | None = None,
              on_item: Callable[[Prediction], None] | None = None) -> EvalResult:
     """Accuracy on `split`; `prior`: the labeled split's answers, for the majority-class baseline (without it,

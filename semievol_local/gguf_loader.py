@@ -8,7 +8,8 @@ and for `load_model`, so the two cannot disagree. Tensor names GGUF <-> MLX come
 `TensorNameMap` (mlx-lm's module paths are the Hugging Face names the converter maps), not from our own
 patterns. Every tensor type is read: gguf-py dequantizes what MLX cannot (Q5_0, Q5_K, IQ4_NL, ...).
 
-What it does NOT do: LoRA, training, export (that is `mlx_engine`), or running llama.cpp.
+What it does NOT do: LoRA, training, export (that is `mlx_engine`), or running llama.cpp. The tensor names
+and rope layouts it relies on: docs/engines.md.
 """
 from __future__ import annotations
 

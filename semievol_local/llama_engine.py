@@ -54,6 +54,13 @@ class Score:
     entropy: float  # nats, of `probs`
     mass: float  # probability the model put on the option letters before renormalizing
 
+    @classmethod
+    def from_letter_probs(cls, p: np.ndarray) -> "Score":
+        """The score of the next-token probabilities `p` of the option letters (renormalized; uniform if 0)."""
+        mass = float(p.sum())
+        probs = p / mass if mass > 0 else np.full(len(p), 1.0 / len(p))
+        return cls(probs=probs, entropy=entropy(probs), mass=mass)
+
 
 @dataclass
 class Sample:
@@ -346,6 +353,14 @@ class Engine:
         self._letters: dict[int, list[int]] = {}
 
     @property
+    def remote(self) -> bool:
+        return self.vocab_only
+
+    def counts(self) -> tuple[int, dict]:
+        """(llama_decode calls, tokens by adapter and decode shape) so far in this process (a copy)."""
+        return self.decodes, {a: dict(d) for a, d in self.decode_shapes.items()}
+
+    @property
     def tokens_by_adapter(self) -> dict[str, int]:
         return {a: sum(d.values()) for a, d in self.decode_shapes.items()}
 
@@ -402,6 +417,14 @@ class Engine:
 
     def detokenize(self, tokens: list[int]) -> str:
         return self.llm.detokenize(tokens).decode("utf-8", errors="replace")
+
+    def raw_tokens(self, text: str, special: bool) -> list[int]:
+        """Token ids of a bare text: no BOS; chat markers parse as special tokens only where `special`."""
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=special)
+
+    def token_bytes(self, tok: int) -> bytes:
+        """A token's bytes, special tokens spelled out (a token may end inside a UTF-8 character)."""
+        return self.llm.detokenize([tok], special=True)
 
     def is_eog(self, tok: int) -> bool:
         return bool(self._lc.llama_vocab_is_eog(self._vocab, tok))
@@ -520,10 +543,7 @@ class Engine:
         """The distribution over option letters after a prompt that ends in `Answer:`: one forward pass."""
         ids = self.letter_tokens(n_options)
         logp = log_softmax(self._prefill(prompt))  # (V,)
-        p = np.exp(logp[ids])
-        mass = float(p.sum())
-        probs = p / mass if mass > 0 else np.full(n_options, 1.0 / n_options)
-        return Score(probs=probs, entropy=entropy(probs), mass=mass)
+        return Score.from_letter_probs(np.exp(logp[ids]))
 
     def sample(self, prompt: list[int], seeds: list[int], *, temperature: float = 1.0,
                max_tokens: int = 256) -> list[Sample]:

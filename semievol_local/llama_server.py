@@ -8,7 +8,7 @@ uses another build (Homebrew's `llama.cpp`, a release archive): it works, but a 
 version may change probabilities in their last digits.
 
 What it does not do: talk to a server (`server_engine` does), or start servers on other hosts (run
-`semievol serve` there, see README "More machines").
+`semievol serve` there, see docs/scale-out.md). The flags it starts servers with, and why: docs/engines.md.
 """
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ from .data import LETTERS, Item, Task, load_task
 from .evaluate import evaluate, resolve_mode
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from . import engines
-from .engines import InferenceEngine as Engine, load
+from .engines import InferenceEngine, load
 from .prompts import extract_answer, fit_prompt, justify_messages, normalize_text
 from .runfolder import RunFolder, StageResult, digest, exclusive, file_digest
 from .training import train_adapter
@@ -86,7 +86,7 @@ def item_seed(seed: int, index: int, learner: int) -> int:
     return 1 + (seed * 1_000_003 + index * 1009 + learner * 7919) % (2**31 - 2)
 
 
-def weights_identity(engine: Engine) -> str:
+def weights_identity(engine: InferenceEngine) -> str:
     """What llama.cpp computes with: the model file's digest, marked when it is the file's float32 copy."""
     kind = engine.weights.kind
     return file_digest(engine.model_path) + ("" if kind == "file" else f"+{kind}")
@@ -99,7 +99,7 @@ def items_digest(items: list[Item], with_answers: bool) -> str:
 
 # --- stages -------------------------------------------------------------------------------------
 
-def trunk_store(run: RunFolder, engine: Engine) -> Path:
+def trunk_store(run: RunFolder, engine: InferenceEngine) -> Path:
     """Where a run's fine-tunes keep the frozen blocks' outputs by token sequence (per model file): the final
     fine-tune reads the warm-up's labeled rows instead of computing them again. Removed when the run ends."""
     return run.root / TRUNK_STORE / file_digest(engine.model_path)[:16]
@@ -108,7 +108,7 @@ def trunk_store(run: RunFolder, engine: Engine) -> Path:
 TRUNK_STORE = ".trunk"
 
 
-def stage_train(run: RunFolder, name: str, engine: Engine, items: list[Item], tcfg: TrainConfig, reporter,
+def stage_train(run: RunFolder, name: str, engine: InferenceEngine, items: list[Item], tcfg: TrainConfig, reporter,
                 *, init_adapter: StageResult | None = None) -> StageResult:
     inputs = {"model": file_digest(engine.model_path), "items": items_digest(items, True),
               "options": config.identity("train", tcfg),
@@ -125,7 +125,7 @@ def stage_train(run: RunFolder, name: str, engine: Engine, items: list[Item], tc
     return _stage(run, name, inputs, build, reporter)
 
 
-def stage_retrieval(run: RunFolder, name: str, engine: Engine, labeled: list[Item], unlabeled: list[Item],
+def stage_retrieval(run: RunFolder, name: str, engine: InferenceEngine, labeled: list[Item], unlabeled: list[Item],
                     cfg: RunConfig, reporter) -> StageResult:
     inputs = {"model": weights_identity(engine) if cfg.embedding == "model" else None,
               "labeled": items_digest(labeled, False), "unlabeled": items_digest(unlabeled, False),
@@ -154,7 +154,7 @@ def stage_retrieval(run: RunFolder, name: str, engine: Engine, labeled: list[Ite
     return _stage(run, name, inputs, build, reporter)
 
 
-def _embed(engine: Engine, texts: list[str], advance, chunk: int = 32) -> np.ndarray:
+def _embed(engine: InferenceEngine, texts: list[str], advance, chunk: int = 32) -> np.ndarray:
     out = []
     for i in range(0, len(texts), chunk):
         out.append(engine.embed(texts[i:i + chunk]))
@@ -162,7 +162,7 @@ def _embed(engine: Engine, texts: list[str], advance, chunk: int = 32) -> np.nda
     return np.concatenate(out)
 
 
-def _ask(engine: Engine, item: Item, demos: list[Item], mode: str, cfg: RunConfig, seed: int,
+def _ask(engine: InferenceEngine, item: Item, demos: list[Item], mode: str, cfg: RunConfig, seed: int,
          adapter: Path | None, justify: list[str] | None = None) -> dict:
     """One learner (or, with `justify`, the self-justifier) on one question; the record says what it was asked.
 
@@ -195,7 +195,7 @@ def _ask(engine: Engine, item: Item, demos: list[Item], mode: str, cfg: RunConfi
             "n_tokens": len(smp.tokens), **info}
 
 
-def collaborate_one(engine: Engine, item: Item, demos_all: list[Item], learners: list[Learner], mode: str,
+def collaborate_one(engine: InferenceEngine, item: Item, demos_all: list[Item], learners: list[Learner], mode: str,
                     cfg: RunConfig, warm: Path | None) -> dict:
     """n learners answer; agreement is the label, else the warm model justifies among the candidates
     (the base model where `warm` is None: without in-weight propagation no adapter takes part).
@@ -236,7 +236,7 @@ def collaborate_one(engine: Engine, item: Item, demos_all: list[Item], learners:
     return rec
 
 
-def self_consistency_one(engine: Engine, item: Item, demos_all: list[Item], mode: str, cfg: RunConfig,
+def self_consistency_one(engine: InferenceEngine, item: Item, demos_all: list[Item], mode: str, cfg: RunConfig,
                          warm: Path | None) -> dict:
     """The LMSI-style baseline (`--labeler self-consistency`): one learner, M_warm with k demonstrations (the
     base model without in-weight propagation, none without in-context propagation), answers n times at
@@ -294,7 +294,7 @@ def label_mass(rec: dict) -> float | None:
     return rec.get("letter_mass")
 
 
-def stage_collaboration(run: RunFolder, name: str, engine: Engine, labeled: list[Item], unlabeled: list[Item],
+def stage_collaboration(run: RunFolder, name: str, engine: InferenceEngine, labeled: list[Item], unlabeled: list[Item],
                         retrieved: StageResult, warm: StageResult | None, mode: str, cfg: RunConfig,
                         ecfg: EngineConfig, reporter) -> StageResult:
     learners = learner_configs(cfg)
@@ -341,9 +341,7 @@ def stage_collaboration(run: RunFolder, name: str, engine: Engine, labeled: list
 def _counts(engine) -> tuple | None:
     """(decode calls, tokens by adapter and decode shape) llama.cpp has run so far in this process; None for
     llama-servers."""
-    if not hasattr(engine, "decode_shapes"):
-        return None
-    return engine.decodes, {a: dict(d) for a, d in engine.decode_shapes.items()}
+    return engine.counts()
 
 
 def _computed_since(engine, before: tuple | None) -> dict:
@@ -437,7 +435,7 @@ def stage_selection(run: RunFolder, name: str, collab: StageResult, cfg: RunConf
     return _stage(run, name, inputs, build, reporter)
 
 
-def stage_eval(run: RunFolder, name: str, engine: Engine, test: list[Item], test_split, adapter: StageResult | None,
+def stage_eval(run: RunFolder, name: str, engine: InferenceEngine, test: list[Item], test_split, adapter: StageResult | None,
                mode: str, ecfg: EngineConfig, prior: list[str], reporter) -> StageResult:
     """Accuracy on the test split; `prior`, the labeled split's answers, sets the majority-class baseline."""
     inputs = {"model": weights_identity(engine), "test": items_digest(test, True),

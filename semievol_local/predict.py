@@ -21,7 +21,7 @@ from .errors import UserError
 from .evaluate import predict_item
 from .files import atomic_write_text
 from . import engines
-from .engines import InferenceEngine as Engine
+from .engines import InferenceEngine
 
 FORMATS = (".csv", ".jsonl")
 # the columns predict adds to every row (an input column of the same name would be overwritten: refused)
@@ -65,7 +65,7 @@ def _read_partial(path: Path, identity: dict) -> list[dict]:
     return rows
 
 
-def predict(engine: Engine, split: Split, rows: list[dict], out: Path, *, mode: str, max_tokens: int, identity: dict,
+def predict(engine: InferenceEngine, split: Split, rows: list[dict], out: Path, *, mode: str, max_tokens: int, identity: dict,
             on_resume: Callable[[int], None] = lambda n: None, on_item: Callable[[dict], None] = lambda rec: None) -> dict:
     """Predict every row of `split` (loaded without answers) and write `out` (.csv or .jsonl): `rows`, the input
     rows as `data.read_rows` read them, then the prediction columns. Returns counts (rows, resumed, shortened)."""

@@ -126,13 +126,23 @@ def _sealed(folder: Path, inputs_digest: str) -> dict | None:
     return m
 
 
+def check_folder(root: Path) -> Path:
+    """`root` if it can be a run folder (missing, or a folder); else a `UserError` naming what is in the way."""
+    root = Path(root)
+    for p in (root, *root.parents):
+        if p.exists() and not p.is_dir():
+            raise UserError(f"--out {root}: {p} is a file, not a folder; give a folder (a new one, or a run "
+                            "folder to resume)")
+    return root
+
+
 @contextmanager
 def exclusive(root: Path):
     """Hold `root`'s lock for the block: the OS's advisory file lock, which the kernel drops when the process
     ends however it ends (kill -9 leaves no stale lock). A second writer gets a `UserError` naming the
     holder's PID. Readers (`report`, a benchmark's siblings sharing stages) take no lock. A folder this call
     created is removed again if the block fails before writing anything in it."""
-    root = Path(root)
+    root = check_folder(root)
     created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
     try:
@@ -166,7 +176,7 @@ class RunFolder:
     inputs are identical (benchmarks that vary one option reuse everything upstream of it)."""
 
     def __init__(self, root: Path, share: tuple[Path, ...] = ()):
-        self.root = Path(root)
+        self.root = check_folder(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.share = [Path(p) for p in share if Path(p).resolve() != self.root.resolve()]
 

@@ -32,7 +32,7 @@ import numpy as np
 from . import apikey
 from .config import EngineConfig
 from .errors import UserError
-from .llama_engine import Engine as LocalEngine, Sample, Score, check_adapter, entropy
+from .llama_engine import Engine as LocalEngine, Sample, Score, check_adapter
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def parse_urls(text: str) -> list[str]:
         if parts.scheme == "https":
             raise UserError(f"--server {u}: the llama-server this toolkit builds has no TLS; reach a server on another "
                             "machine through an ssh tunnel (ssh -N -L 8080:127.0.0.1:8080 HOST, then --server "
-                            "http://127.0.0.1:8080; README \"More machines\")")
+                            "http://127.0.0.1:8080; docs/scale-out.md in the project)")
         if parts.scheme != "http" or not parts.hostname:
             raise UserError(f"--server {u!r}: give an http://HOST:PORT URL of a llama-server (or a file of them)")
     return [(u if "://" in u else "http://" + u).rstrip("/") for u in urls]
@@ -194,10 +194,7 @@ class Lane:
             top = self._next_logprobs(prompt, n_probs)
             if all(i in top for i in ids):
                 break
-        p = np.array([math.exp(top[i]) if i in top else 0.0 for i in ids], dtype=np.float64)
-        mass = float(p.sum())
-        probs = p / mass if mass > 0 else np.full(n_options, 1.0 / n_options)
-        return Score(probs=probs, entropy=entropy(probs), mass=mass)
+        return Score.from_letter_probs(np.array([math.exp(top[i]) if i in top else 0.0 for i in ids], dtype=np.float64))
 
     def sample(self, prompt: list[int], seeds: list[int], *, temperature: float = 1.0,
                max_tokens: int = 256) -> list[Sample]:
@@ -230,7 +227,7 @@ class Lane:
         `validate_utf8`): the tokens the server reports a probability for."""
         text, out = b"", []
         for t in toks:
-            text += self.fleet.vocab.llm.detokenize([t], special=True)
+            text += self.fleet.vocab.token_bytes(t)
             cut = any((text[-i] & m) == v and i < need for i in range(1, min(4, len(text)) + 1)
                       for m, v, need in ((0xE0, 0xC0, 2), (0xF0, 0xE0, 3), (0xF8, 0xF0, 4)))
             out.append(not cut)
@@ -262,7 +259,7 @@ class Fleet:
         self.vocab = LocalEngine(model_path, cfg, vocab_only=True)
         self.n_vocab, self.template, self.architecture = self.vocab.n_vocab, self.vocab.template, self.vocab.architecture
         self.eos_token, self.adds_bos = self.vocab.eos_token, self.vocab.adds_bos
-        self.plain_token = self.vocab.llm.tokenize(b" A", add_bos=False, special=False)[-1]  # ASCII text
+        self.plain_token = self.vocab.raw_tokens(" A", special=False)[-1]  # ASCII text
         self._local_meta: dict | None = None
         key = apikey.find(cfg.api_key_file)
         self.servers = []
@@ -340,7 +337,7 @@ class Fleet:
                             f"computes with ({self.weights.path.name}); start it with `semievol serve --model "
                             f"{self.model_path}` and the same --weights")
         theirs = s.request("POST", "/tokenize", {"content": PROBE, "add_special": False, "parse_special": True})
-        mine = self.vocab.llm.tokenize(PROBE.encode(), add_bos=False, special=True)
+        mine = self.vocab.raw_tokens(PROBE, special=True)
         if [t if isinstance(t, int) else t["id"] for t in theirs.get("tokens", [])] != mine:
             raise UserError(f"{s.url} tokenizes differently from {self.model_path}: it serves another model; "
                             f"start it with -m {self.model_path}")
@@ -400,6 +397,14 @@ class Fleet:
     def embed(self, texts: list[str]) -> np.ndarray:
         """Retrieval vectors from the local copy of the model (as in process): the servers serve completions."""
         return self.vocab.embed(texts)
+
+    remote = True  # forward passes run on the servers
+
+    def release(self) -> None:
+        """Nothing to free here: the servers hold the weights (this process holds only the vocabulary)."""
+
+    def counts(self) -> None:
+        return None  # the servers' decodes are not counted here
 
     def close(self) -> None:
         self.vocab.close()

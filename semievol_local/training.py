@@ -18,7 +18,7 @@ from .config import TrainConfig
 from .data import Item
 from .errors import UserError
 from .files import atomic_write_json
-from .llama_engine import Engine
+from .engines import InferenceEngine
 from .prompts import answer_text, question_messages
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ MIN_TOP1 = 0.9
 REJECTED_NAME = "adapter.gguf.parity-failed"  # where a failed gate moves adapter.gguf
 
 
-def examples(engine: Engine, items: Sequence[Item]) -> list[tuple[list[int], list[int]]]:
+def examples(engine: InferenceEngine, items: Sequence[Item]) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, answer ids) per labeled item; the answer ends with the model's end-of-turn token.
 
     Prompt and answer are tokenized as one text and split where the prompt's own tokens stop matching, so
@@ -50,7 +50,7 @@ def examples(engine: Engine, items: Sequence[Item]) -> list[tuple[list[int], lis
     return out
 
 
-def train_adapter(engine: Engine, items: Sequence[Item], cfg: TrainConfig, out_dir: Path, *,
+def train_adapter(engine: InferenceEngine, items: Sequence[Item], cfg: TrainConfig, out_dir: Path, *,
                   resume: bool = False, check: bool = True, init_adapter: Path | None = None,
                   on_step: Callable[[dict], None] | None = None,
                   on_trunk: Callable[[int, int], None] | None = None, trunk_store: Path | None = None) -> dict:
@@ -70,7 +70,7 @@ def train_adapter(engine: Engine, items: Sequence[Item], cfg: TrainConfig, out_d
     if cfg.hosts and not lead_process():
         raise UserError("--train-hosts starts its own processes; do not also run this command under mlx.launch")
     trainer = distributed.train if cfg.hosts else mlx_engine.train  # several processes, or this one
-    getattr(engine, "release", lambda: None)()  # llama.cpp's weights leave memory while MLX trains (back for parity)
+    engine.release()  # llama.cpp's weights leave memory while MLX trains (back for parity)
     summary = trainer(engine.model_path, [e for i, e in enumerate(exs) if i not in held_set], cfg, out_dir,
                       valid_examples=[exs[i] for i in held], resume=resume, init_adapter=init_adapter,
                       on_step=on_step, on_trunk=on_trunk, trunk_store=trunk_store)
@@ -91,12 +91,12 @@ def lead_process() -> bool:
     return int(os.environ.get("MLX_RANK", "0") or 0) == 0
 
 
-def check_adapter(engine: Engine, adapter_dir: Path, sequences: list[list[int]]) -> dict:
+def check_adapter(engine: InferenceEngine, adapter_dir: Path, sequences: list[list[int]]) -> dict:
     """MLX vs llama.cpp on the same token sequences; raise when they disagree beyond the bounds."""
     from . import mlx_engine
     from .parity import compare_logits
 
-    if getattr(engine, "vocab_only", True):  # forward passes run elsewhere (llama-servers): llama.cpp here, once
+    if engine.remote:  # forward passes run elsewhere (llama-servers): llama.cpp here, once
         from .llama_engine import inference_weights
         from .parity import llama_logits_many
 

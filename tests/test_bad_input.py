@@ -225,6 +225,18 @@ def test_a_run_with_bad_data_leaves_no_folder(tmp_path, tiny_model, tiny_task):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("command", ["run", "train", "bench run"])
+def test_an_out_folder_that_is_a_file_is_one_line(tmp_path, tiny_model, tiny_task, command):
+    """--out naming a file (or a folder under one) is said in one line, before anything runs; the file stays."""
+    f = tmp_path / "notes.txt"
+    f.write_text("mine\n")
+    for out in (f, f / "sub"):
+        res = CliRunner().invoke(app, [*command.split(), "--model", str(tiny_model), "--data", str(tiny_task),
+                                       "--out", str(out)])
+        _one_line_exit_2(res, f"{f} is a file, not a folder")
+        assert f.read_text() == "mine\n"
+
+
 def test_windows_line_endings_a_bom_and_duplicate_options_are_accepted(tmp_path):
     """What spreadsheets write is read as meant: CRLF line ends (also inside a quoted field), a UTF-8 byte-order
     mark. Identical options (the paper's ARC, MMLU and MMLU-Pro splits have a few) load, and `data check`

@@ -166,30 +166,48 @@ def test_pseudo_label_bench(tiny_q4, task, tmp_path):
     assert not (tmp_path / "pl2" / "warmup").exists()
 
 
-def test_publish_rewrites_only_the_results_section(quality, tmp_path):
+def test_publish_rewrites_only_the_results_sections(quality, tmp_path):
     _, r, _ = quality
     js = tmp_path / "q.json"
     js.write_text(json.dumps(r))
-    readme = tmp_path / "README.md"
+    readme, details = tmp_path / "README.md", tmp_path / "performance.md"
     readme.write_text(f"# title\n\n## Results\n{bench.START}\nold\n{bench.END}\n\n## After\n")
-    res = CliRunner().invoke(app, ["bench", "publish", str(js), "--readme", str(readme)])
+    details.write_text(f"# Performance\n\nprose\n{bench.START}\nold\n{bench.END}\n")
+    publish = ["bench", "publish", "--readme", str(readme), "--details", str(details)]
+    res = CliRunner().invoke(app, [*publish, str(js)])
     assert res.exit_code == 0, res.stderr
-    text = readme.read_text()
+    text, full = readme.read_text(), details.read_text()
     assert text.startswith("# title\n") and text.endswith("## After\n") and "\nold\n" not in text
-    assert r["command"] in text and r["machine"]["commit"] in text
+    assert full.startswith("# Performance\n\nprose\n") and "\nold\n" not in full
     main = r["tables"]["main"][0]
-    assert f"| colours | {main['majority']:.3f} | {main['vanilla']:.3f} |" in text
-    assert f"LoRA on the last {r['train']['num_layers']} blocks." in text  # the fine-tunes' depth is stated
-    assert "### quality: colours (ablation, rounds)\n" in text and "p vs full (McNemar)" in text
-    # bad inputs: one line, exit 2, README untouched
-    for args, msg in [([str(tmp_path / "none.json")], "no such file"), ([str(readme)], "not JSON")]:
-        before = readme.read_text()
-        res = CliRunner().invoke(app, ["bench", "publish", *args, "--readme", str(readme)])
+    for t in (text, full):  # the main table in both: in the README with its setting and file
+        assert f"| {main['majority']:.3f} | {main['vanilla']:.3f} | {main['sft']:.3f} | {main['semievol']:.3f} |" in t
+    assert f"LoRA on {r['train']['num_layers']} blocks" in text and f"`{js.as_posix()}` |" in text
+    assert r["command"] not in text  # the command that measured it: with the full tables
+    assert r["command"] in full and r["machine"]["commit"] in full
+    assert f"LoRA on the last {r['train']['num_layers']} blocks." in full  # the fine-tunes' depth is stated
+    assert "### quality: colours (ablation, rounds)\n" in full and "p vs full (McNemar)" in full
+    # bad inputs: one line, exit 2, neither file touched
+    details.write_text("# no markers\n")
+    for args, msg in [([str(tmp_path / "none.json")], "no such file"), ([str(readme)], "not JSON"),
+                      ([str(js)], "markers")]:
+        before = readme.read_text(), details.read_text()
+        res = CliRunner().invoke(app, [*publish, *args])
         assert res.exit_code == 2 and msg in res.stderr and len(res.stderr.strip().splitlines()) == 1
-        assert readme.read_text() == before
-    readme.write_text("# no markers\n")
-    res = CliRunner().invoke(app, ["bench", "publish", str(js), "--readme", str(readme)])
-    assert res.exit_code == 2 and "markers" in res.stderr
+        assert (readme.read_text(), details.read_text()) == before
+
+
+def test_the_published_results_are_what_the_results_files_say():
+    """README's Results section and docs/performance.md's are `bench publish results/*.json`, nothing typed."""
+    root = Path(__file__).resolve().parents[1]
+    named = [(p.relative_to(root).as_posix(), json.loads(p.read_text())) for p in sorted(root.glob("results/*.json"))]
+    assert named and all(r["benchmark"] in bench.PUBLISHED for _, r in named)
+
+    def section(path):
+        return (root / path).read_text(encoding="utf-8").split(bench.START + "\n", 1)[1].split(bench.END, 1)[0]
+
+    assert section("README.md") == bench.summary(named)
+    assert section("docs/performance.md") == bench.markdown([r for _, r in bench.in_order(named)])
 
 
 def test_baselines_table(quality, tiny_q4, task, tmp_path):
@@ -450,7 +468,7 @@ def test_publish_renders_the_old_run_result_as_the_readme_has_it():
     root = Path(__file__).resolve().parents[1]
     old = json.loads((root / "results" / "run_fpb.json").read_text())
     assert "yardstick" not in old
-    readme = (root / "README.md").read_text(encoding="utf-8")
+    readme = (root / "docs" / "performance.md").read_text(encoding="utf-8")
     section = bench.markdown([old])
     assert section.startswith("### run: fpb\n") and "GEMM 111 GFLOPS | 0.383 |" in section
     assert "\n" + section + "\n" in readme

@@ -19,9 +19,20 @@ def test_readme_opens_with_two_commands_and_ci_runs_the_second():
 
 def test_no_comment_help_or_readme_line_cites_a_document_outside_the_repo():
     """What the code relies on is said here, in the project's own words: no pointer to the team's notes."""
-    files = [*ROOT.glob("semievol_local/*.py"), *ROOT.glob("tests/*.py"), ROOT / "README.md", ROOT / "justfile"]
+    files = [*ROOT.glob("semievol_local/*.py"), *ROOT.glob("tests/*.py"), *ROOT.glob("docs/*.md"), ROOT / "README.md",
+             ROOT / "justfile"]
     outside = ("FACTS", "PAPER.md", "STYLE.md", "shared/docs")
     me = Path(__file__).resolve()
     hits = [f"{p.name}:{i}" for p in files if p.resolve() != me
             for i, line in enumerate(p.read_text().splitlines(), 1) if any(o in line for o in outside)]
     assert not hits, hits
+
+
+def test_readme_is_short_and_every_link_in_it_and_the_docs_resolves():
+    import re
+
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 200
+    for page in [ROOT / "README.md", *ROOT.glob("docs/*.md")]:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if not target.startswith(("http://", "https://")):
+                assert (page.parent / target).exists(), f"{page.name}: link to {target}, which does not exist"
