@@ -11,10 +11,14 @@ value that reaches the code. Library functions take these objects; they never re
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass, field, fields
+from pathlib import Path
+from urllib.parse import urlsplit
 
 from .errors import UserError
 
@@ -50,17 +54,72 @@ def flag(f, toggle: bool = False) -> str:
     return full if toggle else full.split("/")[0]
 
 
+# --- values parsed here, where their options are declared (the modules that use them import them from here) ---
+
+def parse_urls(text: str) -> list[str]:
+    """`--server`: comma-separated URLs, or a file with one URL per line (# comments)."""
+    text = text.strip()
+    if not text:
+        return []
+    if "://" not in text and "," not in text and Path(text).is_file():
+        lines = [ln.split("#")[0].strip() for ln in Path(text).read_text(encoding="utf-8").splitlines()]
+        urls = [u for u in lines if u]
+        if not urls:
+            raise UserError(f"--server {text}: the file lists no URLs; write one per line, e.g. http://10.0.0.2:8080")
+    else:
+        urls = [u.strip() for u in text.split(",") if u.strip()]
+    for u in urls:
+        parts = urlsplit(u if "://" in u else "http://" + u)
+        if parts.scheme == "https":
+            raise UserError(f"--server {u}: the llama-server this toolkit builds has no TLS; reach a server on another "
+                            "machine through an ssh tunnel (ssh -N -L 8080:127.0.0.1:8080 HOST, then --server "
+                            "http://127.0.0.1:8080; docs/scale-out.md in the project)")
+        if parts.scheme != "http" or not parts.hostname:
+            raise UserError(f"--server {u!r}: give an http://HOST:PORT URL of a llama-server (or a file of them)")
+    return [(u if "://" in u else "http://" + u).rstrip("/") for u in urls]
+
+
+def parse_hosts(text: str) -> list[str]:
+    """The IP addresses of `--train-hosts` (the ring backend connects by address, not by name)."""
+    hosts = [h.strip() for h in text.split(",") if h.strip()]
+    for h in hosts:
+        try:
+            ipaddress.ip_address(h)
+        except ValueError:
+            raise UserError(f"--train-hosts {text!r}: {h!r} is not an IP address; MLX's ring backend needs "
+                            "addresses, e.g. 192.168.1.10,192.168.1.11 (127.0.0.1 twice: two local processes)") from None
+    if len(hosts) == 1:
+        raise UserError(f"--train-hosts {text!r}: one host is one process; give two or more addresses "
+                        "or leave the option out")
+    return hosts
+
+
+_DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*h)?\s*(?:(\d+(?:\.\d+)?)\s*m)?\s*(?:(\d+(?:\.\d+)?)\s*s)?\s*$")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds of '45m', '2h', '1h30m', '90s' or a bare number of minutes; a `UserError` otherwise."""
+    t = str(text).strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", t):
+        seconds = float(t) * 60
+    else:
+        m = _DURATION.match(t)
+        if not t or not m or not any(m.groups()):
+            raise UserError(f"--time-budget {text!r}: give a duration such as 45m, 2h, 1h30m or 90s")
+        h, mi, s = (float(g) if g else 0.0 for g in m.groups())
+        seconds = h * 3600 + mi * 60 + s
+    if seconds <= 0:
+        raise UserError(f"--time-budget {text!r}: give a duration above zero, such as 45m")
+    return seconds
+
+
 def _urls(text: str) -> None:
     if text:
-        from .server_engine import parse_urls
-
         parse_urls(text)
 
 
 def _hosts(text: str) -> None:
     if text:
-        from .distributed import parse_hosts
-
         parse_hosts(text)
 
 
@@ -73,8 +132,6 @@ def _key_file(path: str) -> None:
 
 def _duration(text: str) -> None:
     if text:
-        from .estimate import parse_duration
-
         parse_duration(text)
 
 

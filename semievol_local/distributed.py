@@ -24,26 +24,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from .config import parse_hosts
 from .errors import UserError
 from .files import atomic_write_json
 
 SPEC = ".launch.json"  # in the output folder: what every worker trains
 PROGRESS, DONE, ERROR = "semievol-progress ", "semievol-done ", "semievol-error "
-
-
-def parse_hosts(text: str) -> list[str]:
-    """The IP addresses of `--train-hosts` (the ring backend connects by address, not by name)."""
-    hosts = [h.strip() for h in text.split(",") if h.strip()]
-    for h in hosts:
-        try:
-            ipaddress.ip_address(h)
-        except ValueError:
-            raise UserError(f"--train-hosts {text!r}: {h!r} is not an IP address; MLX's ring backend needs "
-                            "addresses, e.g. 192.168.1.10,192.168.1.11 (127.0.0.1 twice: two local processes)") from None
-    if len(hosts) == 1:
-        raise UserError(f"--train-hosts {text!r}: one host is one process; give two or more addresses "
-                        "or leave the option out")
-    return hosts
 
 
 def launcher() -> Path:
@@ -205,11 +191,11 @@ def _start(hosts: list[str], program: list[str], out_dir: Path) -> _Lines:
 
 def _worker(spec_path: str) -> int:
     """One process of the launched training (every rank runs this)."""
-    from . import mlx_engine
+    from . import collectives, mlx_engine
     from .config import TrainConfig
 
     spec = json.loads(Path(spec_path).read_text())
-    lead = mlx_engine.group().rank() == 0
+    lead = collectives.group().rank() == 0
 
     def say(prefix, obj):
         if lead:

@@ -13,6 +13,7 @@ from typing import Protocol
 
 import numpy as np
 
+from . import config
 from .config import EngineConfig
 
 
@@ -25,7 +26,7 @@ class InferenceEngine(Protocol):
     adds_bos: bool
     adapter: tuple | None  # (resolved path, scale, stat) of the adapter applied, or None
     cfg: EngineConfig
-    weights: object  # llama_engine.Weights: what llama.cpp computes with (the file, or its float32 copy)
+    weights: object  # weights.Weights: what llama.cpp computes with (the file, or its float32 copy)
     remote: bool  # forward passes run elsewhere (llama-servers) or not at all here (a vocabulary-only engine)
 
     @property
@@ -52,7 +53,7 @@ def load(model_path: Path, cfg: EngineConfig | None = None) -> InferenceEngine:
     if cfg.server:
         from . import server_engine
 
-        return server_engine.Fleet(model_path, server_engine.parse_urls(cfg.server), cfg, timeout=cfg.server_timeout)
+        return server_engine.Fleet(model_path, config.parse_urls(cfg.server), cfg, timeout=cfg.server_timeout)
     from . import llama_engine
 
     return llama_engine.load(model_path, cfg)

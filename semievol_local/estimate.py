@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -456,6 +455,22 @@ class Plan:
         return None if any(r.seconds is None for r in rows) else sum(r.seconds for r in rows)
 
 
+def plan(model_path: Path, data: Path, cfg: RunConfig, tcfg: TrainConfig, ecfg: EngineConfig) -> Plan:
+    """The run's estimate: its work counted with the pipeline's own prompt and batch builders, the rates
+    calibrated on this machine with the engine the run will use. Nothing is written into a run folder."""
+    from . import config
+    from .data import load_task
+    from .engines import load
+    from .evaluate import resolve_mode
+
+    for c in (cfg, tcfg, ecfg):
+        config.check(c)
+    task = load_task(data)
+    items = task["labeled"].items + task["unlabeled"].items + task["test"].items
+    mode = resolve_mode(None if cfg.mode == "auto" else cfg.mode, items)
+    return plan_run(load(model_path, ecfg), model_path, task, cfg, tcfg, mode)
+
+
 def plan_run(engine, model_path: Path, task, cfg: RunConfig, tcfg: TrainConfig, mode: str) -> Plan:
     """Count the run's work and calibrate the rates on this machine (about CALIBRATION_SECONDS)."""
     from . import gguf_loader, training
@@ -482,25 +497,6 @@ def plan_run(engine, model_path: Path, task, cfg: RunConfig, tcfg: TrainConfig, 
     elif questions:
         text += f"; each llama.cpp call costs {rates.per_decode * 1e3:.0f} ms beyond its tokens"
     return Plan(stages, rates, n, trunk_ok, text + f"; calibrated in {rates.seconds:.0f} s")
-
-
-_DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*h)?\s*(?:(\d+(?:\.\d+)?)\s*m)?\s*(?:(\d+(?:\.\d+)?)\s*s)?\s*$")
-
-
-def parse_duration(text: str) -> float:
-    """Seconds of '45m', '2h', '1h30m', '90s' or a bare number of minutes; a `UserError` otherwise."""
-    t = str(text).strip().lower()
-    if re.fullmatch(r"\d+(\.\d+)?", t):
-        seconds = float(t) * 60
-    else:
-        m = _DURATION.match(t)
-        if not t or not m or not any(m.groups()):
-            raise UserError(f"--time-budget {text!r}: give a duration such as 45m, 2h, 1h30m or 90s")
-        h, mi, s = (float(g) if g else 0.0 for g in m.groups())
-        seconds = h * 3600 + mi * 60 + s
-    if seconds <= 0:
-        raise UserError(f"--time-budget {text!r}: give a duration above zero, such as 45m")
-    return seconds
 
 
 def fit_budget(plan: Plan, budget: float, text: str) -> int:

@@ -90,7 +90,7 @@ def training_rows(run: Path, data: Path | None = None) -> list[dict]:
 
 def _same_labeled(run: Path, labeled: list[Item], folder: Path) -> None:
     """The labeled split is the one the run trained on (a changed file would export rows it never saw)."""
-    from .pipeline import items_digest
+    from .runfolder import items_digest
 
     try:
         trained = json.loads((run / "warmup" / "inputs.json").read_text())["inputs"]["items"]

@@ -1,4 +1,4 @@
-"""The peer's training speed: PyTorch + PEFT LoRA on the same shape as `mlx_engine.bench_train`.
+"""The peer's training speed: PyTorch + PEFT LoRA on the same shape as `train_bench.bench_train`.
 
 Run by `semievol bench train --peft-python PYTHON` in a separate Python environment that has torch,
 transformers and peft (never dependencies of this package), as a plain script:

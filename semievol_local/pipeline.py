@@ -27,7 +27,7 @@ from .files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from . import engines
 from .engines import InferenceEngine, load
 from .prompts import extract_answer, fit_prompt, justify_messages, normalize_text
-from .runfolder import RunFolder, StageResult, digest, exclusive, file_digest
+from .runfolder import RunFolder, StageResult, digest, exclusive, file_digest, items_digest, weights_identity
 from .training import train_adapter
 
 log = logging.getLogger(__name__)
@@ -84,17 +84,6 @@ def learner_configs(cfg: RunConfig) -> list[Learner]:
 def item_seed(seed: int, index: int, learner: int) -> int:
     """A non-zero sampling seed per (run seed, question, learner): llama.cpp treats 0 as 'default'."""
     return 1 + (seed * 1_000_003 + index * 1009 + learner * 7919) % (2**31 - 2)
-
-
-def weights_identity(engine: InferenceEngine) -> str:
-    """What llama.cpp computes with: the model file's digest, marked when it is the file's float32 copy."""
-    kind = engine.weights.kind
-    return file_digest(engine.model_path) + ("" if kind == "file" else f"+{kind}")
-
-
-def items_digest(items: list[Item], with_answers: bool) -> str:
-    """What of a split reaches the pipeline: questions and options (and answers where they are labels)."""
-    return digest([[it.question, list(it.options), it.answer if with_answers else None] for it in items])
 
 
 # --- stages -------------------------------------------------------------------------------------
@@ -472,19 +461,6 @@ def read_selected(sel: StageResult, unlabeled: list[Item]) -> tuple[list[Item], 
             out.append(dataclasses.replace(by_index[r["index"]], answer=r["pseudo_label"]))
             chosen.add(r["index"])
     return out, chosen
-
-
-def plan(model_path: Path, data: Path, cfg: RunConfig, tcfg: TrainConfig, ecfg: EngineConfig):
-    """The run's estimate (`estimate.Plan`): its work counted with this module's own prompt builders, the rates
-    calibrated on this machine with the engine the run will use. Nothing is written into a run folder."""
-    from . import estimate
-
-    for c in (cfg, tcfg, ecfg):
-        config.check(c)
-    task = load_task(data)
-    items = task["labeled"].items + task["unlabeled"].items + task["test"].items
-    mode = resolve_mode(None if cfg.mode == "auto" else cfg.mode, items)
-    return estimate.plan_run(load(model_path, ecfg), model_path, task, cfg, tcfg, mode)
 
 
 def run_semievol(model_path: Path, data: Path, out: Path, cfg: RunConfig, tcfg: TrainConfig,

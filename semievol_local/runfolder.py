@@ -47,6 +47,17 @@ def file_digest(path: Path) -> str:
     return _file_digests[key]
 
 
+def weights_identity(engine) -> str:
+    """What llama.cpp computes with: the model file's digest, marked when it is the file's float32 copy."""
+    kind = engine.weights.kind
+    return file_digest(engine.model_path) + ("" if kind == "file" else f"+{kind}")
+
+
+def items_digest(items, with_answers: bool) -> str:
+    """What of a split reaches the pipeline: questions and options (and answers where they are labels)."""
+    return digest([[it.question, list(it.options), it.answer if with_answers else None] for it in items])
+
+
 def rss_mb() -> float:
     """Resident memory of this process now, in MB."""
     try:

@@ -44,29 +44,6 @@ class ServerDown(Exception):
     """A server did not answer (refused, reset, timed out, or an HTTP 5xx)."""
 
 
-def parse_urls(text: str) -> list[str]:
-    """`--server`: comma-separated URLs, or a file with one URL per line (# comments)."""
-    text = text.strip()
-    if not text:
-        return []
-    if "://" not in text and "," not in text and Path(text).is_file():
-        lines = [ln.split("#")[0].strip() for ln in Path(text).read_text(encoding="utf-8").splitlines()]
-        urls = [u for u in lines if u]
-        if not urls:
-            raise UserError(f"--server {text}: the file lists no URLs; write one per line, e.g. http://10.0.0.2:8080")
-    else:
-        urls = [u.strip() for u in text.split(",") if u.strip()]
-    for u in urls:
-        parts = urlsplit(u if "://" in u else "http://" + u)
-        if parts.scheme == "https":
-            raise UserError(f"--server {u}: the llama-server this toolkit builds has no TLS; reach a server on another "
-                            "machine through an ssh tunnel (ssh -N -L 8080:127.0.0.1:8080 HOST, then --server "
-                            "http://127.0.0.1:8080; docs/scale-out.md in the project)")
-        if parts.scheme != "http" or not parts.hostname:
-            raise UserError(f"--server {u!r}: give an http://HOST:PORT URL of a llama-server (or a file of them)")
-    return [(u if "://" in u else "http://" + u).rstrip("/") for u in urls]
-
-
 class Server:
     """One llama-server: what it serves (slots, context per slot, adapters), probed at start."""
 
@@ -308,7 +285,7 @@ class Fleet:
         what the first server computes with (its own `semievol serve` measured it there)."""
         if plan.kind != "unmeasured":
             return plan
-        from .llama_engine import Weights, f32_path
+        from .weights import Weights, f32_path
 
         copy, served = f32_path(self.model_path), self.servers[0].model_file or ""
         if served.endswith("-f32.gguf"):  # a float32 copy (if of another file, _check_same_model says so)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 
 from . import mlx_engine  # first: it loads the fast BLAS before mlx.core
-from . import mlx_fast
+from . import lora as lora_layers, mlx_fast
 from .blas import gemm_gflops
 from .config import TrainConfig
 
@@ -48,7 +48,7 @@ def split(model_path, *, batch_size: int = 4, seq_len: int = 128, rank: int = 8,
     joined) and for each part, with the FLOPs of the frozen products over their time as a GEMM fraction."""
     gflops = gemm_gflops()
     model = mlx_engine.load_model(model_path)
-    mlx_engine.apply_lora(model, TrainConfig(rank=rank, num_layers=1))
+    lora_layers.apply_lora(model, TrainConfig(rank=rank, num_layers=1))
     layer = model.layers[-1]
     attn, mlp = layer.self_attn, layer.mlp
     d, T = model.args.hidden_size, batch_size * seq_len

@@ -97,7 +97,7 @@ def check_adapter(engine: InferenceEngine, adapter_dir: Path, sequences: list[li
     from .parity import compare_logits
 
     if engine.remote:  # forward passes run elsewhere (llama-servers): llama.cpp here, once
-        from .llama_engine import inference_weights
+        from .weights import inference_weights
         from .parity import llama_logits_many
 
         # what the servers compute with (the float32 copy made here where they use one)

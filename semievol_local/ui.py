@@ -241,7 +241,7 @@ def bench_tables(result: dict) -> None:
               [list(r.values()) for r in rows])
         kv_table("the same as in process", result["goal"])
         return
-    from .bench import TITLES, heading
+    from .results import TITLES, heading
 
     for name, rows in result.get("tables", {}).items():
         if rows:

@@ -10,7 +10,7 @@ import pytest
 from conftest import make_rows, write_split
 from typer.testing import CliRunner
 
-from semievol_local import bench
+from semievol_local import bench, bench_run, results
 from semievol_local.cli import app
 from semievol_local.config import RunConfig
 from semievol_local.errors import UserError
@@ -171,8 +171,8 @@ def test_publish_rewrites_only_the_results_sections(quality, tmp_path):
     js = tmp_path / "q.json"
     js.write_text(json.dumps(r))
     readme, details = tmp_path / "README.md", tmp_path / "performance.md"
-    readme.write_text(f"# title\n\n## Results\n{bench.START}\nold\n{bench.END}\n\n## After\n")
-    details.write_text(f"# Performance\n\nprose\n{bench.START}\nold\n{bench.END}\n")
+    readme.write_text(f"# title\n\n## Results\n{results.START}\nold\n{results.END}\n\n## After\n")
+    details.write_text(f"# Performance\n\nprose\n{results.START}\nold\n{results.END}\n")
     publish = ["bench", "publish", "--readme", str(readme), "--details", str(details)]
     res = CliRunner().invoke(app, [*publish, str(js)])
     assert res.exit_code == 0, res.stderr
@@ -201,13 +201,13 @@ def test_the_published_results_are_what_the_results_files_say():
     """README's Results section and docs/performance.md's are `bench publish results/*.json`, nothing typed."""
     root = Path(__file__).resolve().parents[1]
     named = [(p.relative_to(root).as_posix(), json.loads(p.read_text())) for p in sorted(root.glob("results/*.json"))]
-    assert named and all(r["benchmark"] in bench.PUBLISHED for _, r in named)
+    assert named and all(r["benchmark"] in results.PUBLISHED for _, r in named)
 
     def section(path):
-        return (root / path).read_text(encoding="utf-8").split(bench.START + "\n", 1)[1].split(bench.END, 1)[0]
+        return (root / path).read_text(encoding="utf-8").split(results.START + "\n", 1)[1].split(results.END, 1)[0]
 
-    assert section("README.md") == bench.summary(named)
-    assert section("docs/performance.md") == bench.markdown([r for _, r in bench.in_order(named)])
+    assert section("README.md") == results.summary(named)
+    assert section("docs/performance.md") == results.markdown([r for _, r in results.in_order(named)])
 
 
 def test_baselines_table(quality, tiny_q4, task, tmp_path):
@@ -305,9 +305,9 @@ def test_bench_run_puts_each_stage_beside_its_own_limit(tiny_q4, task, tmp_path)
     gflops = {n: (ends[i] + ends[i + 1]) / 2 for i, n in enumerate(rows)}  # each stage: the mean of its two ends
     assert all(row["limit"] == f"GEMM {gflops[n]:.0f} GFLOPS" for n, row in rows.items())
     # a llama.cpp stage's FLOPs: counted from its tokens, decode shapes and decodes on the model's own shape
-    shape = bench.model_shape(tiny_q4)
+    shape = bench_run.model_shape(tiny_q4)
     manifests = {n: json.loads((out / n / "manifest.json").read_text()) for n in rows}
-    flops = {n: bench.llama_flops(shape, manifests[n]["figures"]["decode_shapes"], manifests[n]["figures"]["decodes"])
+    flops = {n: bench_run.llama_flops(shape, manifests[n]["figures"]["decode_shapes"], manifests[n]["figures"]["decodes"])
              for n in ("eval/vanilla", "eval/sft", "round1/collaboration", "round1/eval")}
     flops.update({n: manifests[n]["figures"]["flops"] for n in ("warmup", "round1/final")})
     for n, fl in flops.items():
@@ -327,9 +327,9 @@ def test_bench_run_puts_each_stage_beside_its_own_limit(tiny_q4, task, tmp_path)
     # float32 weights: a note exactly where the fraction passes 1, and it blames the machine's speed, not the
     # kernels (a stage of a tiny model lasts milliseconds: on a busy machine it can pass 1)
     vanilla = rows["eval/vanilla"]
-    assert vanilla.get("note") == (bench.ABOVE_1_FLOAT if vanilla["fraction"] > 1 else None)
+    assert vanilla.get("note") == (bench_run.ABOVE_1_FLOAT if vanilla["fraction"] > 1 else None)
     ref = r["llama_reference"]  # informative: llama.cpp's best, by the same count
-    assert ref["tokens"] == bench.REFERENCE_DECODE and ref["tokens_per_s"] > 0 and 0 < ref["fraction"]
+    assert ref["tokens"] == bench_run.REFERENCE_DECODE and ref["tokens_per_s"] > 0 and 0 < ref["fraction"]
     final = json.loads((out / "round1" / "final" / "manifest.json").read_text())["figures"]
     assert final["trunk_sequences_reused"] == 12  # the warm-up's labeled rows, read back
     assert not (out / ".trunk").exists()  # the store goes when the run ends
@@ -342,30 +342,30 @@ def test_bench_run_puts_each_stage_beside_its_own_limit(tiny_q4, task, tmp_path)
 def test_the_published_yardstick_says_how_it_was_taken():
     rates = [{"adapter": None, "cached": 0, "tokens": 128, "tokens_per_s": 300.0},
              {"adapter": "warmup", "cached": 64, "tokens": 96, "tokens_per_s": 250.0}]
-    old = bench._prefill_sentence({"prefill_tokens_per_s": rates,
+    old = results._prefill_sentence({"prefill_tokens_per_s": rates,
                                    "prefill_reference": {"tokens": 128, "before": 352.0, "after": 275.0}})
     assert "2 decode shapes" in old and "250-300 tok/s" in old and "352 before and 275 after" in old
-    new = bench._prefill_sentence({"prefill_tokens_per_s": rates, "prefill_reference": {
+    new = results._prefill_sentence({"prefill_tokens_per_s": rates, "prefill_reference": {
         "tokens": 128, "before_stage": {"warmup": 330.0, "eval/vanilla": 290.0}, "after": 260.0}})
     assert "taken before each stage and after the last: 260-330 tok/s" in new and "352" not in new
 
 
 def test_llama_flops_is_the_hand_count():
     """Weights per token, attention over the positions each token sees, the vocabulary per logits row read."""
-    m = bench.ModelShape(n_layer=2, block_weights=100, n_head=2, key_length=4, value_length=4, n_vocab=10, n_embd=3)
+    m = bench_run.ModelShape(n_layer=2, block_weights=100, n_head=2, key_length=4, value_length=4, n_vocab=10, n_embd=3)
     # one decode of 3 tokens on an empty cache (base model), two decodes of 1 token after 4 cached (an adapter)
     shapes = {"": {"0:3": 3}, "adapter.gguf": {"4:1": 2}}
     weights = 2 * 100 * 5  # 5 tokens
     per_position = 2 * 2 * (2 * 4) * 2  # QK^T and AV: 2 x 2 x (heads x head size) per position, in 2 layers
     attention = per_position * (1 + 2 + 3) + per_position * 5 * 2  # positions 1..3; 5 for each 1-token decode
     vocab = 3 * 2 * 10 * 3  # 3 rows of logits read
-    assert bench.llama_flops(m, shapes, 3) == weights + attention + vocab == 2204
-    assert bench.llama_flops(m, shapes, 0) == 2204 - vocab  # embeddings read no logits
+    assert bench_run.llama_flops(m, shapes, 3) == weights + attention + vocab == 2204
+    assert bench_run.llama_flops(m, shapes, 0) == 2204 - vocab  # embeddings read no logits
 
 
 def test_the_tiny_models_shape_is_read_from_its_gguf(tiny_q4):
-    m = bench.model_shape(tiny_q4)
-    assert m == bench.ModelShape(n_layer=2, block_weights=2 * TINY_BLOCK, n_head=4, key_length=16, value_length=16,
+    m = bench_run.model_shape(tiny_q4)
+    assert m == bench_run.ModelShape(n_layer=2, block_weights=2 * TINY_BLOCK, n_head=4, key_length=16, value_length=16,
                                  n_vocab=290, n_embd=64)  # norms: no matmul, not counted
 
 
@@ -373,22 +373,22 @@ def test_whole_run_fraction_counts_every_stages_time_and_notes_fractions_above_1
     seconds = {"warmup": 10.0, "round1/collaboration": 5.0, "round1/selection": 2.0}
     flops = {"warmup": 5e11, "round1/collaboration": 6e11}
     gflops = {"warmup": 100.0, "round1/collaboration": 80.0, "round1/selection": 50.0}
-    each, whole = bench.gemm_fractions(seconds, flops, gflops)
+    each, whole = bench_run.gemm_fractions(seconds, flops, gflops)
     assert each == {"warmup": pytest.approx(0.5), "round1/collaboration": pytest.approx(1.5),
                     "round1/selection": None}
     assert whole == pytest.approx((5e11 + 6e11) / (10 * 100e9 + 5 * 80e9 + 2 * 50e9))  # selection's 2 s count
     llama = {"round1/collaboration"}
-    assert bench.above_1(each, llama, quantized=True) == {"round1/collaboration": bench.ABOVE_1}
-    assert bench.above_1(each, llama, quantized=False) == {"round1/collaboration": bench.ABOVE_1_FLOAT}
-    assert bench.above_1({"warmup": 0.99, "round1/selection": None}, llama, quantized=True) == {}
+    assert bench_run.above_1(each, llama, quantized=True) == {"round1/collaboration": bench_run.ABOVE_1}
+    assert bench_run.above_1(each, llama, quantized=False) == {"round1/collaboration": bench_run.ABOVE_1_FLOAT}
+    assert bench_run.above_1({"warmup": 0.99, "round1/selection": None}, llama, quantized=True) == {}
 
 
 def test_bench_train_counts_the_flops_of_its_own_shape(tiny_q4):
     """LoRA on the last of 2 blocks, loss on 4 of 16 tokens: the trained block 4x, the frozen one 2x (its
     one pass), the vocabulary projection at the answers only; less than 4 x all weights per token."""
-    from semievol_local import mlx_engine
+    from semievol_local import train_bench
 
-    b = mlx_engine.bench_train(tiny_q4, 3, batch_size=2, seq_len=16, num_layers=1, answer_len=4, skip_steps=1)
+    b = train_bench.bench_train(tiny_q4, 3, batch_size=2, seq_len=16, num_layers=1, answer_len=4, skip_steps=1)
     block, vocab = TINY_BLOCK, TINY_VOCAB
     assert b["lora_blocks"] == 1 and b["frozen_blocks_cached"] == 1
     assert b["flops_per_token_steps"] == 4 * block + 4 * vocab * 4 / 16
@@ -424,7 +424,7 @@ def test_bench_train_split_times_one_trained_block_by_part(tiny_q4, tmp_path):
 def test_a_fine_tunes_flops_are_counted_from_its_blocks():
     """`train_flops`: frozen blocks 2x per token they run on (once, when cached; every step when not), LoRA
     blocks 4x per step token, the vocabulary 4x per answer token."""
-    from semievol_local.mlx_engine import train_flops
+    from semievol_local.train_flops import train_flops
 
     per_block = [10, 20, 30]
     kw = dict(trunk_tokens=7, step_tokens=100, answer_tokens=5)
@@ -446,19 +446,19 @@ def _gemm_run_result() -> dict:
                 {"stage": "warmup", "seconds": 10.0, "tokens": 100, "tokens_per_s": 10.0, "tflop": 0.5,
                  "limit": "GEMM 100 GFLOPS", "fraction": 0.5, "peak_rss_mb": 900, "note": None},
                 {"stage": "round1/collaboration", "seconds": 5.0, "tokens": 100, "tokens_per_s": 20.0, "tflop": 0.6,
-                 "limit": "GEMM 105 GFLOPS", "fraction": 1.143, "peak_rss_mb": 800, "note": bench.ABOVE_1}]},
+                 "limit": "GEMM 105 GFLOPS", "fraction": 1.143, "peak_rss_mb": 800, "note": bench_run.ABOVE_1}]},
             "whole_run": {"task": "fpb", "seconds": 15.0, "peak_rss_mb": 900, "untimed_attempts": False,
                           "tflop": 1.1, "fraction": 0.733}}
 
 
 def test_publish_renders_gemm_rated_runs():
-    text = bench.markdown([_gemm_run_result()])
+    text = results.markdown([_gemm_run_result()])
     assert "llama.cpp computed with the file as given; every stage rated against one yardstick, float32 GEMM" in text
     assert "before each stage and after the last: 90-110 GFLOPS, each stage at the mean of its two ends" in text
     assert "(128 random tokens, no adapter): 450 tok/s, 0.47 of GEMM by the same count." in text
     assert ("| stage | seconds | tokens | tokens per s | TFLOP counted | limit | fraction | peak RSS (MB) | note |"
             in text)
-    assert f"| 1.143 | 800 | {bench.ABOVE_1} |" in text and "| 0.500 | 900 | - |" in text
+    assert f"| 1.143 | 800 | {bench_run.ABOVE_1} |" in text and "| 0.500 | 900 | - |" in text
     assert "The work counted, 1.1 TFLOP, is **0.73** of what float32 GEMM would do in the whole run's time" in text
     assert "prefill" not in text
 
@@ -469,7 +469,7 @@ def test_publish_renders_the_old_run_result_as_the_readme_has_it():
     old = json.loads((root / "results" / "run_fpb.json").read_text())
     assert "yardstick" not in old
     readme = (root / "docs" / "performance.md").read_text(encoding="utf-8")
-    section = bench.markdown([old])
+    section = results.markdown([old])
     assert section.startswith("### run: fpb\n") and "GEMM 111 GFLOPS | 0.383 |" in section
     assert "\n" + section + "\n" in readme
 
@@ -486,4 +486,4 @@ def test_bench_sizes_measures_each_model_in_its_own_process(tiny_q4, task, tmp_p
     assert (row["auto"] == "file") == (row["prompt_file"] > 1.1 * row["prompt_f32"])
     assert row["train_tokens_per_s"] > 0 and 0 < row["train_fraction"] and row["train_peak_mb"] > 0
     assert re.fullmatch(r"\d+h\d\dm|\d+m\d\ds", row["plan_time"]) and row["run_peak_mb"] > 0
-    assert "At the sizes users bring" in bench.markdown([r])
+    assert "At the sizes users bring" in results.markdown([r])

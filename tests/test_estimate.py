@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from semievol_local import estimate, pipeline
+from semievol_local import config, estimate, pipeline
 from semievol_local.cli import app
 from semievol_local.config import EngineConfig, RunConfig, TrainConfig
 from semievol_local.data import load_task
@@ -78,13 +78,13 @@ def test_training_tokens_are_the_steps_tokens(tiny_q4, tiny_task, tmp_path):
     (" 1.5h ", 5400),
 ])
 def test_durations(text, seconds):
-    assert estimate.parse_duration(text) == seconds
+    assert config.parse_duration(text) == seconds
 
 
 @pytest.mark.parametrize("text", ["0", "0m", "abc", "45x", "-5m", "m"])
 def test_bad_durations_are_one_line(text):
     with pytest.raises(UserError, match="--time-budget"):
-        estimate.parse_duration(text)
+        config.parse_duration(text)
 
 
 def toy_plan() -> Plan:
@@ -149,7 +149,7 @@ def test_the_calibration_adapter_has_the_shape_training_gives(tiny_q4, tiny_task
 
 def test_plan_names_every_stage_the_run_has(tiny_q4, tiny_task, tmp_path):
     cfg, tcfg = RunConfig(min_letter_mass=0.0), TrainConfig(epochs=1.0, batch_size=4, save_every=1)
-    plan = pipeline.plan(tiny_q4, tiny_task, cfg, tcfg, EngineConfig())
+    plan = estimate.plan(tiny_q4, tiny_task, cfg, tcfg, EngineConfig())
     rows = plan.at()
     assert plan.n_unlabeled == 20 and plan.rates.llama and plan.rates.train
     assert 0 <= plan.rates.per_decode < 1  # measured on a few labeled questions: milliseconds, not seconds
@@ -191,7 +191,7 @@ def test_bad_time_budgets_are_one_line_and_write_nothing(tiny_q4, tiny_task, tmp
 
 def test_a_time_budget_limits_the_unlabeled_questions(tiny_q4, tiny_task, tmp_path):
     cfg, tcfg = RunConfig(min_letter_mass=0.0), TrainConfig(epochs=1.0, batch_size=4, save_every=1)
-    plan = pipeline.plan(tiny_q4, tiny_task, cfg, tcfg, EngineConfig())
+    plan = estimate.plan(tiny_q4, tiny_task, cfg, tcfg, EngineConfig())
     budget = (plan.seconds(0) + plan.seconds(8)) / 2 + 1e-3  # room for a few questions, not for 20
     want = estimate.fit_budget(plan, budget, "")
     assert 0 < want < 20

@@ -15,7 +15,7 @@ from semievol_local import llama_engine, training
 from semievol_local.cli import app
 from semievol_local.data import load_split
 from semievol_local.export import row_item
-from semievol_local.pipeline import items_digest
+from semievol_local.runfolder import items_digest
 from semievol_local.prompts import question_messages
 
 
@@ -190,19 +190,20 @@ def test_the_peft_adapter_on_the_hugging_face_layout_gives_the_mlx_logits(arch, 
     from mlx.utils import tree_flatten
     from tinymodel import write_tiny_gguf
 
-    from semievol_local import gguf_loader, mlx_engine
+    from semievol_local import lora  # first: it loads the fast BLAS before mlx.core
+    from semievol_local import gguf_loader
     from semievol_local.config import TrainConfig
     from semievol_local.export import peft_adapter, unpermute_rows
 
     gg = write_tiny_gguf(tmp_path / f"{arch}.gguf", arch=arch, peaked=True)
     model = gguf_loader.load_model(gg)
     cfg = TrainConfig(num_layers=-1, rank=4, scale=2.0)
-    adapter_cfg = mlx_engine.apply_lora(model, cfg)
+    adapter_cfg = lora.apply_lora(model, cfg)
     rng = np.random.default_rng(0)  # a trained-looking adapter: B is zero at initialization
     model.load_weights([(n, mx.array(rng.normal(0, 0.05, p.shape).astype(np.float32)))
                         for n, p in tree_flatten(model.trainable_parameters()) if n.endswith("lora_b")], strict=False)
     (tmp_path / "ad").mkdir()
-    mlx_engine._export(tmp_path / "ad", dict(tree_flatten(model.trainable_parameters())), adapter_cfg,
+    lora.write_adapter(tmp_path / "ad", dict(tree_flatten(model.trainable_parameters())), adapter_cfg,
                        model.args.model_type, len(model.layers), cfg)
     tokens = mx.array([[1, 5, 9, 23, 42, 7, 3, 11, 60, 2]])
     ours = np.array(model(tokens).astype(mx.float32))

@@ -145,7 +145,7 @@ def test_a_quantized_file_computes_with_its_cached_float32_copy(tiny_q4, weights
     ({"file": 90.0, "f32": 0.0}, "file"),     # no copy could be made
 ])
 def test_auto_chooses_the_file_only_where_it_is_clearly_faster(rates, kind):
-    from semievol_local.llama_engine import choose
+    from semievol_local.weights import choose
 
     assert choose(rates) == kind
 
@@ -153,28 +153,28 @@ def test_auto_chooses_the_file_only_where_it_is_clearly_faster(rates, kind):
 def test_auto_measures_once_per_file_machine_and_threads(tiny_q4, tmp_path, monkeypatch):
     import json
 
-    from semievol_local import llama_engine
-    from semievol_local.llama_engine import f32_path, plan_weights
+    from semievol_local import weights
+    from semievol_local.weights import f32_path, plan_weights
 
     monkeypatch.setenv("SEMIEVOL_WEIGHTS", str(tmp_path))
     assert plan_weights(tiny_q4, EngineConfig(), measure=False).kind == "unmeasured"
     assert not list(tmp_path.iterdir())  # nothing measured, nothing written
     w = plan_weights(tiny_q4, EngineConfig())
-    saved = json.loads((tmp_path / llama_engine.MEASURED).read_text())
+    saved = json.loads((tmp_path / weights.MEASURED).read_text())
     (key, rates), = saved.items()
-    assert rates["file"] > 0 and rates["f32"] > 0 and key.endswith(f"|{llama_engine.default_threads()}")
-    assert w.kind == llama_engine.choose(rates) and dict(w.rates) == rates
+    assert rates["file"] > 0 and rates["f32"] > 0 and key.endswith(f"|{weights.default_threads()}")
+    assert w.kind == weights.choose(rates) and dict(w.rates) == rates
     assert f32_path(tiny_q4).is_file() == (w.kind == "f32")  # a losing copy gives its disk back
     assert w.path == (f32_path(tiny_q4) if w.kind == "f32" else tiny_q4)
 
     def no_timing(*a, **k):
         raise AssertionError("measured again")
 
-    monkeypatch.setattr(llama_engine, "_prompt_rates", no_timing)
+    monkeypatch.setattr(weights, "_prompt_rates", no_timing)
     assert plan_weights(tiny_q4, EngineConfig()) == w  # the cached answer, in this process or the next
     assert plan_weights(tiny_q4, EngineConfig(), measure=False) == w
     with pytest.raises(AssertionError, match="measured again"):  # another thread count is another measurement
-        plan_weights(tiny_q4, EngineConfig(n_threads=llama_engine.default_threads() + 1))
+        plan_weights(tiny_q4, EngineConfig(n_threads=weights.default_threads() + 1))
     assert plan_weights(tiny_q4, EngineConfig(weights="file")).kind == "file"  # explicit choices measure nothing
 
 
@@ -182,14 +182,13 @@ def test_the_run_computes_with_the_weights_auto_chose(tiny_q4, tmp_path, monkeyp
     # whichever auto picks, the engine loads it, and the stages' identity names it
     import json
 
-    from semievol_local import llama_engine
-    from semievol_local.pipeline import weights_identity
-    from semievol_local.runfolder import file_digest
+    from semievol_local import weights
+    from semievol_local.runfolder import file_digest, weights_identity
 
     monkeypatch.setenv("SEMIEVOL_WEIGHTS", str(tmp_path))
-    key = llama_engine._measure_key(tiny_q4, EngineConfig())
+    key = weights._measure_key(tiny_q4, EngineConfig())
     for rates, kind in (({"file": 500.0, "f32": 100.0}, "file"), ({"file": 100.0, "f32": 500.0}, "f32")):
-        (tmp_path / llama_engine.MEASURED).write_text(json.dumps({key: rates}))  # as a measurement left it
+        (tmp_path / weights.MEASURED).write_text(json.dumps({key: rates}))  # as a measurement left it
         eng = Engine(tiny_q4, EngineConfig(n_ctx=256))
         try:
             assert eng.weights.kind == kind and eng.llm.model_path == str(eng.weights.path)
@@ -201,7 +200,7 @@ def test_the_run_computes_with_the_weights_auto_chose(tiny_q4, tmp_path, monkeyp
 
 def test_float32_files_and_an_unwritable_cache(tiny_model, tiny_q4, tmp_path, monkeypatch):
     from semievol_local.errors import UserError
-    from semievol_local.llama_engine import inference_weights, plan_weights
+    from semievol_local.weights import inference_weights, plan_weights
 
     assert plan_weights(tiny_model, EngineConfig()).path == tiny_model  # already float32: no copy
     blocked = tmp_path / "not-a-folder"

@@ -12,6 +12,7 @@ import pytest
 from tinymodel import write_tiny_gguf
 
 from semievol_local import mlx_engine as me  # first: it loads OpenBLAS before mlx.core (blas.py)
+from semievol_local import frozen, lora
 from semievol_local import batching
 from semievol_local.blas import ensure_fast_blas
 from semievol_local.config import TrainConfig
@@ -326,9 +327,9 @@ def test_the_activation_estimate_matches_what_was_measured_on_smollm2():
     from types import SimpleNamespace
 
     smol = SimpleNamespace(hidden_size=576, intermediate_size=1536, num_attention_heads=9)
-    assert me.activation_bytes(smol, 8, 163, 30) == pytest.approx(2.3e9, rel=0.2)  # all 30 blocks
-    assert me.activation_bytes(smol, 8, 177, 16) == pytest.approx(1.3e9, rel=0.2)  # the last 16 (default)
-    assert me.activation_bytes(smol, 8, 163, 30, checkpoint=True) < 0.25 * me.activation_bytes(smol, 8, 163, 30)
+    assert lora.activation_bytes(smol, 8, 163, 30) == pytest.approx(2.3e9, rel=0.2)  # all 30 blocks
+    assert lora.activation_bytes(smol, 8, 177, 16) == pytest.approx(1.3e9, rel=0.2)  # the last 16 (default)
+    assert lora.activation_bytes(smol, 8, 163, 30, checkpoint=True) < 0.25 * lora.activation_bytes(smol, 8, 163, 30)
 
 
 def test_frozen_blocks_run_once_and_give_the_same_adapter(tmp_path, monkeypatch):
@@ -341,7 +342,7 @@ def test_frozen_blocks_run_once_and_give_the_same_adapter(tmp_path, monkeypatch)
             for i in range(12)]
     weights, losses, infos, trunk = {}, {}, {}, {True: [], False: []}
     for cached in (True, False):
-        monkeypatch.setattr(me, "TRUNK_CACHE_BYTES", 2**31 if cached else 0)
+        monkeypatch.setattr(frozen, "TRUNK_CACHE_BYTES", 2**31 if cached else 0)
         got: list[dict] = []
         infos[cached] = me.train(deep, data, toy_cfg(num_layers=3, epochs=3, batch_size=4, max_seq_len=128),
                                  tmp_path / str(cached), valid_examples=data[:2], on_step=got.append,
@@ -466,7 +467,7 @@ def test_fast_layers_match_mlx_lm_values_and_gradients(tmp_path, toy, arch, kwar
     for variant in ("joined", "fast", "mlx-lm"):
         model = me.load_model(path)
         assert type(model.layers[0].mlp).__name__.startswith("Fast")
-        me.apply_lora(model, toy_cfg())
+        lora.apply_lora(model, toy_cfg())
         mx.random.seed(1)  # non-zero B, random (a constant B sums the output gradient to near 0): LoRA path live
         model.update(tree_map(lambda p: p + 0.05 * mx.random.normal(p.shape), model.trainable_parameters()))
         if variant == "joined":  # gate/up everywhere; q/k/v where the attention is mlx_fast's
@@ -498,7 +499,7 @@ def test_joined_projections_keep_one_copy_of_the_weights(tmp_path):
 
     path = write_tiny_gguf(tmp_path / "llama.gguf", arch="llama")
     model = me.load_model(path)
-    me.apply_lora(model, toy_cfg())
+    lora.apply_lora(model, toy_cfg())
     before = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
     mx.eval(model.parameters())
     mx.clear_cache()

@@ -19,7 +19,7 @@ def test_readme_opens_with_two_commands_and_ci_runs_the_second():
 
 def test_no_comment_help_or_readme_line_cites_a_document_outside_the_repo():
     """What the code relies on is said here, in the project's own words: no pointer to the team's notes."""
-    files = [*ROOT.glob("semievol_local/*.py"), *ROOT.glob("tests/*.py"), *ROOT.glob("docs/*.md"), ROOT / "README.md",
+    files = [*ROOT.glob("semievol_local/**/*.py"), *ROOT.glob("tests/*.py"), *ROOT.glob("docs/*.md"), ROOT / "README.md",
              ROOT / "justfile"]
     outside = ("FACTS", "PAPER.md", "STYLE.md", "shared/docs")
     me = Path(__file__).resolve()
@@ -36,3 +36,35 @@ def test_readme_is_short_and_every_link_in_it_and_the_docs_resolves():
         for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
             if not target.startswith(("http://", "https://")):
                 assert (page.parent / target).exists(), f"{page.name}: link to {target}, which does not exist"
+
+
+def test_imports_run_one_way():
+    """No cycle among the package's modules, counting the imports made inside functions too."""
+    import ast
+
+    pkg = ROOT / "semievol_local"
+    graph: dict[str, set[str]] = {}
+    for f in pkg.rglob("*.py"):
+        rel = f.relative_to(pkg).with_suffix("")
+        mod = ".".join(p for p in rel.parts if p != "__init__") or "__init__"
+        base = rel.parts[:-1]
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                where = list(base[:len(base) - (node.level - 1)] if node.level > 1 else base)
+                for name in ([node.module] if node.module else [a.name for a in node.names]):
+                    target = ".".join(where + name.split(".")[:1])
+                    if (pkg / (target.replace(".", "/") + ".py")).exists() or (pkg / target.replace(".", "/")).is_dir():
+                        graph.setdefault(mod, set()).add(target)
+    seen, cycles = set(), []
+
+    def visit(node, path):
+        for nxt in graph.get(node, ()):
+            if nxt in path:
+                cycles.append(path[path.index(nxt):] + [nxt])
+            elif nxt not in seen:
+                visit(nxt, path + [nxt])
+        seen.add(node)
+
+    for m in sorted(graph):
+        visit(m, [m])
+    assert not cycles, cycles

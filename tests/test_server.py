@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from semievol_local import engines, llama_engine, llama_server, server_engine
+from semievol_local import engines, llama_engine, llama_server, server_engine, weights
 from semievol_local.cli import app
 from semievol_local.config import EngineConfig
 from semievol_local.data import load_task
@@ -52,7 +52,7 @@ def servers(server_bin, tiny_q4, warm):
         urls = []
         for _ in range(n):
             # what `semievol serve --model tiny_q4` serves: the float32 copy the in-process engine computes with
-            served = model or llama_engine.inference_weights(tiny_q4, EngineConfig()).path
+            served = model or weights.inference_weights(tiny_q4, EngineConfig()).path
             p, url = llama_server.start(served, adapters=[warm[0]], n_ctx=512, parallel=parallel, threads=1)
             procs.append(p)
             urls.append(url)

@@ -1,0 +1,4 @@
+"""`python -m semievol_local.cli`: the `semievol` command."""
+from . import main
+
+main()

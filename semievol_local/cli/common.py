@@ -1,0 +1,164 @@
+"""What every command shares: the Typer apps, the `command` decorator (a `UserError` becomes one line and
+exit 2), options declared once (`options_from` a config class, `option_of` one of its fields, the model,
+mode and max-tokens options), and `invocation`, the command as a user would type it again."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import os
+import typing
+
+import typer
+
+from .. import config, ui
+from ..errors import UserError
+from ..models import DEFAULT_MODEL
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Semi-supervised fine-tuning (SemiEvol) of GGUF models: MLX trains LoRA, llama.cpp serves it.")
+models_app = typer.Typer(no_args_is_help=True, help="List, fetch and inspect models.")
+data_app = typer.Typer(no_args_is_help=True, help="Check task data.")
+adapter_app = typer.Typer(no_args_is_help=True, help="Check trained adapters.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print figures.")
+app.add_typer(models_app, name="models")
+app.add_typer(data_app, name="data")
+app.add_typer(adapter_app, name="adapter")
+app.add_typer(bench_app, name="bench")
+MODEL_HELP = "Alias, .gguf path, or hf:owner/repo/file.gguf."
+
+
+def model_option(help: str = MODEL_HELP):
+    """`--model`/`-m`, the default model alias: declared here once for every command that takes a model."""
+    return typer.Option(DEFAULT_MODEL, "--model", "-m", help=help)
+
+
+def mode_option():
+    """`--mode` of the commands that answer questions (eval, predict)."""
+    return typer.Option("auto", "--mode", help="score (option probabilities), sample (generate), or auto.")
+
+
+def max_tokens_option():
+    return typer.Option(256, "--max-tokens", min=1, help="Longest generated answer in sample mode.")
+
+
+def command(group: typer.Typer, name: str | None = None):
+    """Register a command that reports `UserError` as one line + exit 2, and Ctrl-C as exit 130."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except UserError as e:
+                ui.error(str(e))
+                raise typer.Exit(e.exit_code) from None
+            except KeyboardInterrupt:
+                ui.error("interrupted; run the same command again to resume")
+                raise typer.Exit(130) from None
+            except (typer.Exit, typer.Abort, SystemExit):
+                raise
+            except Exception as e:  # a bug, not the user's mistake: one line, the traceback on request
+                if os.environ.get("SEMIEVOL_DEBUG"):
+                    raise
+                ui.error(f"internal error: {type(e).__name__}: {e} (set SEMIEVOL_DEBUG=1 for the traceback)")
+                raise typer.Exit(1) from None
+
+        return group.command(name)(run)
+
+    return wrap
+
+
+def options_from(*classes):
+    """Add each dataclass field of `classes` to a command as `--field-name` (default and help from the field).
+
+    The command receives them as one instance per class, in a keyword argument named after the class
+    in snake case (`EngineConfig` -> `engine_config`).
+    """
+
+    def deco(fn):
+        sig = inspect.signature(fn)
+        params = [p for p in sig.parameters.values() if p.name not in {_arg(c) for c in classes}]
+        for cls in classes:
+            for f in dataclasses.fields(cls):
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                flag = config.flag(f, toggle=True)
+                params.append(inspect.Parameter(_param(flag), inspect.Parameter.KEYWORD_ONLY, annotation=type(default),
+                                                default=typer.Option(default, flag, help=f.metadata.get("help"),
+                                                                     rich_help_panel=cls.__doc__.splitlines()[0])))
+
+        @functools.wraps(fn)
+        def run(**kwargs):
+            for cls in classes:
+                kwargs[_arg(cls)] = cls(**{f.name: kwargs.pop(_param(config.flag(f, toggle=True))) for f in dataclasses.fields(cls)})
+                config.check(kwargs[_arg(cls)])  # every option within its declared range, before anything runs
+            return fn(**kwargs)
+
+        # typer must see the new signature, not the original's; and the annotations resolved where `fn` is
+        # written (typer evaluates string annotations in this module's namespace once `__wrapped__` is gone)
+        hints = typing.get_type_hints(fn)
+        params = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in params]
+        run.__signature__ = sig.replace(parameters=params)
+        run.__annotations__ = {p.name: p.annotation for p in params if p.annotation is not inspect.Parameter.empty}
+        del run.__wrapped__
+        return run
+
+    return deco
+
+
+def option_of(cls, name: str, help: str = ""):
+    """A command's own option declared by a config field (its flag, default and help, plus `help`): for the
+    commands that take one option of a config class, not all of them."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return typer.Option(f.default, config.flag(f, toggle=True), help=f.metadata.get("help", "") + help)
+
+
+def _param(flag: str) -> str:
+    """`--train-seed` -> `opt_train_seed`; `--iwp/--no-iwp` -> `opt_iwp` (prefixed: `--as` is a keyword)."""
+    return "opt_" + flag.split("/")[0].lstrip("-").replace("-", "_")
+
+
+def _arg(cls) -> str:
+    import re
+
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__).lower()
+
+
+def invocation(ctx: typer.Context) -> str:
+    """The command being run, as a user would type it again: its path and every non-default option."""
+    import shlex
+
+    names, c = [], ctx  # the subcommands' names, whatever started the program (`semievol`, `python -m ...`)
+    while c.parent is not None:
+        names.append(c.info_name)
+        c = c.parent
+    parts = ["semievol", *reversed(names)]
+    for p in ctx.command.params:
+        v = ctx.params.get(p.name)
+        if isinstance(v, tuple):
+            v = list(v)
+        default = list(p.default) if isinstance(p.default, (list, tuple)) else p.default
+        if v is None or v == default:
+            continue
+        values = v if isinstance(v, list) else [v]
+        if p.param_type_name == "argument":
+            parts += [str(x) for x in values]
+        elif getattr(p, "is_flag", False) and p.secondary_opts:
+            parts.append(p.opts[0] if v else p.secondary_opts[0])
+        else:
+            for x in values:
+                parts += [p.opts[0], str(x)]
+    return shlex.join(parts)
+
+
+
+def _typed_in(ctx: typer.Context, name: str) -> bool:
+    """Whether the user gave parameter `name` on the command line (not its default)."""
+    source = ctx.get_parameter_source(name)  # an enum of typer's own click (it may vendor one): compared by name
+    return getattr(source, "name", None) == "COMMANDLINE"
+
+
+def _given(ctx: typer.Context, cls) -> dict:
+    """The options of `cls` given on the command line, by field name (they win over a --config file)."""
+    return {f.name: ctx.params[p] for f in dataclasses.fields(cls)
+            if _typed_in(ctx, p := _param(config.flag(f, toggle=True)))}
