@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import make_rows, write_split
 from typer.testing import CliRunner
@@ -153,9 +154,18 @@ def test_pseudo_label_bench(tiny_q4, task, tmp_path):
                                    "--sample-tokens", "6", "--out", str(tmp_path / "pl"), "--json", str(js), *TINY_TRAIN])
     assert res.exit_code == 0, (res.stdout, res.stderr)
     r = json.loads(js.read_text())
+    from semievol_local.data import find_split_file, load_heldout
+    from semievol_local.prompts import answers_match
+
+    held = load_heldout(find_split_file(task, "unlabeled"))
     for mode in ("sample", "score"):
-        assert r[mode]["questions_per_s"] > 0 and 0.0 <= r[mode]["accuracy"] <= 1.0
-        assert len((tmp_path / "pl" / f"{mode}.jsonl").read_text().splitlines()) == 4
+        recs = [json.loads(line) for line in (tmp_path / "pl" / f"{mode}.jsonl").read_text().splitlines()]
+        assert len(recs) == 4 and r[mode]["questions_per_s"] * r[mode]["seconds"] == pytest.approx(4)
+        # the figures are the records' own, checked against the held-back answers (which no record holds)
+        ok = [answers_match(x["pseudo_label"], held[x["index"]].answer, closed=True) for x in recs]
+        assert r[mode]["accuracy"] == pytest.approx(np.mean(ok))
+        assert r[mode]["consistency_rate"] == pytest.approx(np.mean([x["consistent"] for x in recs]))
+        assert not any("answer" in x or "gold" in x for x in recs)
     assert r["ratio"] == pytest.approx(r["score"]["questions_per_s"] / r["sample"]["questions_per_s"])
     assert 0 < r["sample"]["mean_response_tokens"] <= 6
     # the same warm-up adapter, given explicitly, is used as it is (no training in the new folder)
@@ -239,17 +249,6 @@ def test_baselines_table(quality, tiny_q4, task, tmp_path):
     # the fixed bar re-ran selection only: its pseudo-labeling is the full run's
     assert lines("selection-fixed", "round1/collaboration/collaboration.jsonl") == \
         lines("full", "round1/collaboration/collaboration.jsonl")
-
-
-def test_majority_vote_and_vote_share():
-    from semievol_local.prompts import normalize_text
-    from semievol_local.selection import majority_vote, vote_share
-
-    assert majority_vote(["B", "A", "B", None]) == "B"
-    assert majority_vote(["A", "B"]) == "A"  # a tie goes to the answer given first
-    assert majority_vote([None, None]) is None
-    assert majority_vote(["Paris.", "paris", "Rome"], key=normalize_text) == "Paris."
-    assert vote_share(["B", "A", "B", "B"], "B") == 0.75 and vote_share(["A"], None) == 0.0
 
 
 def test_the_recorded_command_is_what_a_user_types_however_it_was_started():
@@ -398,6 +397,8 @@ def test_bench_train_counts_the_flops_of_its_own_shape(tiny_q4):
     assert b["roofline_fraction_steps"] == pytest.approx(b["flops_per_token_steps"] * b["tokens_per_s"]
                                                          / (b["gemm_gflops"] * 1e9))
     assert b["roofline_tokens_per_s"] == pytest.approx(b["gemm_gflops"] * 1e9 / b["flops_per_token"])
+    # a tiny model's matrices keep a step far from GEMM speed: a fraction near or above 1 is a miscount
+    assert 0 < b["roofline_fraction"] < 0.5 and 0 < b["roofline_fraction_steps"] < 0.5
 
 
 def test_bench_train_split_times_one_trained_block_by_part(tiny_q4, tmp_path):

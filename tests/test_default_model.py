@@ -35,4 +35,8 @@ def test_demo_runs_the_whole_loop(default_model, tmp_path):
     assert res.exit_code == 0, res.stderr
     assert "SemiEvol" in res.stdout and "majority" in res.stdout and "consistency rate" in res.stdout
     rep = json.loads((tmp_path / "demo" / "report.json").read_text())
-    assert all(0 <= v <= 1 for v in rep["accuracy"].values())
+    acc = rep["accuracy"]
+    # the demo's task is one SmolLM2 learns from its labeled rows: the fine-tunes beat the model as it is and
+    # the majority class, and the pseudo-labels the run selected are mostly right
+    assert acc["sft"] > max(acc["vanilla"], acc["majority"]) and acc["semievol"] > acc["majority"], acc
+    assert rep["pseudo_labels"]["round1"]["accuracy_selected"] > 0.7, rep["pseudo_labels"]

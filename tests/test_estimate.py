@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from semievol_local import config, estimate, pipeline
+from semievol_local import estimate, pipeline
 from semievol_local.cli import app
 from semievol_local.config import EngineConfig, RunConfig, TrainConfig
 from semievol_local.data import load_task
@@ -71,20 +71,6 @@ def test_training_tokens_are_the_steps_tokens(tiny_q4, tiny_task, tmp_path):
     steps = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert work.train_tokens == sum(s["tokens"] for s in steps)  # whole epochs: every example twice
     assert work.trunk_tokens == 0  # LoRA on both of the 2 blocks: no frozen pass
-
-
-@pytest.mark.parametrize("text, seconds", [
-    ("45m", 2700), ("2h", 7200), ("1h30m", 5400), ("90s", 90), ("10", 600),  # a bare number is minutes
-    (" 1.5h ", 5400),
-])
-def test_durations(text, seconds):
-    assert config.parse_duration(text) == seconds
-
-
-@pytest.mark.parametrize("text", ["0", "0m", "abc", "45x", "-5m", "m"])
-def test_bad_durations_are_one_line(text):
-    with pytest.raises(UserError, match="--time-budget"):
-        config.parse_duration(text)
 
 
 def toy_plan() -> Plan:

@@ -56,5 +56,11 @@ def test_gemma3_trains_with_parity_and_serves_the_adapter(gemma3, shared_task, t
                                    "--data", str(fpb), "--limit", "20", "--json", str(tmp_path / "e.json")])
     assert res.exit_code == 0, res.stderr
     e = json.loads((tmp_path / "e.json").read_text())
-    assert 0.0 <= e["accuracy"] <= 1.0 and len(e["predictions"]) == 20
+    assert len(e["predictions"]) == 20 and e["accuracy"] == np.mean([p["correct"] for p in e["predictions"]])
     assert np.isfinite([p.get("entropy", 0.0) for p in e["predictions"]]).all()
+    # the adapter is applied: the base model gives other distributions on the same questions
+    res = CliRunner().invoke(app, ["eval", "--model", "gemma3-270m", "--data", str(fpb), "--limit", "20", "--json",
+                                   str(tmp_path / "base.json")])
+    assert res.exit_code == 0, res.stderr
+    base = json.loads((tmp_path / "base.json").read_text())["predictions"]
+    assert max(abs(np.array(p["probs"]) - q["probs"]).max() for p, q in zip(base, e["predictions"])) > 1e-3

@@ -14,7 +14,6 @@ from tinymodel import write_tiny_gguf
 from semievol_local import mlx_engine as me  # first: it loads OpenBLAS before mlx.core (blas.py)
 from semievol_local import frozen, lora
 from semievol_local import batching
-from semievol_local.blas import ensure_fast_blas
 from semievol_local.config import TrainConfig
 from semievol_local.errors import UserError
 from semievol_local.parity import compare_logits, llama_logits, llama_logits_many
@@ -211,47 +210,6 @@ def test_examples_without_answers_are_refused(tiny_model, tmp_path):
         me.train(tiny_model, [([5, 6, 7], []), ([8, 9], [])], toy_cfg(), tmp_path)
 
 
-@pytest.mark.parametrize("prompt,answer,max_len,tokens,start", [
-    ([1, 2, 3], [4, 5], 8, [1, 2, 3, 4, 5], 3),   # fits: unchanged, targets start after the prompt
-    ([1, 2, 3, 4], [5, 6], 4, [3, 4, 5, 6], 2),   # too long: the prompt loses tokens on the left
-    ([1, 2], [3, 4, 5, 6], 3, [2, 3, 4], 1),      # answer longer than allowed: cut on the right, 1 prompt token kept
-    ([], [7, 8, 9], 8, [7, 8, 9], 1),             # no prompt: the first answer token has no context, not trained
-])
-def test_prepare_truncates_prompt_from_the_left(prompt, answer, max_len, tokens, start):
-    [(got, got_start)] = batching.prepare([(prompt, answer)], max_len, "test")
-    assert got.tolist() == tokens and got_start == start
-
-
-def test_ensure_fast_blas_is_idempotent():
-    assert ensure_fast_blas() == ensure_fast_blas()
-
-
-def test_mlx_matmuls_use_the_optimized_blas():
-    """Regression: this file once imported mlx.core before semievol_local, which bound MLX to its reference
-    BLAS for the whole session (7 instead of ~200 GFLOPS) and made the slow test take 5x longer."""
-    import sys
-
-    from semievol_local.blas import gemm_gflops
-
-    if not sys.platform.startswith("linux") or ensure_fast_blas() is None:
-        pytest.skip("no optimized BLAS on this machine")
-    assert gemm_gflops(256, 1024, 1024, repeats=3) > 30  # reference BLAS: ~7; OpenBLAS, 2 busy cores: 50+
-
-
-def test_openblas_core_type_is_chosen_from_the_cpu_flags_and_results_stay_exact():
-    """Regression: Debian's OpenBLAS 0.3.21 ran generic SSE3 kernels on a Sapphire Rapids Xeon (32-48 instead
-    of 212 GFLOPS); the core type now comes from the CPU's flags, and the products must still be right."""
-    from semievol_local.blas import openblas_coretype
-
-    avx512 = "flags\t\t: fpu sse2 avx2 fma avx512f avx512cd avx512bw avx512dq avx512vl\n"
-    assert openblas_coretype(avx512) == "SkylakeX"
-    assert openblas_coretype("flags : sse2 avx avx2 fma\n") == "Haswell"
-    assert openblas_coretype("flags : sse2 sse4_2\n") is None  # older CPUs: OpenBLAS decides
-    rng = np.random.default_rng(0)
-    a, b = rng.normal(size=(300, 500)).astype(np.float32), rng.normal(size=(500, 200)).astype(np.float32)
-    np.testing.assert_allclose(np.array(mx.array(a) @ mx.array(b)), a.astype(np.float64) @ b, rtol=1e-4, atol=1e-3)
-
-
 def test_gradient_checkpointing_gives_the_same_adapter_with_less_memory(tmp_path):
     """--grad-checkpoint recomputes each block in the backward pass: same losses and weights, lower MLX peak.
     A deeper tiny model and long prompts, so that block activations dominate the peak as in a real model.
@@ -303,22 +261,6 @@ def test_a_rare_long_batch_is_split_into_pieces_that_train_the_same_adapter(tmp_
         np.testing.assert_allclose(np.array(weights["auto"][key]), np.array(w), rtol=1e-4, atol=1e-6)
     assert peaks["auto"] < 0.8 * peaks["whole"], peaks
     assert infos["auto"]["estimated_peak_gb"] <= infos["whole"]["estimated_peak_gb"]
-
-
-def test_split_batch_makes_the_fewest_pieces_under_the_cap():
-    lengths = np.array([10, 20, 30, 33, 100, 200, 65, 40])
-    idx = np.arange(8)
-    assert batching.padded_length(lengths[idx]) == 224  # 199 rounded up to 32
-    assert [p.tolist() for p in batching.split_batch(idx, lengths, 8 * 224)] == [idx.tolist()]  # fits: as it is
-    assert [p.tolist() for p in batching.split_batch(idx, lengths, -1)] == [idx.tolist()]
-    pieces = batching.split_batch(idx, lengths, 700)
-    assert sorted(np.concatenate(pieces).tolist()) == idx.tolist()  # every row once
-    assert all(len(p) * batching.padded_length(lengths[p]) <= 700 for p in pieces)
-    # fewer pieces would not fit: by length, [0,1,2,3] pads to 32 and [7,6,4,5] to 224 (4 x 224 > 700)
-    assert len(pieces) == 3, pieces
-    assert [p.tolist() for p in batching.split_batch(idx, lengths, 100)][-1] == [5]  # a row over the cap: alone
-    batches = [idx, idx[:4], idx[:4]]
-    assert batching.typical_max_tokens(batches, lengths) == int(1.5 * 4 * 32)
 
 
 def test_the_activation_estimate_matches_what_was_measured_on_smollm2():

@@ -158,21 +158,6 @@ def test_no_adaptive_selection_keeps_everything(tiny_q4, tiny_task, tmp_path):
     assert all(r["selected"] for r in pseudo(tmp_path / "r"))
 
 
-def test_per_class_threshold_keeps_every_class():
-    """fpb: every positive pseudo-label was less certain than the neutral ones, so one global percentile
-    kept none of them; a percentile per pseudo-label class keeps theta% of each."""
-    from semievol_local.selection import select
-
-    labels = np.array(["B"] * 6 + ["C"] * 4)
-    ent = np.array([0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.5, 0.6, 0.7, 0.8])
-    assert not select(ent, 50, groups=None)[labels == "C"].any()
-    keep = select(ent, 50, groups=labels)
-    assert keep.tolist() == [True] * 3 + [False] * 3 + [True] * 2 + [False] * 2
-    only = np.array([True] * 3 + [False] * 3 + [True] * 4)  # justified only: the rest are all kept
-    assert select(ent, 50, only=only, groups=labels).tolist() == [True, True, False] + [True] * 3 + [True] * 2 + [False] * 2
-    assert select(ent, 100, groups=labels).all()
-
-
 def test_threshold_option_changes_selection_only(full_run, tiny_q4, tmp_path):
     import shutil
 
@@ -366,25 +351,6 @@ def test_entropy_is_that_of_the_final_answer():
     unsure = {"justified": True, "entropy": 0.2, "justification": {"probs": [1 / 3, 1 / 3, 1 / 3]}}
     assert label_entropy(sure) < 1e-6 and math.isclose(label_entropy(unsure), math.log(3))
     assert label_entropy({"justified": True, "entropy": 9.0, "justification": {"nll": 0.7, "text": "Answer: B"}}) == 0.7
-
-
-def _eval(correct: list[bool]) -> dict:
-    return {"predictions": [{"index": i, "correct": c} for i, c in enumerate(correct)]}
-
-
-@pytest.mark.parametrize("first,second,only,p", [
-    ([True] * 10, [True] * 10, (0, 0), 1.0),                      # same answers: no evidence either way
-    ([True] * 8 + [False] * 2, [False] * 8 + [True] * 2, (8, 2), 0.109375),  # 8 vs 2 discordant: 2*P(X<=2), n=10
-    ([True] * 6 + [False] * 4, [False] * 6 + [True] * 4, (6, 4), 772 / 1024),  # near balance: a large p
-    ([True] * 5 + [False] * 5, [False] * 5 + [True] * 5, (5, 5), 1.0),     # balance: 2 * P(X <= 5) capped at 1
-    ([True] * 12, [False] * 12, (12, 0), 2 / 2**12),              # one-sided: 2 * 0.5^12
-])
-def test_paired_comparison_is_an_exact_mcnemar_test(first, second, only, p):
-    from semievol_local.report import paired
-
-    got = paired(_eval(first), _eval(second))
-    assert (got["only_first"], got["only_second"]) == only and got["n"] == len(first)
-    assert got["p_value"] == pytest.approx(p)
 
 
 def test_report_compares_semievol_and_sft_question_by_question(full_run):

@@ -6,21 +6,21 @@ from typing import Optional
 
 import typer
 
-from .. import ui
+from .. import config, ui
 from ..config import EngineConfig, RunConfig, TrainConfig
 from ..errors import UserError
 from ..models import DEFAULT_MODEL
-from .common import bench_app, command, invocation, model_option, options_from
+from .common import bench_app, command, invocation, model_option, option_of, options_from
 
 
 @command(bench_app, "train")
 def bench_train_cmd(
     model: str = model_option("Model to train."),
     steps: int = typer.Option(8, "--steps", min=1, help="Timed optimizer steps."),
-    batch_size: int = typer.Option(4, "--batch-size", min=1),
+    batch_size: int = option_of(TrainConfig, "batch_size", default=4),
     seq_len: int = typer.Option(128, "--seq-len", min=8),
-    num_layers: int = typer.Option(-1, "--num-layers", min=-1, help="LoRA on the last N blocks (-1: all, the "
-                                   "shape docs/models.md compares with PyTorch + PEFT)."),
+    num_layers: int = option_of(TrainConfig, "num_layers", default=-1, help=" Here -1 by default: the shape "
+                                "docs/models.md compares with PyTorch + PEFT."),
     answer_len: int = typer.Option(0, "--answer-len", min=0, help="Loss on the last N tokens of each sequence "
                                    "(0: all; SFT on a short answer is a few)."),
     peft_python: Optional[str] = typer.Option(None, "--peft-python", help="Also time PyTorch + PEFT on the same "
@@ -34,9 +34,8 @@ def bench_train_cmd(
     needs (frozen blocks once, trained blocks 4x, the vocabulary projection at the loss only), and PyTorch + PEFT's."""
     from .. import bench, models, train_bench
 
+    config.check(TrainConfig(batch_size=batch_size, num_layers=num_layers))  # as training checks them
     path = models.resolve(model)
-    if num_layers == 0:
-        raise UserError("--num-layers 0 trains nothing: give -1 (all) or a positive count")
     if answer_len > seq_len:
         raise UserError(f"--answer-len {answer_len} is longer than --seq-len {seq_len}: give at most {seq_len}")
     shape = dict(batch_size=batch_size, seq_len=seq_len, num_layers=num_layers, answer_len=answer_len or None)

@@ -38,6 +38,15 @@ def mode_option():
     return typer.Option("auto", "--mode", help="score (option probabilities), sample (generate), or auto.")
 
 
+ADAPTER_HELP = "GGUF LoRA adapter: an adapter.gguf, a `semievol train` folder, or a run folder (its last round's adapter)."
+
+
+def adapter_option(help: str = ADAPTER_HELP):
+    """`--adapter`/`-a` of the commands that answer with one adapter (eval, predict); `export.adapter_path`
+    resolves it, for them and for `serve`."""
+    return typer.Option(None, "--adapter", "-a", help=help)
+
+
 def max_tokens_option():
     return typer.Option(256, "--max-tokens", min=1, help="Longest generated answer in sample mode.")
 
@@ -106,11 +115,13 @@ def options_from(*classes):
     return deco
 
 
-def option_of(cls, name: str, help: str = ""):
+def option_of(cls, name: str, help: str = "", default=dataclasses.MISSING):
     """A command's own option declared by a config field (its flag, default and help, plus `help`): for the
-    commands that take one option of a config class, not all of them."""
+    commands that take one option of a config class, not all of them. `default`: this command's own (a
+    benchmark's fixed shape); the command checks the value with `config.check` like the class's."""
     f = next(f for f in dataclasses.fields(cls) if f.name == name)
-    return typer.Option(f.default, config.flag(f, toggle=True), help=f.metadata.get("help", "") + help)
+    value = f.default if default is dataclasses.MISSING else default
+    return typer.Option(value, config.flag(f, toggle=True), help=f.metadata.get("help", "") + help)
 
 
 def _param(flag: str) -> str:

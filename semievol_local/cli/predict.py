@@ -10,7 +10,7 @@ import typer
 from .. import ui
 from ..config import EngineConfig
 from ..errors import UserError
-from .common import app, command, max_tokens_option, mode_option, model_option, options_from
+from .common import adapter_option, app, command, max_tokens_option, mode_option, model_option, options_from
 
 
 # --- eval -----------------------------------------------------------------------------------------
@@ -20,7 +20,7 @@ from .common import app, command, max_tokens_option, mode_option, model_option, 
 def eval_cmd(
     model: str = model_option(),
     data: Path = typer.Option(..., "--data", "-d", help="Task folder or split file (CSV/JSONL)."),
-    adapter: Optional[Path] = typer.Option(None, "--adapter", "-a", help="GGUF LoRA adapter (e.g. RUN/adapter.gguf)."),
+    adapter: Optional[Path] = adapter_option(),
     split: str = typer.Option("test", "--split", help="Which split of a task folder."),
     mode: str = mode_option(),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate only the first N rows."),
@@ -34,11 +34,10 @@ def eval_cmd(
 
 
 def run_eval(model, data, adapter, split, mode, limit, category_column, max_tokens, json_out, engine_config):
-    from .. import data as data_mod, engines, evaluate, models
+    from .. import data as data_mod, engines, evaluate, export, models
     from ..files import atomic_write_json
 
-    if adapter is not None and not adapter.is_file():
-        raise UserError(f"{adapter}: adapter file not found (train one with `semievol train`)")
+    adapter = export.adapter_path(adapter) if adapter is not None else None
     task_split = data_mod.load_split(data_mod.find_split_file(data, split), split,
                                      with_answers=True)
     prior = None  # the majority-class baseline comes from the labeled split where the task folder has one
@@ -71,8 +70,7 @@ def predict_cmd(
     data: Path = typer.Option(..., "--data", "-d", help="Rows to label (CSV/JSONL with question, and options where "
                               "there are any; answers not needed), or a task folder (see --split)."),
     out: Path = typer.Option(..., "--out", "-o", help="Where to write the rows with their predictions (.csv or .jsonl)."),
-    adapter: Optional[Path] = typer.Option(None, "--adapter", "-a", help="GGUF LoRA adapter: an adapter.gguf, a "
-                                           "`semievol train` folder, or a run folder (its last round's adapter)."),
+    adapter: Optional[Path] = adapter_option(),
     split: str = typer.Option("unlabeled", "--split", help="Which split of a task folder."),
     mode: str = mode_option(),
     max_tokens: int = max_tokens_option(),

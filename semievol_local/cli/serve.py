@@ -27,9 +27,8 @@ def serve_cmd(
     threads: int = typer.Option(0, "--threads", "-t", min=0, help="CPU threads per server (0: the cores, shared "
                                 "among the servers)."),
     parallel: int = typer.Option(1, "--parallel", min=1, help="Slots per server (questions it works on at once)."),
-    n_ctx: int = typer.Option(2048, "--n-ctx", min=64, help="Context per slot; at least the run's --n-ctx."),
-    weights: str = typer.Option("auto", "--weights", help="What the servers compute with, as the run's --weights: "
-                                "auto, f32 or file."),
+    n_ctx: int = option_of(EngineConfig, "n_ctx", help=" Here: per slot, at least the run's --n-ctx."),
+    weights: str = option_of(EngineConfig, "weights", help=" Here: what the servers compute with, as the run's."),
     build_only: bool = typer.Option(False, "--build-only", help="Only get the llama-server binary (build it if "
                                     "needed), print its path and exit."),
     api_key_file: str = option_of(EngineConfig, "api_key_file", help=" If there is none, one is generated "
@@ -44,7 +43,7 @@ def serve_cmd(
     from ..llama_engine import Engine
     from ..weights import default_threads, inference_weights
 
-    config.check(EngineConfig(weights=weights, api_key_file=api_key_file))  # the run's own checks of these
+    config.check(EngineConfig(weights=weights, n_ctx=n_ctx, api_key_file=api_key_file))  # the run's own checks
     if no_api_key and not apikey.is_loopback(host):
         raise UserError(f"--host {host} --no-api-key: servers other machines can reach need a key; leave out "
                         "--no-api-key (a key is then found or generated) or listen on 127.0.0.1")
