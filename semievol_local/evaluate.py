@@ -17,7 +17,8 @@ from .data import LETTERS, Item, Split
 from .errors import UserError
 from . import engines
 from .engines import InferenceEngine
-from .prompts import answers_match, extract_answer, fit_prompt
+from .prompts import answers_match, extract_answer, fit_prompt, justify_messages
+from .selection import entropy
 
 MODES = ("score", "sample")
 
@@ -68,22 +69,52 @@ def resolve_mode(mode: str | None, items: Sequence[Item]) -> str:
     return mode
 
 
-def predict_item(engine: InferenceEngine, item: Item, demos: Sequence[Item] = (), *, mode: str = "score",
-                 max_tokens: int = 256) -> tuple[Prediction, bool]:
-    """One prediction; also whether the prompt had to be shortened to fit the context."""
+def ask(engine: InferenceEngine, item: Item, demos: Sequence[Item] = (), *, mode: str = "score",
+        max_tokens: int = 256, temperature: float = 0.0, seed: int = 1, justify: list[str] | None = None) -> dict:
+    """The model's answer to one question, with `demos` before it (or, with `justify`, the self-justification
+    prompt that lists those candidate answers), as a record of what it was asked and what it said. Evaluation,
+    prediction and every learner of the pipeline ask through here.
+
+    Score mode: `answer` (the likeliest option letter), `probs` over the options and `letter_mass` (the
+    probability the model put on the option letters before renormalising). Sample mode: `answer` (extracted
+    from the generated `text`), `nll` (its mean negative log-likelihood) and `n_tokens`; seeded, at
+    `temperature` (a justification is greedy). A justification prompt that does not fit the context falls
+    back to the plain question (`justify_fallback`); a prompt that had to drop demonstrations or cut its
+    question says so (`demos_dropped`, `question_truncated`)."""
     reserve = 1 if mode == "score" else max_tokens
-    fit = fit_prompt(item, demos, engine.template, lambda t: len(engine.tokenize(t)),
-                     engine.n_ctx - reserve, answer_prefix=(mode == "score"))
-    tokens = engine.tokenize(fit.text)
+    tokens, info = None, {}
+    if justify is not None:
+        tokens = engine.tokenize(engine.template.prompt(justify_messages(item, justify), answer_prefix=(mode == "score")))
+        if len(tokens) > engine.n_ctx - reserve:  # too long with every candidate: the question alone
+            tokens, info["justify_fallback"] = None, True
+    if tokens is None:
+        fit = fit_prompt(item, demos, engine.template, lambda t: len(engine.tokenize(t)), engine.n_ctx - reserve,
+                         answer_prefix=(mode == "score"))
+        tokens = engine.tokenize(fit.text)
+        if fit.demos_dropped:
+            info["demos_dropped"] = fit.demos_dropped
+        if fit.question_truncated:
+            info["question_truncated"] = True
     if mode == "score":
         s = engine.score(tokens, len(item.options))
-        pred = Prediction(index=item.index, predicted=LETTERS[int(np.argmax(s.probs))],
-                          probs=[float(p) for p in s.probs], entropy=s.entropy)
+        return {"answer": LETTERS[int(np.argmax(s.probs))], "probs": [float(p) for p in s.probs],
+                "letter_mass": float(s.mass), **info}
+    temp = 0.0 if justify is not None else temperature  # the justifier is greedy, fallback or not
+    smp = engine.sample(tokens, [seed], temperature=temp, max_tokens=max_tokens)[0]
+    return {"answer": extract_answer(smp.text, item), "text": smp.text, "nll": smp.mean_nll,
+            "n_tokens": len(smp.tokens), **info}
+
+
+def predict_item(engine: InferenceEngine, item: Item, demos: Sequence[Item] = (), *, mode: str = "score",
+                 max_tokens: int = 256) -> tuple[Prediction, bool]:
+    """One prediction (greedy in sample mode); also whether the prompt had to be shortened to fit the context."""
+    r = ask(engine, item, demos, mode=mode, max_tokens=max_tokens)
+    if mode == "score":
+        pred = Prediction(index=item.index, predicted=r["answer"], probs=r["probs"],
+                          entropy=entropy(np.array(r["probs"])))
     else:
-        sample = engine.sample(tokens, seeds=[1], temperature=0.0, max_tokens=max_tokens)[0]
-        pred = Prediction(index=item.index, predicted=extract_answer(sample.text, item), text=sample.text,
-                          entropy=sample.mean_nll)
-    return pred, (fit.demos_dropped > 0 or fit.question_truncated)
+        pred = Prediction(index=item.index, predicted=r["answer"], text=r["text"], entropy=r["nll"])
+    return pred, bool(r.get("demos_dropped") or r.get("question_truncated"))
 
 
 def majority(answers: Sequence[str]) -> tuple[str, float]:

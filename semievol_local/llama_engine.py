@@ -20,6 +20,7 @@ from llama_cpp._utils import suppress_stdout_stderr
 from .config import EngineConfig
 from .errors import UserError
 from .prompts import ANSWER_PREFIX, ChatTemplate
+from .selection import entropy
 from .weights import default_threads, inference_weights, plan_weights
 
 log = logging.getLogger(__name__)
@@ -29,11 +30,6 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     m = x.max(axis=-1, keepdims=True)
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
-
-
-def entropy(p: np.ndarray) -> float:
-    p = p[p > 0]
-    return float(-(p * np.log(p)).sum())
 
 
 @dataclass

@@ -22,11 +22,11 @@ import numpy as np
 from . import config, retrieval, selection
 from .config import EngineConfig, RunConfig, TrainConfig
 from .data import LETTERS, Item, Task, load_task
-from .evaluate import evaluate, resolve_mode
+from .evaluate import ask, evaluate, resolve_mode
 from .files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from . import engines
 from .engines import InferenceEngine, load
-from .prompts import extract_answer, fit_prompt, justify_messages, normalize_text
+from .prompts import normalize_text
 from .runfolder import RunFolder, StageResult, digest, exclusive, file_digest, items_digest, weights_identity
 from .training import train_adapter
 
@@ -153,35 +153,10 @@ def _embed(engine: InferenceEngine, texts: list[str], advance, chunk: int = 32) 
 
 def _ask(engine: InferenceEngine, item: Item, demos: list[Item], mode: str, cfg: RunConfig, seed: int,
          adapter: Path | None, justify: list[str] | None = None) -> dict:
-    """One learner (or, with `justify`, the self-justifier) on one question; the record says what it was asked.
-
-    The justifier decodes greedily. Where its prompt, listing every candidate, does not fit the context, it
-    is asked the plain question instead (`justify_fallback`). A learner's prompt that had to drop
-    demonstrations or cut its question says so (`demos_dropped`, `question_truncated`). In score mode the
-    record keeps `letter_mass`: the probability the model put on the option letters before renormalising."""
+    """One learner (or, with `justify`, the self-justifier) on one question, with its adapter: `evaluate.ask`."""
     engine.set_adapter(adapter)
-    reserve = 1 if mode == "score" else cfg.max_tokens
-    tokens, info = None, {}
-    if justify is not None:
-        tokens = engine.tokenize(engine.template.prompt(justify_messages(item, justify), answer_prefix=(mode == "score")))
-        if len(tokens) > engine.n_ctx - reserve:  # too long with every candidate: the question alone
-            tokens, info["justify_fallback"] = None, True
-    if tokens is None:
-        fit = fit_prompt(item, demos, engine.template, lambda t: len(engine.tokenize(t)), engine.n_ctx - reserve,
-                         answer_prefix=(mode == "score"))
-        tokens = engine.tokenize(fit.text)
-        if fit.demos_dropped:
-            info["demos_dropped"] = fit.demos_dropped
-        if fit.question_truncated:
-            info["question_truncated"] = True
-    if mode == "score":
-        s = engine.score(tokens, len(item.options))
-        return {"answer": LETTERS[int(np.argmax(s.probs))], "probs": [float(p) for p in s.probs],
-                "letter_mass": float(s.mass), **info}
-    temp = 0.0 if justify is not None else cfg.temperature  # the justifier is greedy, fallback or not
-    smp = engine.sample(tokens, [seed], temperature=temp, max_tokens=cfg.max_tokens)[0]
-    return {"answer": extract_answer(smp.text, item), "text": smp.text, "nll": smp.mean_nll,
-            "n_tokens": len(smp.tokens), **info}
+    return ask(engine, item, demos, mode=mode, max_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=seed,
+               justify=justify)
 
 
 def collaborate_one(engine: InferenceEngine, item: Item, demos_all: list[Item], learners: list[Learner], mode: str,

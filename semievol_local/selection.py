@@ -9,6 +9,13 @@ from __future__ import annotations
 import numpy as np
 
 
+def entropy(p: np.ndarray) -> float:
+    """Shannon entropy (nats) of one distribution, exact (zero probabilities add nothing): a score's."""
+    p = np.asarray(p, dtype=np.float64)
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())
+
+
 def entropy_rows(p: np.ndarray) -> np.ndarray:
     """Shannon entropy (nats) of each row of a (N, C) probability matrix."""
     p = np.clip(np.asarray(p, dtype=np.float64), 1e-12, 1.0)
