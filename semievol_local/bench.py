@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import estimate, pipeline
+from . import collaboration, estimate, pipeline
 from .bench_run import _last_eval, _last_pseudo
 from .config import EngineConfig, RunConfig, TrainConfig
 from .data import find_split_file, load_heldout, load_task
@@ -168,7 +168,7 @@ def size_row(model_path: Path, data: Path, cfg: RunConfig, tcfg: TrainConfig, ec
     from .estimate import clock
     from .llama_engine import unload
     from .weights import plan_weights
-    from .models import read_gguf
+    from . import gguf_file
     from .runfolder import PeakMemory
 
     w = plan_weights(model_path, ecfg)  # measured here the first time, then cached
@@ -180,7 +180,7 @@ def size_row(model_path: Path, data: Path, cfg: RunConfig, tcfg: TrainConfig, ec
     rows = plan.at()
     run_s = plan.seconds()
     unload()
-    n_params = sum(int(x.n_elements) for x in read_gguf(Path(model_path)).tensors)
+    n_params = sum(int(x.n_elements) for x in gguf_file.read(Path(model_path)).tensors)
     return {"model": Path(model_path).name, "weights_b": round(n_params / 1e9, 3),
             "file_mb": round(Path(model_path).stat().st_size / 1e6),
             "train_tokens_per_s": round(t["tokens_per_s"]), "train_fraction": round(t["roofline_fraction"], 3),
@@ -280,7 +280,7 @@ def pseudo_label(model_path: Path, data: Path, n_items: int, out: Path, cfg: Run
         warm_path = Path(adapter)
     ret = pipeline.stage_retrieval(run, "retrieval", engine, labeled, unlabeled, cfg, reporter)
     neighbours = np.load(ret.path("neighbours.npy"))
-    learners = pipeline.learner_configs(cfg)
+    learners = collaboration.learner_configs(cfg)
     result = {"benchmark": "pseudo-label", "machine": machine(), "command": command, "model": str(model_path),
               "task": str(data), "n_items": len(unlabeled), "learners": [ln.label() for ln in learners],
               "adapter": str(warm_path), "sample_max_tokens": sample_tokens, "temperature": cfg.temperature}
@@ -291,7 +291,7 @@ def pseudo_label(model_path: Path, data: Path, n_items: int, out: Path, cfg: Run
         with reporter.progress(len(unlabeled), f"{mode} mode", "questions") as advance:
             for pos, item in enumerate(unlabeled):
                 demos = [labeled[i] for i in neighbours[pos]]
-                recs.append(pipeline.collaborate_one(engine, item, demos, learners, mode, mcfg, warm_path))
+                recs.append(collaboration.collaborate_one(engine, item, demos, learners, mode, mcfg, warm_path))
                 advance()
         seconds = time.perf_counter() - t0
         ok = [answers_match(r["pseudo_label"], held[r["index"]].answer, closed=True) for r in recs]
@@ -339,10 +339,10 @@ def servers(model_path: Path, data: Path, n_items: int, out: Path, cfg: RunConfi
         pipeline.stage_train(run, "warmup", engine, labeled, tcfg, reporter).path("adapter.gguf")
     ret = pipeline.stage_retrieval(run, "retrieval", engine, labeled, unlabeled, cfg, reporter)
     neighbours = np.load(ret.path("neighbours.npy"))
-    learners = pipeline.learner_configs(cfg)
+    learners = collaboration.learner_configs(cfg)
 
     def one(eng, pos):
-        return pipeline.collaborate_one(eng, unlabeled[pos], [labeled[i] for i in neighbours[pos]], learners,
+        return collaboration.collaborate_one(eng, unlabeled[pos], [labeled[i] for i in neighbours[pos]], learners,
                                         "score", cfg, warm_path)
 
     def collaborate(eng, label: str, kill=None) -> tuple[dict, float]:

@@ -39,9 +39,9 @@ class ModelShape:
 
 def model_shape(path: Path) -> ModelShape:
     """A GGUF's `ModelShape`, from its header and tensor table (the data is not read)."""
-    from .models import read_gguf
+    from . import gguf_file
 
-    reader = read_gguf(Path(path))
+    reader = gguf_file.read(Path(path))
     f = reader.fields
     arch = f.get("general.architecture")
     n_layer, n_embd, heads = (f.get(f"{arch}.{k}") for k in ("block_count", "embedding_length",
@@ -217,9 +217,9 @@ def whole_run(model_path: Path, data: Path, out: Path, cfg: RunConfig, tcfg: Tra
 
 def _float_file(path: Path) -> bool:
     """Whether a GGUF's block weights are all float (F32, F16, BF16): llama.cpp then computes in float."""
-    from .models import read_gguf
+    from . import gguf_file
 
-    kinds = {t.tensor_type.name for t in read_gguf(Path(path)).tensors if t.name.startswith("blk.")}
+    kinds = {t.tensor_type.name for t in gguf_file.read(Path(path)).tensors if t.name.startswith("blk.")}
     return kinds <= {"F32", "F16", "BF16"}
 
 

@@ -183,11 +183,12 @@ def peft_adapter(adapter_dir: Path, model_path: Path) -> tuple[dict[str, np.ndar
     ensure_fast_blas()  # before MLX's first import (blas.py says why)
     import mlx.core as mx
 
-    from .gguf_loader import ARCHITECTURES, Meta, read
+    from .gguf_file import read
+    from .gguf_loader import ARCHITECTURES, Meta
 
     cfg = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
     lora = cfg["lora_parameters"]
-    meta = Meta(Path(model_path), read(Path(model_path))[0])
+    meta = Meta(Path(model_path), read(Path(model_path)).fields)
     n_head = meta.get("attention.head_count")
     n_kv = meta.get("attention.head_count_kv", n_head)
     interleaved = ARCHITECTURES[meta.arch].rope == "interleaved"

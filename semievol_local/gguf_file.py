@@ -118,3 +118,18 @@ class GGUFFile:
 
 def open_gguf(path: str | Path) -> GGUFFile:
     return GGUFFile(path)
+
+
+def read(path: str | Path) -> GGUFFile:
+    """The opened GGUF at `path`, or a one-line `UserError` (no such file, not a GGUF, truncated): the one
+    place a model file given by a user is opened."""
+    from .errors import UserError
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such model file. Pass the path of a .gguf model.")
+    try:
+        return GGUFFile(path)
+    except Exception as e:  # not a GGUF, or truncated
+        raise UserError(f"{path}: not a readable GGUF file ({type(e).__name__}: {str(e)[:100]}); the file may be "
+                        "truncated: download it again") from None

@@ -21,6 +21,7 @@ from typing import Callable
 
 import numpy as np
 
+from . import gguf_file
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -178,20 +179,6 @@ def describe(fields: dict, tensor_types: set[str], reason: str | None) -> str:
 
 # ----------------------------------------------------------------------------- reading tensors
 
-def read(path: Path):
-    """(metadata {key: value}, the opened file) of a GGUF, or a one-line UserError."""
-    from .gguf_file import open_gguf
-
-    if not path.is_file():
-        raise UserError(f"{path}: no such model file. Pass the path of a .gguf model.")
-    try:
-        f = open_gguf(path)
-    except Exception as e:  # not a GGUF, or truncated
-        raise UserError(f"{path}: not a readable GGUF file ({type(e).__name__}: {str(e)[:100]}). "
-                        "Check the path, or download the file again.") from None
-    return f.fields, f
-
-
 def shapes_and_types(f) -> tuple[dict[str, tuple[int, ...]], set[str]]:
     """{name: numpy shape (rows, cols)} and the set of tensor type names."""
     return {t.name: t.shape for t in f.tensors}, {t.tensor_type.name for t in f.tensors}
@@ -251,7 +238,8 @@ def load_model(gguf_path, *, dequantize: bool | None = None):
     from . import adapter_gguf as ag
 
     path = Path(gguf_path)
-    fields, reader = read(path)
+    reader = gguf_file.read(path)
+    fields = reader.fields
     shapes, types = shapes_and_types(reader)
     reason = support(path, fields, shapes, types)
     if reason:

@@ -15,6 +15,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import gguf_file
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -170,17 +171,7 @@ def check_gguf(path: Path):
         magic = f.read(4)
     if magic != b"GGUF":
         raise UserError(f"{path}: not a GGUF file (it starts with {magic!r}); give a .gguf file")
-    return read_gguf(path)
-
-
-def read_gguf(path: Path):
-    from .gguf_file import open_gguf
-
-    try:
-        return open_gguf(path)
-    except Exception as e:
-        raise UserError(f"{path}: GGUF does not parse ({type(e).__name__}: {str(e)[:100]}); "
-                        "the file may be truncated: download it again") from None
+    return gguf_file.read(path)
 
 
 def _field(reader, key: str):
@@ -218,14 +209,14 @@ def mlx_support(path: Path, reader=None) -> str:
     from . import gguf_loader
 
     if reader is None:
-        _, reader = gguf_loader.read(path)
+        reader = gguf_file.read(path)
     fields = reader.fields
     shapes, types = gguf_loader.shapes_and_types(reader)
     return gguf_loader.describe(fields, types, gguf_loader.support(path, fields, shapes, types))
 
 
 def inspect(path: Path) -> ModelInfo:
-    reader = read_gguf(path)
+    reader = gguf_file.read(path)
     arch = str(_field(reader, "general.architecture") or "unknown")
     kinds: dict[str, Counter] = defaultdict(Counter)
     n_params = 0

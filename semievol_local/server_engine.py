@@ -296,9 +296,9 @@ class Fleet:
         """The server's model must be this GGUF: the same vocabulary, parameter count and bytes of weights
         (a different quantization of the same model differs there), and the same tokens for a probe text."""
         if self._local_meta is None:
-            from .models import read_gguf
+            from . import gguf_file
 
-            tensors = read_gguf(self.model_path).tensors
+            tensors = gguf_file.read(self.model_path).tensors
             n_params = sum(int(t.n_elements) for t in tensors)
             size = self.weights.f32_bytes if self.weights.kind == "f32" else sum(int(t.data.nbytes) for t in tensors)
             self._local_meta = {"n_vocab": self.n_vocab, "n_params": n_params, "size": size}

@@ -67,12 +67,12 @@ def plan_weights(model_path: Path, cfg: EngineConfig, *, measure: bool = True) -
     answer is cached); with `measure=False` an unmeasured file gets kind "unmeasured" and nothing is written."""
     import llama_cpp
 
-    from .models import read_gguf
+    from . import gguf_file
 
     model_path = Path(model_path)
     if cfg.weights == "file":
         return Weights(model_path, "file", "--weights file")
-    tensors = read_gguf(model_path).tensors
+    tensors = gguf_file.read(model_path).tensors
     types = {t.tensor_type.name for t in tensors}
     f32_bytes = 4 * sum(int(t.n_elements) for t in tensors)
     if types <= {"F32"}:

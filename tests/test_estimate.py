@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from semievol_local import estimate, pipeline
+from semievol_local import collaboration, estimate, pipeline, workload
 from semievol_local.cli import app
 from semievol_local.config import EngineConfig, RunConfig, TrainConfig
 from semievol_local.data import load_task
 from semievol_local.errors import UserError
-from semievol_local.estimate import Plan, Rates, Stage, Tally, Work
+from semievol_local.estimate import Plan, Rates
+from semievol_local.workload import Stage, Tally, Work
 from semievol_local.evaluate import evaluate
 from semievol_local.llama_engine import Engine
 
@@ -43,15 +44,15 @@ def test_collaboration_is_counted_token_for_token(tiny_q4, tiny_task):
     # one learner (no justification to assume): the tally's count is what the engine evaluated
     task = load_task(tiny_task)
     cfg = RunConfig(learners=1)
-    learners = pipeline.learner_configs(cfg)
+    learners = collaboration.learner_configs(cfg)
     labeled = task["labeled"].items
     eng = Engine(tiny_q4, EngineConfig(n_ctx=512))
     try:
         tally = Tally(eng)
         for i, it in enumerate(task["unlabeled"].items):
             demos = [labeled[(i + j) % len(labeled)] for j in range(3)]
-            pipeline.collaborate_one(eng, it, demos, learners, "score", cfg, None)
-            pipeline.collaborate_one(tally, it, demos, learners, "score", cfg, None)
+            collaboration.collaborate_one(eng, it, demos, learners, "score", cfg, None)
+            collaboration.collaborate_one(tally, it, demos, learners, "score", cfg, None)
         assert tally.shapes == shapes_of(eng)
     finally:
         eng.close()
@@ -64,7 +65,7 @@ def test_training_tokens_are_the_steps_tokens(tiny_q4, tiny_task, tmp_path):
     cfg = TrainConfig(epochs=2.0, batch_size=4, save_every=100)
     eng = Engine(tiny_q4, EngineConfig(n_ctx=512))
     try:
-        work, _ = estimate._train_work(eng, items, cfg, n_blocks=2, trunk_ok=True)
+        work, _ = workload._train_work(eng, items, cfg, n_blocks=2, trunk_ok=True)
         train_adapter(eng, items, cfg, tmp_path, check=False)
     finally:
         eng.close()

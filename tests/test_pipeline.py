@@ -16,7 +16,8 @@ import pytest
 from conftest import write_split, write_task
 
 from semievol_local.config import RunConfig, TrainConfig
-from semievol_local.pipeline import Learner, learner_configs, run_semievol
+from semievol_local.collaboration import Learner, learner_configs
+from semievol_local.pipeline import run_semievol
 
 TRAIN = TrainConfig(epochs=1.0, batch_size=4, save_every=1)
 
@@ -343,7 +344,7 @@ def test_entropy_is_that_of_the_final_answer():
     where the learners disagreed (score: its option distribution; sample: its mean NLL), else the learners'."""
     import math
 
-    from semievol_local.pipeline import label_entropy
+    from semievol_local.collaboration import label_entropy
 
     agreed = {"justified": False, "entropy": 0.3}
     assert label_entropy(agreed) == 0.3
@@ -424,22 +425,23 @@ def test_prompts_that_did_not_fit_are_recorded(tiny_q4):
     from semievol_local.config import EngineConfig
     from semievol_local.data import Item
     from semievol_local.llama_engine import load
-    from semievol_local.pipeline import _ask, prompt_counts
+    from semievol_local.collaboration import ask_learner
+    from semievol_local.pipeline import prompt_counts
 
     engine = load(tiny_q4, EngineConfig(n_ctx=256))
     opts = ("red", "blue", "green")  # the tiny tokenizer: ~175 tokens for this question, ~400 with 3 examples
     item = Item(index=0, question="Which option is right? " + "Some context. " * 3, options=opts, answer=None)
     demo = dataclasses.replace(item, answer="A")
     cfg = Run(max_tokens=4)
-    rec = _ask(engine, item, [demo] * 3, "score", cfg, 1, None)
+    rec = ask_learner(engine, item, [demo] * 3, "score", cfg, 1, None)
     assert rec["demos_dropped"] >= 1 and 0 < rec["letter_mass"] <= 1
     cands = [f"Answer: {c} ({o})" for c, o in zip("ABCA", opts + opts[:1])]
-    j = _ask(engine, item, [], "score", cfg, 1, None, justify=cands)
+    j = ask_learner(engine, item, [], "score", cfg, 1, None, justify=cands)
     assert j.get("justify_fallback") is True
-    texts = {_ask(engine, item, [], "sample", cfg, seed, None, justify=cands * 3)["text"] for seed in (1, 2, 3)}
+    texts = {ask_learner(engine, item, [], "sample", cfg, seed, None, justify=cands * 3)["text"] for seed in (1, 2, 3)}
     assert len(texts) == 1  # greedy: the seed changes nothing
     long_item = dataclasses.replace(item, question="word " * 400)
-    assert _ask(engine, long_item, [], "score", cfg, 1, None).get("question_truncated") is True
+    assert ask_learner(engine, long_item, [], "score", cfg, 1, None).get("question_truncated") is True
     recs = [{"learners": [rec], "justification": j}, {"learners": [{}]}]
     assert prompt_counts(recs) == {"demos_dropped": 1, "question_truncated": 0, "justify_fallback": 1}
 

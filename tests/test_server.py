@@ -100,17 +100,17 @@ def test_scores_and_greedy_answers_equal_the_in_process_engine(tiny_q4, warm, se
 def test_collaboration_over_two_servers_equals_in_process_and_survives_a_killed_server(tiny_q4, warm, servers):
     """The pipeline's collaboration step, question by question, in process and over two servers; one server
     is killed a third of the way: no question is lost and no label changes."""
-    from semievol_local import pipeline
+    from semievol_local import collaboration
     from semievol_local.config import RunConfig
 
     adapter, task = warm
     t = load_task(task)
     labeled, unlabeled = t["labeled"].items, t["unlabeled"].items
     cfg = RunConfig()
-    learners = pipeline.learner_configs(cfg)
+    learners = collaboration.learner_configs(cfg)
 
     def one(eng, pos):
-        return pipeline.collaborate_one(eng, unlabeled[pos], labeled[:3], learners, "score", cfg, adapter)
+        return collaboration.collaborate_one(eng, unlabeled[pos], labeled[:3], learners, "score", cfg, adapter)
 
     local = llama_engine.Engine(tiny_q4, EngineConfig(n_ctx=512))
     want = dict(engines.each(local, range(len(unlabeled)), one))
