@@ -113,26 +113,15 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
-def _urls(text: str) -> None:
-    if text:
-        parse_urls(text)
-
-
-def _hosts(text: str) -> None:
-    if text:
-        parse_hosts(text)
+def _given(parse):
+    """The check of an option whose empty value means 'not given': `parse` the value when there is one."""
+    return lambda value: parse(value) if value else None
 
 
 def _key_file(path: str) -> None:
-    if path:
-        from .apikey import read
+    from .apikey import read  # the key file's own checks: readable, not empty, not readable by others
 
-        read(path)
-
-
-def _duration(text: str) -> None:
-    if text:
-        parse_duration(text)
+    read(path)
 
 
 def _fmt(v) -> str:
@@ -187,12 +176,12 @@ class EngineConfig:
     server: str = opt("", "Ask llama-servers instead of llama.cpp in this process: comma-separated http://HOST:PORT "
                       "URLs, or a file with one per line. They must serve this model, with the run's adapters "
                       "loaded (--lora); `semievol serve` starts them. Results equal the in-process engine's.",
-                      valid=lambda v: _urls(v))
+                      valid=_given(parse_urls))
     server_timeout: float = opt(300.0, "Seconds to wait for one llama-server answer before asking another server.",
                                 gt=0)
     api_key_file: str = opt("", "File holding the llama-servers' API key (its first line that is not a # comment; "
                             "readable by you alone). Default: $SEMIEVOL_API_KEY, else the key `semievol serve` "
-                            "generated on this machine.", valid=lambda v: _key_file(v))
+                            "generated on this machine.", valid=_given(_key_file))
 
 
 @dataclass
@@ -238,7 +227,7 @@ class TrainConfig:
                      "machines through mlx.launch over ssh). Every host needs this project installed and the model "
                      "and run folder at the same paths. The "
                      "adapter equals the one-process adapter up to float rounding.", flag="--train-hosts",
-                     valid=lambda v: _hosts(v))
+                     valid=_given(parse_hosts))
 
 
 MODES = ("auto", "score", "sample")
@@ -306,7 +295,7 @@ class RunConfig:
     limit_test: int = opt(0, "Evaluate on only the first N test questions (0: all).", min=0)
     time_budget: str = opt("", "Pseudo-label as many unlabeled questions (the first N) as fit this long a run, by the "
                            "estimate every run prints first: 45m, 2h, 1h30m, 90s (a bare number: minutes). "
-                           "Empty: all of them.", valid=lambda v: _duration(v))
+                           "Empty: all of them.", valid=_given(parse_duration))
 
 
 def field_names(cls) -> list[str]:
