@@ -5,7 +5,9 @@
   directions cannot drift.
 - `write_lora_gguf` writes an MLX LoRA adapter as a GGUF LoRA adapter that llama.cpp loads as-is
   (`adapter.lora.alpha` = scale x rank, A as (rank, in), B as (out, rank)): no fusing, no re-quantizing, no Q/K un-permuting (MLX trained on the GGUF's own layout).
-- `read_lora_gguf` reads one back (numpy, llama.cpp layout) for checks and tests.
+- `read_lora_gguf` reads one back (numpy, llama.cpp layout) for checks and tests; `check_adapter` refuses,
+  in one line, a file llama.cpp would reject or crash on; `random_adapter` writes one of training's shape
+  (the run plan's calibration).
 
 This module knows nothing about MLX arrays or training: numpy in, files out. The format and the names it
 relies on: docs/engines.md.
@@ -19,6 +21,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from .errors import UserError
 from .files import atomic_target
 
 # ---- what llama.cpp reads from an adapter file (llama-adapter.cpp) ----
@@ -132,3 +135,22 @@ def random_adapter(path: str | Path, model_path: str | Path, keys: str, num_laye
             pairs[module] = (rng.normal(0, 0.01, (inp, rank)).astype(np.float32),
                              rng.normal(0, 0.01, (rank, out)).astype(np.float32))
     return write_lora_gguf(path, arch, n_blocks, pairs, scale=scale, rank=rank)
+
+
+def check_adapter(path: Path, architecture: str) -> None:
+    """Refuse, with one line, a file llama.cpp would reject or crash on: it must be a GGUF LoRA for this arch."""
+    from .gguf_file import read
+
+    if not path.is_file():
+        raise UserError(f"{path}: adapter file not found")
+    reader = read(path)
+
+    def meta(key):
+        return reader.fields.get(key)
+
+    if meta("general.type") != "adapter" or meta("adapter.type") != "lora":
+        raise UserError(f"{path}: not a LoRA adapter (general.type={meta('general.type')!r}); "
+                        "give the adapter.gguf that `semievol train` writes, not a model")
+    if meta("general.architecture") != architecture:
+        raise UserError(f"{path}: adapter is for architecture {meta('general.architecture')!r}, "
+                        f"the model is {architecture!r}")

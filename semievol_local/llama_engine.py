@@ -19,6 +19,7 @@ from llama_cpp._utils import suppress_stdout_stderr
 
 from .config import EngineConfig
 from .errors import UserError
+from .adapter_gguf import check_adapter
 from .prompts import ANSWER_PREFIX, ChatTemplate
 from .selection import entropy
 from .weights import default_threads, inference_weights, plan_weights
@@ -372,25 +373,6 @@ def _stat_key(path: Path) -> str:
     except OSError:
         return "missing"
     return f"{st.st_size}:{st.st_mtime_ns}"
-
-
-def check_adapter(path: Path, architecture: str) -> None:
-    """Refuse, with one line, a file llama.cpp would reject or crash on: it must be a GGUF LoRA for this arch."""
-    from .models import check_gguf
-
-    if not path.is_file():
-        raise UserError(f"{path}: adapter file not found")
-    reader = check_gguf(path)
-
-    def meta(key):
-        return reader.fields.get(key)
-
-    if meta("general.type") != "adapter" or meta("adapter.type") != "lora":
-        raise UserError(f"{path}: not a LoRA adapter (general.type={meta('general.type')!r}); "
-                        "give the adapter.gguf that `semievol train` writes, not a model")
-    if meta("general.architecture") != architecture:
-        raise UserError(f"{path}: adapter is for architecture {meta('general.architecture')!r}, "
-                        f"the model is {architecture!r}")
 
 
 _LOADED: dict[tuple, Engine] = {}

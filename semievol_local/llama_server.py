@@ -199,7 +199,7 @@ class Local:
         self.urls = [f"http://{'127.0.0.1' if local else host}:{p}" for p in ports]
 
     def _wanted(self) -> list[Path]:
-        from .llama_engine import check_adapter
+        from .adapter_gguf import check_adapter
 
         found = list(self.fixed) + (run_adapters(self.run) if self.run else [])
         for f in found:

@@ -32,7 +32,8 @@ import numpy as np
 from . import apikey
 from .config import EngineConfig
 from .errors import UserError
-from .llama_engine import Engine as LocalEngine, Sample, Score, check_adapter
+from .adapter_gguf import check_adapter
+from .llama_engine import Engine as LocalEngine, Sample, Score
 
 log = logging.getLogger(__name__)
 
