@@ -11,6 +11,7 @@ import json
 import numpy as np
 import pytest
 from tinymodel import quantize_with_llama_cpp, write_tiny_gguf
+from toyset import toy_examples
 
 from semievol_local import mlx_engine as me  # first: it loads OpenBLAS before mlx.core (blas.py)
 from semievol_local import gguf_loader, models
@@ -20,7 +21,6 @@ from semievol_local.parity import compare_logits, llama_logits, llama_logits_man
 
 import mlx.core as mx  # noqa: E402, I001  only after mlx_engine
 
-CHAT = "<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\nAnswer:"
 SHAPE = dict(dim=256, n_head=4, n_head_kv=2, n_ff=512, n_layer=2, peaked=True)  # rows of 256: real K-quants
 
 FAMILIES = {
@@ -53,17 +53,8 @@ def family(tmp_path_factory):
     return get
 
 
-def tokenizer(model_path):
-    import llama_cpp
-
-    tok = llama_cpp.Llama(model_path=str(model_path), vocab_only=True, verbose=False)
-    return lambda text: tok.tokenize(text.encode(), add_bos=False, special=True)
-
-
 def toy(path):
-    tok = tokenizer(path)
-    return [(tok(CHAT.format(q=f"Question number {i} of the toy set?")), tok(" " + "ABCD"[i % 4] + "<|im_end|>"))
-            for i in range(8)]
+    return toy_examples(path, "Question number {i} of the toy set?")
 
 
 def tensor_types(path):
