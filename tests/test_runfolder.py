@@ -1,0 +1,56 @@
+"""runfolder: stages sealed by their inputs, reused or rebuilt; digests; one writer per folder."""
+from __future__ import annotations
+
+import pytest
+
+from semievol_local.errors import UserError
+from semievol_local.runfolder import RunFolder, check_folder, digest, exclusive
+
+
+def test_a_stage_is_built_once_and_rebuilt_when_its_inputs_change(tmp_path):
+    run, built = RunFolder(tmp_path / "run"), []
+
+    def build(work):
+        built.append(work)
+        (work / "out.txt").write_text(str(len(built)))
+        return {"n": len(built)}
+
+    first = run.stage("s", {"x": 1}, build)
+    assert not first.reused and first.path("out.txt").read_text() == "1"
+    again = run.stage("s", {"x": 1}, build)
+    assert again.reused and len(built) == 1 and again.path("out.txt").read_text() == "1"
+    other = run.stage("s", {"x": 2}, build)
+    assert not other.reused and other.path("out.txt").read_text() == "2"
+
+
+def test_a_changed_output_is_not_reused(tmp_path):
+    run = RunFolder(tmp_path / "run")
+    s = run.stage("s", {"x": 1}, lambda work: (work / "out.txt").write_text("a") and None)
+    s.path("out.txt").write_text("tampered")
+    assert not run.stage("s", {"x": 1}, lambda work: (work / "out.txt").write_text("a") and None).reused
+
+
+def test_digest_is_stable_and_order_free():
+    assert digest({"a": 1, "b": [1, 2]}) == digest({"b": [1, 2], "a": 1}) != digest({"a": 1, "b": [2, 1]})
+
+
+def test_a_second_writer_is_refused_and_a_failed_first_leaves_no_folder(tmp_path):
+    root = tmp_path / "run"
+    with exclusive(root):
+        with pytest.raises(UserError, match="in use by another semievol command"):
+            with exclusive(root):
+                pass
+    fresh = tmp_path / "fresh"
+    with pytest.raises(RuntimeError):
+        with exclusive(fresh):
+            raise RuntimeError("bad input found before anything was written")
+    assert not fresh.exists()
+
+
+def test_a_file_in_the_way_is_named(tmp_path):
+    f = tmp_path / "notes.txt"
+    f.write_text("x")
+    assert check_folder(tmp_path / "run") == tmp_path / "run"
+    for out in (f, f / "sub"):
+        with pytest.raises(UserError, match="notes.txt is a file, not a folder"):
+            check_folder(out)
