@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from . import collaboration, estimate, pipeline
-from .bench_run import _last_eval, _last_pseudo
+from .bench_run import last_eval, last_pseudo
 from .config import EngineConfig, RunConfig, TrainConfig
 from .data import find_split_file, load_heldout, load_task
 from .errors import UserError
@@ -113,18 +113,18 @@ def quality(model_path: Path, datas: list[Path], out: Path, suites: list[str], c
                    "err_red_vs_sft": error_reduction(a["sft"], a["semievol"]),
                    "p_vs_sft": (rep.get("semievol_vs_sft_paired") or {}).get("p_value")}
             tables.setdefault("main", []).append(row)
-            st = _last_pseudo(rep)  # against the held-back answers: reporting only
+            st = last_pseudo(rep)  # against the held-back answers: reporting only
             tables.setdefault("pseudo_labels", []).append(
                 {"task": var.row, "questions": st.get("n"), "consistency_rate": st.get("consistency_rate"),
                  **{f"accuracy_{k}": st.get(f"accuracy_{k}") for k in ("all", "consistent", "justified", "selected")},
                  "selected": st.get("selected")})
         elif var.table in ("ablation", "sensitivity", "baselines"):
-            st = _last_pseudo(rep)
+            st = last_pseudo(rep)
             full = Path(out) / var.data.name / "full"
             has_full = (full / "run.json").exists()
-            pv = paired(_last_eval(folder), _last_eval(full)) if folder != full and has_full else None
+            pv = paired(last_eval(folder), last_eval(full)) if folder != full and has_full else None
             if var.table not in tables:  # the reference: M_warm alone (no pseudo-labels) on the same test questions
-                ps = paired(json.loads((folder / "eval" / "sft" / "eval.json").read_text()), _last_eval(full)) \
+                ps = paired(json.loads((folder / "eval" / "sft" / "eval.json").read_text()), last_eval(full)) \
                     if has_full else None
                 tables[var.table] = [{"variant": "SFT (no pseudo-labels)", "accuracy": a["sft"],
                                       "p_vs_full": ps["p_value"] if ps else None, "selected": None,

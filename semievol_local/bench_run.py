@@ -192,7 +192,7 @@ def whole_run(model_path: Path, data: Path, out: Path, cfg: RunConfig, tcfg: Tra
             r["note"] = notes.get(name)
     total = sum(seconds.values())
     peak = max((st["peak_rss_mb"] for st in rep["stages"].values()), default=None)
-    st = _last_pseudo(rep)
+    st = last_pseudo(rep)
     ref_flops = llama_flops(shape, {"": {f"0:{REFERENCE_DECODE}": REFERENCE_DECODE}}, 1) / REFERENCE_DECODE
     every = [*stick.before.values(), after]
     return {"benchmark": "run", "machine": where, "command": command, "model": str(model_path), "task": str(data),
@@ -228,12 +228,12 @@ def _train_log(stage: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def _last_pseudo(rep: dict) -> dict:
+def last_pseudo(rep: dict) -> dict:
     stats = rep.get("pseudo_labels") or {}
     return stats[max(stats, key=lambda name: int(name[5:]))] if stats else {}
 
 
-def _last_eval(run: Path) -> dict:
+def last_eval(run: Path) -> dict:
     """The test evaluation of a run's last round (every prediction, for a question-by-question comparison)."""
     last = max(int(p.parent.parent.name[5:]) for p in Path(run).glob("round*/eval/eval.json"))
     return json.loads((Path(run) / f"round{last}" / "eval" / "eval.json").read_text())

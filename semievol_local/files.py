@@ -13,6 +13,12 @@ import tempfile
 from pathlib import Path
 
 
+def cache_dir(name: str) -> Path:
+    """This user's cache folder `name` for semievol: $XDG_CACHE_HOME/semievol/name, else ~/.cache/semievol/name."""
+    root = os.environ.get("XDG_CACHE_HOME")
+    return (Path(root) if root else Path.home() / ".cache") / "semievol" / name
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary file beside `path`, fsync, then rename over it."""
     path = Path(path)

@@ -26,14 +26,14 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from . import files
 from .errors import UserError
 
 ENV = "SEMIEVOL_LLAMA_SERVER"
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME")
-    return (Path(root) if root else Path.home() / ".cache") / "semievol" / "llama-server"
+    return files.cache_dir("llama-server")
 
 
 def _cmake_args() -> list[str]:

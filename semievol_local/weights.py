@@ -16,6 +16,7 @@ from llama_cpp._utils import suppress_stdout_stderr
 
 from .config import EngineConfig
 from .errors import UserError
+from .files import cache_dir
 from .runfolder import ram_bytes
 
 log = logging.getLogger(__name__)
@@ -51,8 +52,7 @@ def weights_dir() -> Path:
     """Where float32 copies are cached: $SEMIEVOL_WEIGHTS, else ~/.cache/semievol/weights."""
     if os.environ.get("SEMIEVOL_WEIGHTS"):
         return Path(os.environ["SEMIEVOL_WEIGHTS"])
-    root = os.environ.get("XDG_CACHE_HOME")
-    return (Path(root) if root else Path.home() / ".cache") / "semievol" / "weights"
+    return cache_dir("weights")
 
 
 def choose(rates: dict[str, float]) -> str:

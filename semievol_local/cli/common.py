@@ -163,13 +163,13 @@ def invocation(ctx: typer.Context) -> str:
 
 
 
-def _typed_in(ctx: typer.Context, name: str) -> bool:
+def typed_in(ctx: typer.Context, name: str) -> bool:
     """Whether the user gave parameter `name` on the command line (not its default)."""
     source = ctx.get_parameter_source(name)  # an enum of typer's own click (it may vendor one): compared by name
     return getattr(source, "name", None) == "COMMANDLINE"
 
 
-def _given(ctx: typer.Context, cls) -> dict:
+def given_options(ctx: typer.Context, cls) -> dict:
     """The options of `cls` given on the command line, by field name (they win over a --config file)."""
     return {f.name: ctx.params[p] for f in dataclasses.fields(cls)
-            if _typed_in(ctx, p := _param(config.flag(f, toggle=True)))}
+            if typed_in(ctx, p := _param(config.flag(f, toggle=True)))}

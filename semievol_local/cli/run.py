@@ -10,7 +10,7 @@ import typer
 from .. import config, ui
 from ..config import EngineConfig, RunConfig, TrainConfig
 from ..errors import UserError
-from .common import _given, _typed_in, app, command, model_option, options_from
+from .common import app, command, given_options, model_option, options_from, typed_in
 
 
 # --- run / report / demo --------------------------------------------------------------------------
@@ -34,8 +34,8 @@ def run_cmd(
     if config_file is not None:
         f = config.read_file(config_file)
         run_config, train_config, engine_config = (
-            config.merged(cls, f[sec], _given(ctx, cls)) for sec, cls in config.SECTIONS.items())
-        model = model if _typed_in(ctx, "model") else f.get("model", model)
+            config.merged(cls, f[sec], given_options(ctx, cls)) for sec, cls in config.SECTIONS.items())
+        model = model if typed_in(ctx, "model") else f.get("model", model)
         data = data or (Path(f["data"]) if "data" in f else None)
         out = out or (Path(f["out"]) if "out" in f else None)
     if data is None:
