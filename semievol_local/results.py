@@ -231,7 +231,11 @@ def summary(named: list[tuple[str, dict]]) -> str:
 
 
 def _between(path: Path, body: str) -> str:
-    text = Path(path).read_text(encoding="utf-8")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:  # missing, a folder, unreadable
+        raise UserError(f"{path}: cannot read it ({e.strerror or type(e).__name__}); give the file whose results "
+                        "section to rewrite (--readme, --details)") from None
     if START not in text or END not in text:
         raise UserError(f"{path}: no '{START}' ... '{END}' markers; add them where the results should go")
     head, rest = text.split(START, 1)

@@ -200,7 +200,7 @@ def test_publish_rewrites_only_the_results_sections(quality, tmp_path):
     # bad inputs: one line, exit 2, neither file touched
     details.write_text("# no markers\n")
     for args, msg in [([str(tmp_path / "none.json")], "no such file"), ([str(readme)], "not JSON"),
-                      ([str(js)], "markers")]:
+                      ([str(js)], "markers"), (["--readme", str(tmp_path / "none.md"), str(js)], "none.md: cannot read it")]:
         before = readme.read_text(), details.read_text()
         res = CliRunner().invoke(app, [*publish, *args])
         assert res.exit_code == 2 and msg in res.stderr and len(res.stderr.strip().splitlines()) == 1
