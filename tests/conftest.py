@@ -84,7 +84,7 @@ def write_task(folder: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def default_model() -> Path:
-    from semievol_local import models
+    from semievol_local.method import models
 
     return models.resolve(models.DEFAULT_MODEL)
 

@@ -8,9 +8,9 @@ import stat
 import pytest
 from typer.testing import CliRunner
 
-from semievol_local import apikey
 from semievol_local.cli import app
-from semievol_local.errors import UserError
+from semievol_local.core import apikey
+from semievol_local.core.errors import UserError
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from semievol_local import batching
+from semievol_local.training import batching
 
 
 @pytest.mark.parametrize("prompt,answer,max_len,tokens,start", [

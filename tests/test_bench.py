@@ -11,10 +11,10 @@ import pytest
 from conftest import make_rows, write_split
 from typer.testing import CliRunner
 
-from semievol_local import bench, bench_run, results
+from semievol_local.bench import results, runners, whole_run
 from semievol_local.cli import app
-from semievol_local.config import RunConfig
-from semievol_local.errors import UserError
+from semievol_local.core.config import RunConfig
+from semievol_local.core.errors import UserError
 
 # the tiny random models put little probability on the letters: select by entropy alone (test_pipeline)
 TINY_TRAIN = ["--epochs", "1", "--batch-size", "4", "--save-every", "100", "--min-letter-mass", "0"]
@@ -33,7 +33,7 @@ def task(tmp_path_factory) -> Path:
 
 
 def test_plan_shares_identical_variants():
-    plan = bench.quality_plan([Path("a"), Path("b")], list(bench.SUITES), RunConfig())
+    plan = runners.quality_plan([Path("a"), Path("b")], list(runners.SUITES), RunConfig())
     folders = {(v.table, v.row): (v.data.name, v.folder) for v in plan}
     # the full method, n = 4 and theta = 50% are one and the same run of the first task
     assert folders[("ablation", "full")] == folders[("sensitivity", "n=4")] == folders[("sensitivity", "theta=50%")] \
@@ -48,7 +48,7 @@ def test_plan_shares_identical_variants():
     assert folders[("baselines", "fixed entropy threshold")] == ("a", "selection-fixed")
     assert len(set(folders.values())) == 14
     with pytest.raises(UserError, match="--suite 'tables'"):
-        bench.quality_plan([Path("a")], ["tables"], RunConfig())
+        runners.quality_plan([Path("a")], ["tables"], RunConfig())
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_quality_tables(quality):
     _, r, res = quality
     t = r["tables"]
     assert [row["task"] for row in t["main"]] == ["colours"]
-    assert [row["variant"] for row in t["ablation"]] == ["SFT (no pseudo-labels)"] + [name for name, _ in bench.ABLATIONS]
+    assert [row["variant"] for row in t["ablation"]] == ["SFT (no pseudo-labels)"] + [name for name, _ in runners.ABLATIONS]
     assert t["ablation"][0]["accuracy"] == t["main"][0]["sft"] and t["ablation"][0]["selected"] is None
     ablation = t["ablation"][1:]
     assert [row["round"] for row in t["rounds"]] == [0, 1, 2]
@@ -114,8 +114,8 @@ def test_quality_variants_reuse_shared_stages(quality):
 def test_one_learner_is_the_run_without_collaboration(quality, tiny_q4, task):
     """n = 1 (sensitivity) and w/o CL (ablation) are one learner without self-justification: one stage."""
     runs, _, _ = quality
-    from semievol_local import pipeline
-    from semievol_local.config import TrainConfig
+    from semievol_local.core.config import TrainConfig
+    from semievol_local.method import pipeline
 
     tcfg = TrainConfig(epochs=1.0, batch_size=4, save_every=100)  # as the CLI parses TINY_TRAIN
     pipeline.run_semievol(tiny_q4, task, runs / "learners-1", RunConfig(learners=1, min_letter_mass=0.0), tcfg,
@@ -154,8 +154,8 @@ def test_pseudo_label_bench(tiny_q4, task, tmp_path):
                                    "--sample-tokens", "6", "--out", str(tmp_path / "pl"), "--json", str(js), *TINY_TRAIN])
     assert res.exit_code == 0, (res.stdout, res.stderr)
     r = json.loads(js.read_text())
-    from semievol_local.data import find_split_file, load_heldout
-    from semievol_local.prompts import answers_match
+    from semievol_local.core.data import find_split_file, load_heldout
+    from semievol_local.core.prompts import answers_match
 
     held = load_heldout(find_split_file(task, "unlabeled"))
     for mode in ("sample", "score"):
@@ -229,9 +229,9 @@ def test_baselines_table(quality, tiny_q4, task, tmp_path):
                                    "--out", str(runs.parent), "--suite", "baselines", "--json", str(js), *TINY_TRAIN])
     assert res.exit_code == 0, (res.stdout, res.stderr)
     rows = {row["variant"]: row for row in json.loads(js.read_text())["tables"]["baselines"]}
-    assert list(rows) == ["SFT (no pseudo-labels)"] + [name for name, _ in bench.BASELINES]
+    assert list(rows) == ["SFT (no pseudo-labels)"] + [name for name, _ in runners.BASELINES]
     assert rows["SemiEvol"]["p_vs_full"] is None
-    assert all(0 < rows[name]["p_vs_full"] <= 1 for name, _ in bench.BASELINES[1:])
+    assert all(0 < rows[name]["p_vs_full"] <= 1 for name, _ in runners.BASELINES[1:])
     assert rows["labeled + all pseudo-labels"]["selected"] == 10
 
     def lines(folder, stage):
@@ -268,10 +268,10 @@ def test_the_recorded_command_is_what_a_user_types_however_it_was_started():
 
 
 def test_bench_run_puts_each_stage_beside_its_own_limit(tiny_q4, task, tmp_path):
-    from semievol_local import llama_engine
-    from semievol_local.config import EngineConfig
-    from semievol_local.data import load_task
-    from semievol_local.prompts import question_messages
+    from semievol_local.core.config import EngineConfig
+    from semievol_local.core.data import load_task
+    from semievol_local.core.prompts import question_messages
+    from semievol_local.engines import llama_engine
 
     out, js = tmp_path / "run", tmp_path / "run.json"
     res = CliRunner().invoke(app, ["bench", "run", "--model", str(tiny_q4), "--data", str(task), "--out", str(out),
@@ -304,9 +304,9 @@ def test_bench_run_puts_each_stage_beside_its_own_limit(tiny_q4, task, tmp_path)
     gflops = {n: (ends[i] + ends[i + 1]) / 2 for i, n in enumerate(rows)}  # each stage: the mean of its two ends
     assert all(row["limit"] == f"GEMM {gflops[n]:.0f} GFLOPS" for n, row in rows.items())
     # a llama.cpp stage's FLOPs: counted from its tokens, decode shapes and decodes on the model's own shape
-    shape = bench_run.model_shape(tiny_q4)
+    shape = whole_run.model_shape(tiny_q4)
     manifests = {n: json.loads((out / n / "manifest.json").read_text()) for n in rows}
-    flops = {n: bench_run.llama_flops(shape, manifests[n]["figures"]["decode_shapes"], manifests[n]["figures"]["decodes"])
+    flops = {n: whole_run.llama_flops(shape, manifests[n]["figures"]["decode_shapes"], manifests[n]["figures"]["decodes"])
              for n in ("eval/vanilla", "eval/sft", "round1/collaboration", "round1/eval")}
     flops.update({n: manifests[n]["figures"]["flops"] for n in ("warmup", "round1/final")})
     for n, fl in flops.items():
@@ -326,9 +326,9 @@ def test_bench_run_puts_each_stage_beside_its_own_limit(tiny_q4, task, tmp_path)
     # float32 weights: a note exactly where the fraction passes 1, and it blames the machine's speed, not the
     # kernels (a stage of a tiny model lasts milliseconds: on a busy machine it can pass 1)
     vanilla = rows["eval/vanilla"]
-    assert vanilla.get("note") == (bench_run.ABOVE_1_FLOAT if vanilla["fraction"] > 1 else None)
+    assert vanilla.get("note") == (whole_run.ABOVE_1_FLOAT if vanilla["fraction"] > 1 else None)
     ref = r["llama_reference"]  # informative: llama.cpp's best, by the same count
-    assert ref["tokens"] == bench_run.REFERENCE_DECODE and ref["tokens_per_s"] > 0 and 0 < ref["fraction"]
+    assert ref["tokens"] == whole_run.REFERENCE_DECODE and ref["tokens_per_s"] > 0 and 0 < ref["fraction"]
     final = json.loads((out / "round1" / "final" / "manifest.json").read_text())["figures"]
     assert final["trunk_sequences_reused"] == 12  # the warm-up's labeled rows, read back
     assert not (out / ".trunk").exists()  # the store goes when the run ends
@@ -351,20 +351,20 @@ def test_the_published_yardstick_says_how_it_was_taken():
 
 def test_llama_flops_is_the_hand_count():
     """Weights per token, attention over the positions each token sees, the vocabulary per logits row read."""
-    m = bench_run.ModelShape(n_layer=2, block_weights=100, n_head=2, key_length=4, value_length=4, n_vocab=10, n_embd=3)
+    m = whole_run.ModelShape(n_layer=2, block_weights=100, n_head=2, key_length=4, value_length=4, n_vocab=10, n_embd=3)
     # one decode of 3 tokens on an empty cache (base model), two decodes of 1 token after 4 cached (an adapter)
     shapes = {"": {"0:3": 3}, "adapter.gguf": {"4:1": 2}}
     weights = 2 * 100 * 5  # 5 tokens
     per_position = 2 * 2 * (2 * 4) * 2  # QK^T and AV: 2 x 2 x (heads x head size) per position, in 2 layers
     attention = per_position * (1 + 2 + 3) + per_position * 5 * 2  # positions 1..3; 5 for each 1-token decode
     vocab = 3 * 2 * 10 * 3  # 3 rows of logits read
-    assert bench_run.llama_flops(m, shapes, 3) == weights + attention + vocab == 2204
-    assert bench_run.llama_flops(m, shapes, 0) == 2204 - vocab  # embeddings read no logits
+    assert whole_run.llama_flops(m, shapes, 3) == weights + attention + vocab == 2204
+    assert whole_run.llama_flops(m, shapes, 0) == 2204 - vocab  # embeddings read no logits
 
 
 def test_the_tiny_models_shape_is_read_from_its_gguf(tiny_q4):
-    m = bench_run.model_shape(tiny_q4)
-    assert m == bench_run.ModelShape(n_layer=2, block_weights=2 * TINY_BLOCK, n_head=4, key_length=16, value_length=16,
+    m = whole_run.model_shape(tiny_q4)
+    assert m == whole_run.ModelShape(n_layer=2, block_weights=2 * TINY_BLOCK, n_head=4, key_length=16, value_length=16,
                                  n_vocab=290, n_embd=64)  # norms: no matmul, not counted
 
 
@@ -372,22 +372,22 @@ def test_whole_run_fraction_counts_every_stages_time_and_notes_fractions_above_1
     seconds = {"warmup": 10.0, "round1/collaboration": 5.0, "round1/selection": 2.0}
     flops = {"warmup": 5e11, "round1/collaboration": 6e11}
     gflops = {"warmup": 100.0, "round1/collaboration": 80.0, "round1/selection": 50.0}
-    each, whole = bench_run.gemm_fractions(seconds, flops, gflops)
+    each, whole = whole_run.gemm_fractions(seconds, flops, gflops)
     assert each == {"warmup": pytest.approx(0.5), "round1/collaboration": pytest.approx(1.5),
                     "round1/selection": None}
     assert whole == pytest.approx((5e11 + 6e11) / (10 * 100e9 + 5 * 80e9 + 2 * 50e9))  # selection's 2 s count
     llama = {"round1/collaboration"}
-    assert bench_run.above_1(each, llama, quantized=True) == {"round1/collaboration": bench_run.ABOVE_1}
-    assert bench_run.above_1(each, llama, quantized=False) == {"round1/collaboration": bench_run.ABOVE_1_FLOAT}
-    assert bench_run.above_1({"warmup": 0.99, "round1/selection": None}, llama, quantized=True) == {}
+    assert whole_run.above_1(each, llama, quantized=True) == {"round1/collaboration": whole_run.ABOVE_1}
+    assert whole_run.above_1(each, llama, quantized=False) == {"round1/collaboration": whole_run.ABOVE_1_FLOAT}
+    assert whole_run.above_1({"warmup": 0.99, "round1/selection": None}, llama, quantized=True) == {}
 
 
 def test_bench_train_counts_the_flops_of_its_own_shape(tiny_q4):
     """LoRA on the last of 2 blocks, loss on 4 of 16 tokens: the trained block 4x, the frozen one 2x (its
     one pass), the vocabulary projection at the answers only; less than 4 x all weights per token."""
-    from semievol_local import train_bench
+    from semievol_local.bench import train
 
-    b = train_bench.bench_train(tiny_q4, 3, batch_size=2, seq_len=16, num_layers=1, answer_len=4, skip_steps=1)
+    b = train.bench_train(tiny_q4, 3, batch_size=2, seq_len=16, num_layers=1, answer_len=4, skip_steps=1)
     block, vocab = TINY_BLOCK, TINY_VOCAB
     assert b["lora_blocks"] == 1 and b["frozen_blocks_cached"] == 1
     assert b["flops_per_token_steps"] == 4 * block + 4 * vocab * 4 / 16
@@ -425,7 +425,7 @@ def test_bench_train_split_times_one_trained_block_by_part(tiny_q4, tmp_path):
 def test_a_fine_tunes_flops_are_counted_from_its_blocks():
     """`train_flops`: frozen blocks 2x per token they run on (once, when cached; every step when not), LoRA
     blocks 4x per step token, the vocabulary 4x per answer token."""
-    from semievol_local.train_flops import train_flops
+    from semievol_local.training.train_flops import train_flops
 
     per_block = [10, 20, 30]
     kw = dict(trunk_tokens=7, step_tokens=100, answer_tokens=5)
@@ -447,7 +447,7 @@ def _gemm_run_result() -> dict:
                 {"stage": "warmup", "seconds": 10.0, "tokens": 100, "tokens_per_s": 10.0, "tflop": 0.5,
                  "limit": "GEMM 100 GFLOPS", "fraction": 0.5, "peak_rss_mb": 900, "note": None},
                 {"stage": "round1/collaboration", "seconds": 5.0, "tokens": 100, "tokens_per_s": 20.0, "tflop": 0.6,
-                 "limit": "GEMM 105 GFLOPS", "fraction": 1.143, "peak_rss_mb": 800, "note": bench_run.ABOVE_1}]},
+                 "limit": "GEMM 105 GFLOPS", "fraction": 1.143, "peak_rss_mb": 800, "note": whole_run.ABOVE_1}]},
             "whole_run": {"task": "fpb", "seconds": 15.0, "peak_rss_mb": 900, "untimed_attempts": False,
                           "tflop": 1.1, "fraction": 0.733}}
 
@@ -459,7 +459,7 @@ def test_publish_renders_gemm_rated_runs():
     assert "(128 random tokens, no adapter): 450 tok/s, 0.47 of GEMM by the same count." in text
     assert ("| stage | seconds | tokens | tokens per s | TFLOP counted | limit | fraction | peak RSS (MB) | note |"
             in text)
-    assert f"| 1.143 | 800 | {bench_run.ABOVE_1} |" in text and "| 0.500 | 900 | - |" in text
+    assert f"| 1.143 | 800 | {whole_run.ABOVE_1} |" in text and "| 0.500 | 900 | - |" in text
     assert "The work counted, 1.1 TFLOP, is **0.73** of what float32 GEMM would do in the whole run's time" in text
     assert "prefill" not in text
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from semievol_local.blas import ensure_fast_blas
+from semievol_local.training.blas import ensure_fast_blas
 
 ensure_fast_blas()  # before the first `import mlx.core` (blas.py says why)
 
@@ -19,7 +19,7 @@ def test_ensure_fast_blas_loads_once(monkeypatch, caplog):
     import os
     import sys
 
-    from semievol_local import blas
+    from semievol_local.training import blas
 
     loads = []
     real = ctypes.CDLL
@@ -29,7 +29,7 @@ def test_ensure_fast_blas_loads_once(monkeypatch, caplog):
     if sys.platform.startswith("linux") and blas._candidates():
         assert first is not None and loads and loads[-1] == first
         assert os.path.realpath(first) in open("/proc/self/maps").read()
-    caplog.set_level(logging.DEBUG, logger="semievol_local.blas")
+    caplog.set_level(logging.DEBUG, logger="semievol_local.training.blas")
     caplog.clear()  # the first call warned: mlx.core is imported in this test process
     before = len(loads)
     assert blas.ensure_fast_blas() == first and blas.ensure_fast_blas() == first
@@ -41,7 +41,7 @@ def test_mlx_matmuls_use_the_optimized_blas():
     BLAS for the whole session (7 instead of ~200 GFLOPS) and made the slow test take 5x longer."""
     import sys
 
-    from semievol_local.blas import gemm_gflops
+    from semievol_local.training.blas import gemm_gflops
 
     if not sys.platform.startswith("linux") or ensure_fast_blas() is None:
         pytest.skip("no optimized BLAS on this machine")
@@ -51,7 +51,7 @@ def test_mlx_matmuls_use_the_optimized_blas():
 def test_openblas_core_type_is_chosen_from_the_cpu_flags_and_results_stay_exact():
     """Regression: Debian's OpenBLAS 0.3.21 ran generic SSE3 kernels on a Sapphire Rapids Xeon (32-48 instead
     of 212 GFLOPS); the core type now comes from the CPU's flags, and the products must still be right."""
-    from semievol_local.blas import openblas_coretype
+    from semievol_local.training.blas import openblas_coretype
 
     avx512 = "flags\t\t: fpu sse2 avx2 fma avx512f avx512cd avx512bw avx512dq avx512vl\n"
     assert openblas_coretype(avx512) == "SkylakeX"

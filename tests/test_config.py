@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from semievol_local import config
-from semievol_local.config import EngineConfig, RunConfig, TrainConfig
-from semievol_local.errors import UserError
+from semievol_local.core import config
+from semievol_local.core.config import EngineConfig, RunConfig, TrainConfig
+from semievol_local.core.errors import UserError
 
 
 @pytest.mark.parametrize("text, seconds", [

@@ -4,8 +4,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from semievol_local import models
 from semievol_local.cli import app
+from semievol_local.method import models
 
 pytestmark = pytest.mark.slow
 

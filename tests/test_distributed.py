@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from semievol_local.distributed import free_port, thread_env
+from semievol_local.training.distributed import free_port, thread_env
 
 LAUNCH = Path(sys.executable).parent / "mlx.launch"
 pytestmark = pytest.mark.skipif(not LAUNCH.exists(), reason="mlx.launch is not installed beside this Python")

@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from semievol_local import collaboration, estimate, pipeline, workload
 from semievol_local.cli import app
-from semievol_local.config import EngineConfig, RunConfig, TrainConfig
-from semievol_local.data import load_task
-from semievol_local.errors import UserError
-from semievol_local.estimate import Plan, Rates
-from semievol_local.workload import Stage, Tally, Work
-from semievol_local.evaluate import evaluate
-from semievol_local.llama_engine import Engine
+from semievol_local.core.config import EngineConfig, RunConfig, TrainConfig
+from semievol_local.core.data import load_task
+from semievol_local.core.errors import UserError
+from semievol_local.engines.llama_engine import Engine
+from semievol_local.method import collaboration, estimate, pipeline, workload
+from semievol_local.method.estimate import Plan, Rates
+from semievol_local.method.evaluate import evaluate
+from semievol_local.method.workload import Stage, Tally, Work
 
 TRAIN = ["--epochs", "1", "--batch-size", "4", "--save-every", "1", "--min-letter-mass", "0"]
 
@@ -59,7 +59,7 @@ def test_collaboration_is_counted_token_for_token(tiny_q4, tiny_task):
 
 
 def test_training_tokens_are_the_steps_tokens(tiny_q4, tiny_task, tmp_path):
-    from semievol_local.training import train_adapter
+    from semievol_local.method.finetune import train_adapter
 
     items = load_task(tiny_task)["labeled"].items
     cfg = TrainConfig(epochs=2.0, batch_size=4, save_every=100)
@@ -112,13 +112,15 @@ def test_stages_with_an_adapter_take_the_rate_measured_with_one():
 def test_the_calibration_adapter_has_the_shape_training_gives(tiny_q4, tiny_task, tmp_path):
     """`random_adapter` (what the plan times llama.cpp's adapter stages with): the tensors, shapes and alpha of
     an adapter `semievol train` writes with the same options, and llama.cpp loads it and computes with it."""
-    from semievol_local import adapter_gguf, mlx_engine, training
+    from semievol_local.core import adapter_gguf
+    from semievol_local.method import finetune
+    from semievol_local.training import mlx_engine
 
     for keys, layers in (("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", -1), ("q_proj,down_proj", 1)):
         tcfg = TrainConfig(epochs=1.0, batch_size=4, keys=keys, num_layers=layers, rank=4, val_fraction=0.0)
         out = tmp_path / f"t{layers}"
         eng = Engine(tiny_q4, EngineConfig(n_ctx=256), vocab_only=True)
-        mlx_engine.train(tiny_q4, training.examples(eng, load_task(tiny_task)["labeled"].items), tcfg, out,
+        mlx_engine.train(tiny_q4, finetune.examples(eng, load_task(tiny_task)["labeled"].items), tcfg, out,
                          valid_examples=[])
         made = adapter_gguf.random_adapter(tmp_path / f"r{layers}.gguf", tiny_q4, keys, layers, 4, tcfg.scale)
         (meta_t, trained), (meta_r, rand) = (adapter_gguf.read_lora_gguf(f) for f in (out / "adapter.gguf", made))
@@ -147,7 +149,7 @@ def test_plan_names_every_stage_the_run_has(tiny_q4, tiny_task, tmp_path):
     assert busy["round1/collaboration"].tokens > busy["eval/vanilla"].tokens  # 4 learners with demonstrations
     assert plan.seconds(20) > plan.seconds(5) > plan.seconds(0)
     pipeline.run_semievol(tiny_q4, tiny_task, tmp_path / "run", cfg, tcfg)
-    from semievol_local.report import build_report
+    from semievol_local.method.report import build_report
 
     assert set(build_report(tmp_path / "run")["stages"]) == {r.stage for r in rows}
 

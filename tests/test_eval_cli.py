@@ -6,7 +6,7 @@ from conftest import make_rows, write_split
 from typer.testing import CliRunner
 
 from semievol_local.cli import app
-from semievol_local.data import load_heldout, load_task
+from semievol_local.core.data import load_heldout, load_task
 
 
 def run(*args):

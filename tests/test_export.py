@@ -11,12 +11,13 @@ import pytest
 from conftest import write_task
 from typer.testing import CliRunner
 
-from semievol_local import llama_engine, training
 from semievol_local.cli import app
-from semievol_local.data import load_split
-from semievol_local.export import row_item
-from semievol_local.runfolder import items_digest
-from semievol_local.prompts import question_messages
+from semievol_local.core.data import load_split
+from semievol_local.core.prompts import question_messages
+from semievol_local.core.runfolder import items_digest
+from semievol_local.engines import llama_engine
+from semievol_local.method import finetune
+from semievol_local.method.export import row_item
 
 
 def run(*args, code=0):
@@ -135,7 +136,7 @@ def test_mlx_lm_reads_chat_jsonl_as_the_examples_our_trainer_uses(exported, tiny
     recs = [json.loads(ln) for ln in (dest / "chat.jsonl").read_text().splitlines()]
     assert isinstance(create_dataset(recs, tok, args), ChatDataset) and len(train) == len(recs)
     rows = [json.loads(ln) for ln in (dest / "train.jsonl").read_text().splitlines()]
-    ours = training.examples(engine, [row_item(r, i) for i, r in enumerate(rows)])
+    ours = finetune.examples(engine, [row_item(r, i) for i, r in enumerate(rows)])
     for i, (prompt, answer) in enumerate(ours):
         tokens, offset = train.process(train[i])
         assert offset == len(prompt)  # the loss starts where ours does
@@ -190,10 +191,10 @@ def test_the_peft_adapter_on_the_hugging_face_layout_gives_the_mlx_logits(arch, 
     from mlx.utils import tree_flatten
     from tinymodel import write_tiny_gguf
 
-    from semievol_local import lora  # first: it loads the fast BLAS before mlx.core
-    from semievol_local import gguf_loader
-    from semievol_local.config import TrainConfig
-    from semievol_local.export import peft_adapter, unpermute_rows
+    from semievol_local.training import lora  # first: it loads the fast BLAS before mlx.core
+    from semievol_local.core.config import TrainConfig
+    from semievol_local.method.export import peft_adapter, unpermute_rows
+    from semievol_local.training import gguf_loader
 
     gg = write_tiny_gguf(tmp_path / f"{arch}.gguf", arch=arch, peaked=True)
     model = gguf_loader.load_model(gg)

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from semievol_local import llama_engine, models, training
 from semievol_local.cli import app
-from semievol_local.config import EngineConfig
-from semievol_local.data import load_split, find_split_file
-from semievol_local.prompts import question_messages
+from semievol_local.core.config import EngineConfig
+from semievol_local.core.data import find_split_file, load_split
+from semievol_local.core.prompts import question_messages
+from semievol_local.engines import llama_engine
+from semievol_local.method import finetune, models
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +40,7 @@ def test_prompts_and_letters_are_the_tokens_this_vocabulary_makes(gemma3, shared
         for letter, tok in zip("ABC", letters):  # the scored token is the one that follows "Answer:" in context
             assert engine.tokenize(text + " " + letter)[-1] == tok
         # training sees the same boundary: prompt + "Answer: X" tokenized as scoring does
-        (prompt, answer), = training.examples(engine, [item])
+        (prompt, answer), = finetune.examples(engine, [item])
         assert prompt + answer[:-1] == engine.tokenize(text + " " + item.answer)
     finally:
         engine.close()

@@ -13,11 +13,12 @@ import pytest
 from tinymodel import quantize_with_llama_cpp, write_tiny_gguf
 from toyset import toy_examples
 
-from semievol_local import mlx_engine as me  # first: it loads OpenBLAS before mlx.core (blas.py)
-from semievol_local import gguf_loader, models
-from semievol_local.config import TrainConfig
-from semievol_local.errors import UserError
-from semievol_local.parity import compare_logits, llama_logits, llama_logits_many
+from semievol_local.training import mlx_engine as me  # first: it loads OpenBLAS before mlx.core (blas.py)
+from semievol_local.core.config import TrainConfig
+from semievol_local.core.errors import UserError
+from semievol_local.method import models
+from semievol_local.training import gguf_loader
+from semievol_local.training.parity import compare_logits, llama_logits, llama_logits_many
 
 import mlx.core as mx  # noqa: E402, I001  only after mlx_engine
 
@@ -67,7 +68,7 @@ def test_fast_reader_agrees_with_gguf_py(family):
     # our header reader (milliseconds on a 262k vocabulary) sees what gguf-py's GGUFReader sees
     import gguf
 
-    from semievol_local.gguf_file import Array, GGUFFile
+    from semievol_local.core.gguf_file import Array, GGUFFile
 
     path = family("qwen3-q4_k_m")
     ours, theirs = GGUFFile(path, max_array=64), gguf.GGUFReader(str(path))
@@ -148,7 +149,7 @@ def test_gemma3_resume_is_bit_identical(family, tmp_path):
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
 def test_repacked_blocks_equal_mlx_own_reader(tmp_path, qtype):
     # a GPU keeps these quantized: our NumPy repacking must be exactly what mx.load makes of the same bytes
-    from semievol_local.gguf_file import open_gguf
+    from semievol_local.core.gguf_file import open_gguf
 
     path = write_tiny_gguf(tmp_path / f"{qtype}.gguf", qtype=qtype)
     theirs = mx.load(str(path))

@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 
-from semievol_local.config import EngineConfig
-from semievol_local.data import Item
-from semievol_local.llama_engine import Engine
-from semievol_local.prompts import question_messages
+from semievol_local.core.config import EngineConfig
+from semievol_local.core.data import Item
+from semievol_local.core.prompts import question_messages
+from semievol_local.engines.llama_engine import Engine
 
 ITEM = Item(index=0, question="Which is a colour?", options=("red", "table", "seven"), answer="A")
 
@@ -31,7 +31,7 @@ def test_chat_markers_are_single_special_tokens(engine):
 def test_one_bos_whether_or_not_the_template_writes_it(tmp_path, template):
     from tinymodel import write_tiny_gguf
 
-    from semievol_local import training
+    from semievol_local.method import finetune
 
     path = write_tiny_gguf(tmp_path / "bos.gguf", add_bos=True, chat_template=template)
     eng = Engine(path, EngineConfig(n_ctx=256))
@@ -39,7 +39,7 @@ def test_one_bos_whether_or_not_the_template_writes_it(tmp_path, template):
         ids = prompt(eng)
         assert ids[0] == eng.llm.token_bos() and ids.count(eng.llm.token_bos()) == 1
         # training's examples: prompt + answer tokenized as one text, split where the prompt's tokens end
-        (p, a), = training.examples(eng, [ITEM])
+        (p, a), = finetune.examples(eng, [ITEM])
         assert p + a[:-1] == eng.tokenize(eng.template.prompt(question_messages(ITEM)) + "Answer: A")
         assert eng.detokenize(a[:-1]).strip() == "Answer: A"
     finally:
@@ -94,7 +94,7 @@ def test_embeddings_are_normalized_and_deterministic(engine):
 
 
 def test_context_overflow_is_a_user_error(engine):
-    from semievol_local.errors import UserError
+    from semievol_local.core.errors import UserError
 
     with pytest.raises(UserError, match="does not fit the context"):
         engine.score([5] * 2000, 3)
@@ -106,7 +106,7 @@ def test_a_quantized_file_computes_with_its_cached_float32_copy(tiny_q4, weights
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
-    from semievol_local import mlx_engine
+    from semievol_local.training import mlx_engine
 
     auto = Engine(tiny_q4, EngineConfig(n_ctx=256, weights="f32"))
     plain = Engine(tiny_q4, EngineConfig(n_ctx=256, weights="file"))
@@ -145,7 +145,7 @@ def test_a_quantized_file_computes_with_its_cached_float32_copy(tiny_q4, weights
     ({"file": 90.0, "f32": 0.0}, "file"),     # no copy could be made
 ])
 def test_auto_chooses_the_file_only_where_it_is_clearly_faster(rates, kind):
-    from semievol_local.weights import choose
+    from semievol_local.engines.weights import choose
 
     assert choose(rates) == kind
 
@@ -153,8 +153,8 @@ def test_auto_chooses_the_file_only_where_it_is_clearly_faster(rates, kind):
 def test_auto_measures_once_per_file_machine_and_threads(tiny_q4, tmp_path, monkeypatch):
     import json
 
-    from semievol_local import weights
-    from semievol_local.weights import f32_path, plan_weights
+    from semievol_local.engines import weights
+    from semievol_local.engines.weights import f32_path, plan_weights
 
     monkeypatch.setenv("SEMIEVOL_WEIGHTS", str(tmp_path))
     assert plan_weights(tiny_q4, EngineConfig(), measure=False).kind == "unmeasured"
@@ -182,8 +182,8 @@ def test_the_run_computes_with_the_weights_auto_chose(tiny_q4, tmp_path, monkeyp
     # whichever auto picks, the engine loads it, and the stages' identity names it
     import json
 
-    from semievol_local import weights
-    from semievol_local.runfolder import file_digest, weights_identity
+    from semievol_local.core.runfolder import file_digest, weights_identity
+    from semievol_local.engines import weights
 
     monkeypatch.setenv("SEMIEVOL_WEIGHTS", str(tmp_path))
     key = weights._measure_key(tiny_q4, EngineConfig())
@@ -199,8 +199,8 @@ def test_the_run_computes_with_the_weights_auto_chose(tiny_q4, tmp_path, monkeyp
 
 
 def test_float32_files_and_an_unwritable_cache(tiny_model, tiny_q4, tmp_path, monkeypatch):
-    from semievol_local.errors import UserError
-    from semievol_local.weights import inference_weights, plan_weights
+    from semievol_local.core.errors import UserError
+    from semievol_local.engines.weights import inference_weights, plan_weights
 
     assert plan_weights(tiny_model, EngineConfig()).path == tiny_model  # already float32: no copy
     blocked = tmp_path / "not-a-folder"
@@ -215,7 +215,7 @@ def test_float32_files_and_an_unwritable_cache(tiny_model, tiny_q4, tmp_path, mo
 
 def test_switching_adapters_computes_what_each_adapter_computes_alone(tiny_q4, tmp_path):
     # switching back and forth on one engine gives what a fresh engine with that adapter gives
-    from semievol_local import adapter_gguf
+    from semievol_local.core import adapter_gguf
 
     paths = {"none": None}
     for seed in (1, 2, 3):
@@ -255,7 +255,7 @@ def test_released_weights_come_back_for_the_next_forward_pass(tiny_q4):
 
 
 def test_tokens_are_counted_by_decode_shape_and_the_yardstick_counts_as_no_work(engine):
-    from semievol_local.llama_engine import decode_shape
+    from semievol_local.engines.llama_engine import decode_shape
 
     assert decode_shape(0, 5) == (0, 5) and decode_shape(70, 37) == (128, 40) and decode_shape(300, 150) == (256, 160)
     engine.reset()

@@ -5,18 +5,17 @@ Real engines only (no mocks): llama.cpp tokenizes and serves, MLX trains, on 2-b
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
 from tinymodel import write_tiny_gguf
 from toyset import CHAT, tokenizer, toy_cfg, toy_examples
 
-from semievol_local import mlx_engine as me  # first: it loads OpenBLAS before mlx.core (blas.py)
-from semievol_local import frozen, lora
-from semievol_local.config import TrainConfig
-from semievol_local.errors import UserError
-from semievol_local.parity import compare_logits, llama_logits, llama_logits_many
+from semievol_local.training import mlx_engine as me  # first: it loads OpenBLAS before mlx.core (blas.py)
+from semievol_local.core.config import TrainConfig
+from semievol_local.core.errors import UserError
+from semievol_local.training import frozen, lora
+from semievol_local.training.parity import compare_logits, llama_logits, llama_logits_many
 
 import mlx.core as mx  # noqa: E402, I001  only after mlx_engine, or MLX keeps its reference BLAS for good
 
@@ -111,72 +110,6 @@ def test_validation_slice_chooses_the_adapter(tiny_q4, toy, tmp_path):
     for k in kept:
         np.testing.assert_array_equal(np.array(kept[k]), np.array(written[k]), err_msg=k)
     assert any(not np.array_equal(np.array(final[k]), np.array(written[k])) for k in final)
-
-
-class Interrupt(Exception):
-    pass
-
-
-def stop_at(step):
-    def on_step(info):
-        if info["step"] == step:
-            raise Interrupt
-    return on_step
-
-
-def test_resumed_run_equals_uninterrupted_run(tiny_q4, toy, tmp_path):
-    # dropout, gradient accumulation and validation all in play: every source of state must resume exactly
-    cfg = toy_cfg(epochs=3, batch_size=2, grad_accum=2, dropout=0.1, save_every=2)
-    whole = me.train(tiny_q4, toy, cfg, tmp_path / "whole", valid_examples=toy[:2])
-    with pytest.raises(Interrupt):  # dies after step 3, one step past the step-2 checkpoint
-        me.train(tiny_q4, toy, cfg, tmp_path / "cut", valid_examples=toy[:2], on_step=stop_at(3))
-    resumed = me.train(tiny_q4, toy, cfg, tmp_path / "cut", valid_examples=toy[:2], resume=True)
-    assert resumed["resumed_from"] == 2 and resumed["steps"] == whole["steps"] == 6
-    a = mx.load(str(tmp_path / "whole" / "adapters.safetensors"))
-    b = mx.load(str(tmp_path / "cut" / "adapters.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        np.testing.assert_array_equal(np.array(a[k]), np.array(b[k]), err_msg=k)
-    losses = lambda d: [json.loads(x)["loss"] for x in (d / "train_log.jsonl").read_text().splitlines()]  # noqa: E731
-    assert losses(tmp_path / "whole") == losses(tmp_path / "cut")
-    assert (tmp_path / "whole" / "adapter.gguf").read_bytes() == (tmp_path / "cut" / "adapter.gguf").read_bytes()
-
-
-def flip_byte(ckpt):
-    p = ckpt / "optimizer.safetensors"
-    data = bytearray(p.read_bytes())
-    data[-5] ^= 0xFF
-    p.write_bytes(bytes(data))
-
-
-@pytest.mark.parametrize("damage,message", [
-    (flip_byte, "corrupted: optimizer.safetensors"),                      # bit rot inside a file
-    (lambda c: (c / "state.json").unlink(), "state.json is missing"),      # a file lost after writing
-    (lambda c: (c / "manifest.json").unlink(), "no readable manifest"),    # the manifest itself gone
-])
-def test_damaged_checkpoint_is_refused(tiny_q4, toy, tmp_path, damage, message):
-    cfg = toy_cfg(epochs=1, save_every=1)
-    me.train(tiny_q4, toy, cfg, tmp_path)
-    latest = sorted((tmp_path / "checkpoints").iterdir())[-1]
-    damage(latest)
-    with pytest.raises(UserError, match=message):
-        me.train(tiny_q4, toy, cfg, tmp_path, resume=True)
-
-
-def test_half_written_checkpoint_is_ignored(tiny_q4, toy, tmp_path):
-    # a crash during a checkpoint write leaves only a .tmp directory: resume uses the last complete one
-    cfg = toy_cfg(epochs=1, save_every=1)
-    me.train(tiny_q4, toy, cfg, tmp_path)
-    shutil.copytree(tmp_path / "checkpoints" / "step-0000002", tmp_path / "checkpoints" / "step-0000003.tmp")
-    (tmp_path / ".adapter.tmp-99999.gguf").write_bytes(b"half")  # an atomic write cut short
-    assert me.train(tiny_q4, toy, cfg, tmp_path, resume=True)["resumed_from"] == 2
-    assert not list(tmp_path.glob(".*tmp*")) and not list((tmp_path / "checkpoints").glob("*.tmp"))
-
-
-def test_resume_with_other_settings_is_refused(tiny_q4, toy, tmp_path):
-    me.train(tiny_q4, toy, toy_cfg(epochs=1, save_every=1), tmp_path)
-    with pytest.raises(UserError, match="lr: 0.001 -> 0.01"):
-        me.train(tiny_q4, toy, toy_cfg(epochs=1, save_every=1, lr=1e-2), tmp_path, resume=True)
 
 
 # ---------------------------------------------------------------------------- failures that stop training
@@ -329,8 +262,8 @@ def test_memory_kept_for_training_goes_back_after_it():
         pytest.skip("glibc heap tuning is Linux-only")
     code = """
 import numpy as np
-from semievol_local.blas import tune_malloc, untune_malloc
-from semievol_local.runfolder import rss_mb
+from semievol_local.core.runfolder import rss_mb
+from semievol_local.training.blas import tune_malloc, untune_malloc
 if not tune_malloc():
     print("skip"); raise SystemExit
 base = rss_mb()
@@ -380,18 +313,19 @@ def test_default_model_trains_and_exports_with_parity(default_model, tmp_path):
 
 
 def test_parity_gate_uses_the_live_engine(tiny_q4, toy, trained, tmp_path):
-    """training.check_adapter: llama.cpp's side on the process's engine (no second load), MLX's from the
+    """finetune.check_adapter: llama.cpp's side on the process's engine (no second load), MLX's from the
     mlx-lm files; a true export passes, an MLX adapter that differs fails loudly, the engine is restored."""
     import shutil
 
-    from semievol_local import llama_engine, training
-    from semievol_local.config import EngineConfig
-    from semievol_local.errors import UserError
+    from semievol_local.core.config import EngineConfig
+    from semievol_local.core.errors import UserError
+    from semievol_local.engines import llama_engine
+    from semievol_local.method import finetune
 
     out, _, _ = trained
     engine = llama_engine.Engine(tiny_q4, EngineConfig(n_ctx=256))
     seqs = [p + a for p, a in toy[:3]]
-    ok = training.check_adapter(engine, out, seqs)
+    ok = finetune.check_adapter(engine, out, seqs)
     assert ok["kl_mean"] < 0.1 and ok["top1_agreement"] >= 0.9, ok
     assert engine.adapter is None
     bad = tmp_path / "bad"
@@ -400,7 +334,7 @@ def test_parity_gate_uses_the_live_engine(tiny_q4, toy, trained, tmp_path):
     mx.save_safetensors(str(bad / "adapters.safetensors"),
                         {k: (v * -3 if k.endswith("lora_b") else v) for k, v in weights.items()})
     with pytest.raises(UserError, match="parity check failed.*moved to adapter.gguf.parity-failed"):
-        training.check_adapter(engine, bad, seqs)
+        finetune.check_adapter(engine, bad, seqs)
     assert engine.adapter is None
     # no usable-looking adapter stays behind for a script to pick up
-    assert not (bad / "adapter.gguf").exists() and (bad / training.REJECTED_NAME).is_file()
+    assert not (bad / "adapter.gguf").exists() and (bad / finetune.REJECTED_NAME).is_file()

@@ -7,9 +7,9 @@ import pytest
 from tinymodel import write_tiny_gguf
 from toyset import toy_cfg, toy_examples
 
-from semievol_local import mlx_engine as me  # first: it loads OpenBLAS before mlx.core (blas.py)
-from semievol_local import batching, lora
-from semievol_local.parity import compare_logits
+from semievol_local.training import mlx_engine as me  # first: it loads OpenBLAS before mlx.core (blas.py)
+from semievol_local.training import batching, lora
+from semievol_local.training.parity import compare_logits
 
 import mlx.core as mx  # noqa: E402, I001  only after mlx_engine, or MLX keeps its reference BLAS for good
 
@@ -20,7 +20,7 @@ def toy(tiny_q4):
 
 
 def test_fast_exp_is_accurate_over_float32_range():
-    from semievol_local.mlx_fast import fast_exp
+    from semievol_local.training.mlx_fast import fast_exp
 
     x = np.linspace(-80, 88, 200_001, dtype=np.float32)
     got = np.array(fast_exp(mx.array(x))).astype(np.float64)
@@ -32,7 +32,7 @@ def test_fast_exp_is_accurate_over_float32_range():
 def test_fast_exp_never_returns_a_denormal():
     """Denormals cost a microcode assist per operation on Intel CPUs: a causal mask's -1e9 entries through the
     softmax made a LoRA step 2.5x slower. Below -80 the result is exactly 0; above it, a normal float."""
-    from semievol_local.mlx_fast import fast_exp
+    from semievol_local.training.mlx_fast import fast_exp
 
     x = np.concatenate([np.linspace(-200, -75, 100_001), [-1e9, -87.5, -87.0, -80.0001]]).astype(np.float32)
     got = np.array(fast_exp(mx.array(x)))
@@ -54,7 +54,7 @@ def test_fast_layers_match_mlx_lm_values_and_gradients(tmp_path, toy, arch, kwar
     import mlx.nn as nn
     from mlx.utils import tree_flatten, tree_map
 
-    from semievol_local import mlx_fast
+    from semievol_local.training import mlx_fast
 
     path = write_tiny_gguf(tmp_path / f"{arch}.gguf", arch=arch, **kwargs)
     inputs, pos, targets, mask = map(mx.array, batching.collate(batching.prepare(toy, 64, "test"), range(4)))
@@ -91,7 +91,7 @@ def test_joined_projections_keep_one_copy_of_the_weights(tmp_path):
     export would read are unchanged, and none is held twice."""
     from mlx.utils import tree_flatten
 
-    from semievol_local import mlx_fast
+    from semievol_local.training import mlx_fast
 
     path = write_tiny_gguf(tmp_path / "llama.gguf", arch="llama")
     model = me.load_model(path)

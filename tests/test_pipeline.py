@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from conftest import write_split, write_task
 
-from semievol_local.config import RunConfig, TrainConfig
-from semievol_local.collaboration import Learner, learner_configs
-from semievol_local.pipeline import run_semievol
+from semievol_local.core.config import RunConfig, TrainConfig
+from semievol_local.method.collaboration import Learner, learner_configs
+from semievol_local.method.pipeline import run_semievol
 
 TRAIN = TrainConfig(epochs=1.0, batch_size=4, save_every=1)
 
@@ -197,7 +197,7 @@ def test_report_says_why_pseudo_labels_are_unchecked(full_run, tmp_path):
     """Held-back answers that cannot be read leave the pseudo-label accuracy out, with the reason."""
     import shutil
 
-    from semievol_local.report import build_report, to_markdown
+    from semievol_local.method.report import build_report, to_markdown
 
     folder, out, _, _ = full_run
     data = _variant(folder, tmp_path / "task", lambda rows, h: ([{**r, "answer": "Z"} for r in rows], h))
@@ -231,7 +231,7 @@ def test_rounds_grow_the_labeled_set(tiny_q4, tiny_task, tmp_path):
     r2 = pseudo(out)  # the last round's
     chosen = {r["index"] for r in r1 if r["selected"]}
     assert {r["index"] for r in r2} == set(range(20)) - chosen  # round 2 works on what round 1 left
-    from semievol_local.report import build_report
+    from semievol_local.method.report import build_report
 
     assert len(build_report(out)["accuracy_by_round"]) == 2
 
@@ -317,7 +317,7 @@ def test_resume_after_kill_9_gives_the_same_result(full_run, tmp_path):
 
 
 def test_a_resumed_stage_counts_the_time_of_every_attempt(tmp_path, monkeypatch):
-    from semievol_local import runfolder
+    from semievol_local.core import runfolder
 
     monkeypatch.setattr(runfolder, "CLOCK_EVERY", 0.05)
     run = runfolder.RunFolder(tmp_path)
@@ -344,7 +344,7 @@ def test_entropy_is_that_of_the_final_answer():
     where the learners disagreed (score: its option distribution; sample: its mean NLL), else the learners'."""
     import math
 
-    from semievol_local.collaboration import label_entropy
+    from semievol_local.method.collaboration import label_entropy
 
     agreed = {"justified": False, "entropy": 0.3}
     assert label_entropy(agreed) == 0.3
@@ -376,7 +376,7 @@ def test_low_letter_mass_is_never_selected(full_run, tiny_q4, tmp_path):
     rows = pseudo(copy)
     assert all(r["letter_mass"] < 0.5 for r in rows) and not any(r["selected"] for r in rows)
     assert sum(r["selected"] for r in pseudo(out)) > 0  # with the floor at 0 the same records were selected
-    from semievol_local.report import build_report
+    from semievol_local.method.report import build_report
 
     st = build_report(copy)["pseudo_labels"]["round1"]
     assert st["low_letter_mass"] == 20 and st["min_letter_mass"] == 0.5
@@ -387,7 +387,7 @@ def test_options_that_cannot_change_outputs_rerun_nothing(full_run, tiny_q4, tmp
     import dataclasses
     import shutil
 
-    from semievol_local.config import EngineConfig, TrainConfig, identity
+    from semievol_local.core.config import EngineConfig, TrainConfig, identity
 
     folder, out = full_run[0], full_run[1]
     copy = tmp_path / "inert"
@@ -405,7 +405,7 @@ def test_context_size_is_part_of_what_it_changes(full_run, tiny_q4, tmp_path):
     evaluations depend on it; training does not (and --adapter-scale likewise)."""
     import shutil
 
-    from semievol_local.config import EngineConfig
+    from semievol_local.core.config import EngineConfig
 
     folder, out = full_run[0], full_run[1]
     for name, ecfg in (("ctx", EngineConfig(n_ctx=1024)), ("scale", EngineConfig(adapter_scale=0.5))):
@@ -422,11 +422,11 @@ def test_prompts_that_did_not_fit_are_recorded(tiny_q4):
     record, and the justifier decodes greedily even when it falls back to the plain question."""
     import dataclasses
 
-    from semievol_local.config import EngineConfig
-    from semievol_local.data import Item
-    from semievol_local.llama_engine import load
-    from semievol_local.collaboration import ask_learner
-    from semievol_local.pipeline import prompt_counts
+    from semievol_local.core.config import EngineConfig
+    from semievol_local.core.data import Item
+    from semievol_local.engines.llama_engine import load
+    from semievol_local.method.collaboration import ask_learner
+    from semievol_local.method.pipeline import prompt_counts
 
     engine = load(tiny_q4, EngineConfig(n_ctx=256))
     opts = ("red", "blue", "green")  # the tiny tokenizer: ~175 tokens for this question, ~400 with 3 examples
@@ -451,7 +451,7 @@ def test_one_writer_per_run_folder(tiny_q4, tiny_task, tmp_path):
     of the holder leaves no stale lock."""
     out = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from semievol_local.runfolder import exclusive\n"
+        "import sys, time; from semievol_local.core.runfolder import exclusive\n"
         "with exclusive(sys.argv[1]):\n    print('held', flush=True); time.sleep(600)\n"), str(out)],
         stdout=subprocess.PIPE, text=True)
     try:
@@ -465,7 +465,7 @@ def test_one_writer_per_run_folder(tiny_q4, tiny_task, tmp_path):
     finally:
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait()
-    from semievol_local.runfolder import exclusive
+    from semievol_local.core.runfolder import exclusive
 
     with exclusive(out):  # the kernel dropped the dead holder's lock
         pass
@@ -474,10 +474,10 @@ def test_one_writer_per_run_folder(tiny_q4, tiny_task, tmp_path):
 def test_open_answer_demo_runs_in_sample_mode(tiny_q4, tmp_path):
     """The shipped open-answer demo (the reviews answered with the word) runs the generative recipe end to
     end, and its pseudo-labels are scored as eval scores open answers (normalized text, numbers within 1%)."""
-    from semievol_local.data import load_heldout, load_task
-    from semievol_local.demo_task import DEMO_OPEN_RUN, demo_folder, make_open_rows
-    from semievol_local.prompts import answers_match
-    from semievol_local.report import build_report, pseudo_label_stats
+    from semievol_local.core.data import load_heldout, load_task
+    from semievol_local.core.prompts import answers_match
+    from semievol_local.method.demo_task import DEMO_OPEN_RUN, demo_folder, make_open_rows
+    from semievol_local.method.report import build_report, pseudo_label_stats
 
     folder = demo_folder(open_answers=True)
     task = load_task(folder)
@@ -496,7 +496,7 @@ def test_open_answer_demo_runs_in_sample_mode(tiny_q4, tmp_path):
     ok = [answers_match(r["pseudo_label"], held[r["index"]].answer, closed=False) for r in pseudo(out)]
     assert rep["pseudo_labels"]["round1"]["accuracy_all"] == pytest.approx(np.mean(ok))
     # the same rule as eval, not string equality
-    from semievol_local.data import Item
+    from semievol_local.core.data import Item
 
     gold = {0: Item(0, "q", (), "Paris"), 1: Item(1, "q", (), "42"), 2: Item(2, "q", (), "42")}
     recs = [{"index": 0, "pseudo_label": "paris.", "consistent": True, "selected": True, "entropy": 0.1},

@@ -15,10 +15,10 @@ import pytest
 from conftest import make_rows, write_split
 from typer.testing import CliRunner
 
-from semievol_local import llama_engine
 from semievol_local.cli import app
-from semievol_local.data import load_split, read_rows
-from semievol_local.predict import partial_path, predict
+from semievol_local.core.data import load_split, read_rows
+from semievol_local.engines import llama_engine
+from semievol_local.method.predict import partial_path, predict
 
 
 def run(*args, code=0):

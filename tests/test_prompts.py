@@ -2,9 +2,9 @@
 import pytest
 from tinymodel import CHATML
 
-from semievol_local.data import Item
-from semievol_local.errors import UserError
-from semievol_local.prompts import (ChatTemplate, answers_match, extract_letter, extract_open, fit_prompt,
+from semievol_local.core.data import Item
+from semievol_local.core.errors import UserError
+from semievol_local.core.prompts import (ChatTemplate, answers_match, extract_letter, extract_open, fit_prompt,
                                     justify_messages, question_messages)
 
 ITEM = Item(index=0, question="Which is a colour?", options=("red", "table", "seven"), answer="A",

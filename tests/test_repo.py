@@ -38,23 +38,37 @@ def test_readme_is_short_and_every_link_in_it_and_the_docs_resolves():
                 assert (page.parent / target).exists(), f"{page.name}: link to {target}, which does not exist"
 
 
-def test_imports_run_one_way():
-    """No cycle among the package's modules, counting the imports made inside functions too."""
+# The packages from the ground up: each may import itself and those before it, except that `engines` and
+# `training` never import each other (semievol_local/__init__.py says so to a reader).
+LAYERS = ["core", "engines", "training", "method", "bench", "cli"]
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """module -> modules of the package it imports (dotted, under semievol_local), counting the imports made
+    inside functions too."""
     import ast
 
     pkg = ROOT / "semievol_local"
     graph: dict[str, set[str]] = {}
     for f in pkg.rglob("*.py"):
         rel = f.relative_to(pkg).with_suffix("")
+        own = list(rel.parts[:-1])
         mod = ".".join(p for p in rel.parts if p != "__init__") or "__init__"
-        base = rel.parts[:-1]
         for node in ast.walk(ast.parse(f.read_text())):
             if isinstance(node, ast.ImportFrom) and node.level:
-                where = list(base[:len(base) - (node.level - 1)] if node.level > 1 else base)
-                for name in ([node.module] if node.module else [a.name for a in node.names]):
-                    target = ".".join(where + name.split(".")[:1])
-                    if (pkg / (target.replace(".", "/") + ".py")).exists() or (pkg / target.replace(".", "/")).is_dir():
+                base = own[:len(own) - (node.level - 1)]
+                names = [node.module] if node.module else [a.name for a in node.names]
+                for name in names:
+                    target = ".".join(base + name.split("."))
+                    path = pkg / target.replace(".", "/")
+                    if path.with_suffix(".py").exists() or path.is_dir():
                         graph.setdefault(mod, set()).add(target)
+    return graph
+
+
+def test_imports_run_one_way():
+    """No cycle among the package's modules, and every import goes down the layers."""
+    graph = _import_graph()
     seen, cycles = set(), []
 
     def visit(node, path):
@@ -68,3 +82,17 @@ def test_imports_run_one_way():
     for m in sorted(graph):
         visit(m, [m])
     assert not cycles, cycles
+    assert len(graph) > 30  # the walk read the package
+    pkg = ROOT / "semievol_local"
+    top = {p.name for p in pkg.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert top == set(LAYERS), top
+    assert not [p.name for p in pkg.glob("*.py") if p.name != "__init__.py"], "a module outside the packages"
+    upward = []
+    for mod, targets in graph.items():
+        a = mod.split(".")[0]
+        for t in targets:
+            b = t.split(".")[0]
+            if a in LAYERS and b in LAYERS and a != b:
+                if LAYERS.index(b) > LAYERS.index(a) or {a, b} == {"engines", "training"}:
+                    upward.append(f"{mod} -> {t}")
+    assert not upward, upward

@@ -16,7 +16,7 @@ def _eval(correct: list[bool]) -> dict:
     ([True] * 12, [False] * 12, (12, 0), 2 / 2**12),              # one-sided: 2 * 0.5^12
 ])
 def test_paired_comparison_is_an_exact_mcnemar_test(first, second, only, p):
-    from semievol_local.report import paired
+    from semievol_local.method.report import paired
 
     got = paired(_eval(first), _eval(second))
     assert (got["only_first"], got["only_second"]) == only and got["n"] == len(first)

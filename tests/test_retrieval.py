@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from semievol_local.retrieval import knn, normalize, tfidf_embed
+from semievol_local.core.retrieval import knn, normalize, tfidf_embed
 
 
 def test_knn_is_the_cosine_ranking_nearest_first():

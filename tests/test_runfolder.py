@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from semievol_local.errors import UserError
-from semievol_local.runfolder import RunFolder, check_folder, digest, exclusive
+from semievol_local.core.errors import UserError
+from semievol_local.core.runfolder import RunFolder, check_folder, digest, exclusive
 
 
 def test_a_stage_is_built_once_and_rebuilt_when_its_inputs_change(tmp_path):

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from semievol_local.selection import agree, entropy_rows, select, threshold
+from semievol_local.core.selection import agree, entropy_rows, select, threshold
 
 
 def test_entropy_rows_in_nats():
@@ -36,7 +36,7 @@ def test_select_keeps_entropies_at_or_below_the_threshold():
 def test_per_class_threshold_keeps_every_class():
     """fpb: every positive pseudo-label was less certain than the neutral ones, so one global percentile
     kept none of them; a percentile per pseudo-label class keeps theta% of each."""
-    from semievol_local.selection import select
+    from semievol_local.core.selection import select
 
     labels = np.array(["B"] * 6 + ["C"] * 4)
     ent = np.array([0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.5, 0.6, 0.7, 0.8])
@@ -49,8 +49,8 @@ def test_per_class_threshold_keeps_every_class():
 
 
 def test_majority_vote_and_vote_share():
-    from semievol_local.prompts import normalize_text
-    from semievol_local.selection import majority_vote, vote_share
+    from semievol_local.core.prompts import normalize_text
+    from semievol_local.core.selection import majority_vote, vote_share
 
     assert majority_vote(["B", "A", "B", None]) == "B"
     assert majority_vote(["A", "B"]) == "A"  # a tie goes to the answer given first

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from semievol_local import engines, llama_engine, llama_server, server_engine, weights
 from semievol_local.cli import app
-from semievol_local.config import EngineConfig
-from semievol_local.data import load_task
-from semievol_local.errors import UserError
-from semievol_local.prompts import question_messages
+from semievol_local.core.config import EngineConfig
+from semievol_local.core.data import load_task
+from semievol_local.core.errors import UserError
+from semievol_local.core.prompts import question_messages
+from semievol_local.engines import llama_engine, llama_server, protocol, server_engine, weights
 
 
 @pytest.fixture(scope="session")
@@ -73,7 +73,7 @@ def test_scores_and_greedy_answers_equal_the_in_process_engine(tiny_q4, warm, se
     adapter, task = warm
     (url,), _ = servers(1)
     local = llama_engine.Engine(tiny_q4, EngineConfig(n_ctx=512))
-    fleet = engines.load(tiny_q4, EngineConfig(n_ctx=512, server=url))
+    fleet = protocol.load(tiny_q4, EngineConfig(n_ctx=512, server=url))
     assert isinstance(fleet, server_engine.Fleet) and fleet.n_ctx == 512
     for path in (None, adapter):
         local.set_adapter(path)
@@ -100,8 +100,8 @@ def test_scores_and_greedy_answers_equal_the_in_process_engine(tiny_q4, warm, se
 def test_collaboration_over_two_servers_equals_in_process_and_survives_a_killed_server(tiny_q4, warm, servers):
     """The pipeline's collaboration step, question by question, in process and over two servers; one server
     is killed a third of the way: no question is lost and no label changes."""
-    from semievol_local import collaboration
-    from semievol_local.config import RunConfig
+    from semievol_local.core.config import RunConfig
+    from semievol_local.method import collaboration
 
     adapter, task = warm
     t = load_task(task)
@@ -113,13 +113,13 @@ def test_collaboration_over_two_servers_equals_in_process_and_survives_a_killed_
         return collaboration.collaborate_one(eng, unlabeled[pos], labeled[:3], learners, "score", cfg, adapter)
 
     local = llama_engine.Engine(tiny_q4, EngineConfig(n_ctx=512))
-    want = dict(engines.each(local, range(len(unlabeled)), one))
+    want = dict(protocol.each(local, range(len(unlabeled)), one))
     local.close()
 
     urls, procs = servers(2)
-    fleet = engines.load(tiny_q4, EngineConfig(n_ctx=512, server=",".join(urls)))
+    fleet = protocol.load(tiny_q4, EngineConfig(n_ctx=512, server=",".join(urls)))
     got, killed = {}, False
-    for pos, rec in engines.each(fleet, range(len(unlabeled)), one):
+    for pos, rec in protocol.each(fleet, range(len(unlabeled)), one):
         got[pos] = rec
         if len(got) == len(unlabeled) // 3 and not killed:
             procs[0].send_signal(signal.SIGKILL)
@@ -134,7 +134,7 @@ def test_collaboration_over_two_servers_equals_in_process_and_survives_a_killed_
 
 def test_a_run_that_loses_every_server_stops_with_one_line(tiny_q4, warm, servers):
     (url,), (proc,) = servers(1)
-    fleet = engines.load(tiny_q4, EngineConfig(n_ctx=512, server=url, server_timeout=5))
+    fleet = protocol.load(tiny_q4, EngineConfig(n_ctx=512, server=url, server_timeout=5))
     toks = fleet.tokenize("hello")
     llama_server.stop(proc)
     with pytest.raises(UserError, match="every llama-server stopped answering"):
@@ -144,23 +144,23 @@ def test_a_run_that_loses_every_server_stops_with_one_line(tiny_q4, warm, server
 def test_a_server_with_another_model_or_without_the_adapter_is_refused(tiny_q4, warm, servers, tmp_path):
     (url,), _ = servers(1)  # serves the float32 copy of the Q4_1 file
     with pytest.raises(UserError, match="serves other weights"):  # the Q4_1 file as given
-        engines.load(tiny_q4, EngineConfig(n_ctx=512, server=url, weights="file"))
+        protocol.load(tiny_q4, EngineConfig(n_ctx=512, server=url, weights="file"))
     from tinymodel import write_tiny_gguf
 
     other_q4 = write_tiny_gguf(tmp_path / "other-q4_1.gguf", qtype="Q4_1", seed=1)  # same shapes, other weights
     with pytest.raises(UserError, match="not the float32 copy"):
-        engines.load(other_q4, EngineConfig(n_ctx=512, server=url))
+        protocol.load(other_q4, EngineConfig(n_ctx=512, server=url))
     (q4_url,), _ = servers(1, model=tiny_q4)
     with pytest.raises(UserError, match="serves other weights"):
-        engines.load(tiny_q4, EngineConfig(n_ctx=512, server=q4_url))
-    fleet = engines.load(tiny_q4, EngineConfig(n_ctx=512, server=url, server_timeout=1))
+        protocol.load(tiny_q4, EngineConfig(n_ctx=512, server=q4_url))
+    fleet = protocol.load(tiny_q4, EngineConfig(n_ctx=512, server=url, server_timeout=1))
     other = tmp_path / "other.gguf"
     other.write_bytes(warm[0].read_bytes())
     fleet.set_adapter(other)
     with pytest.raises(UserError, match="has not loaded the adapter"):
         fleet.score(fleet.tokenize("Answer:"), 2)
     with pytest.raises(UserError, match="no llama-server answers there"):
-        engines.load(tiny_q4, EngineConfig(server="http://127.0.0.1:9"))
+        protocol.load(tiny_q4, EngineConfig(server="http://127.0.0.1:9"))
 
 
 @pytest.mark.parametrize("value, message", [("ftp://x:1", "http://HOST:PORT"), ("http://", "http://HOST:PORT")])
@@ -188,7 +188,7 @@ def test_serve_then_eval_through_it_equals_eval_in_process(server_bin, tiny_q4, 
     it restarts with an adapter the run finishes while it serves. With no key anywhere, serve generates one
     (mode 0600, in the cache) that eval on the same machine finds; requests without it are refused, and a
     wrong key ends eval with one line."""
-    from semievol_local import apikey
+    from semievol_local.core import apikey
 
     adapter, task = warm
     run = tmp_path / "run"

@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 
-from semievol_local import synthetic
-from semievol_local.config import EngineConfig
-from semievol_local.errors import UserError
-from semievol_local.synthetic import Shape
+from semievol_local.bench import synthetic
+from semievol_local.bench.synthetic import Shape
+from semievol_local.core.config import EngineConfig
+from semievol_local.core.errors import UserError
 
 # Llama 3.2 1B's rope and head layout at a width the tests can afford
 SMALL = Shape(n_layer=2, dim=256, n_ff=512, n_head=4, n_head_kv=2, rope_base=500000.0,
@@ -15,9 +15,9 @@ SMALL = Shape(n_layer=2, dim=256, n_ff=512, n_head=4, n_head_kv=2, rope_base=500
 def test_a_random_model_loads_in_both_engines_alike(tiny_q4, tmp_path):
     import gguf
 
-    from semievol_local import mlx_engine
-    from semievol_local.llama_engine import Engine
-    from semievol_local.parity import compare_logits
+    from semievol_local.engines.llama_engine import Engine
+    from semievol_local.training import mlx_engine
+    from semievol_local.training.parity import compare_logits
 
     out = synthetic.write_random_model(tmp_path / "r.gguf", SMALL, tiny_q4, "Q4_K_M")
     reader = gguf.GGUFReader(str(out))

@@ -2,7 +2,7 @@
 tokenized by llama.cpp (as the toolkit tokenizes), and the small training settings that learn it."""
 from __future__ import annotations
 
-from semievol_local.config import TrainConfig
+from semievol_local.core.config import TrainConfig
 
 CHAT = "<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\nAnswer:"
 

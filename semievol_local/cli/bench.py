@@ -6,10 +6,11 @@ from typing import Optional
 
 import typer
 
-from .. import config, ui
-from ..config import EngineConfig, RunConfig, TrainConfig
-from ..errors import UserError
-from ..models import DEFAULT_MODEL
+from ..core import config
+from ..core.config import EngineConfig, RunConfig, TrainConfig
+from ..core.errors import UserError
+from ..method.models import DEFAULT_MODEL
+from . import ui
 from .common import bench_app, command, invocation, model_option, option_of, options_from
 
 
@@ -32,7 +33,8 @@ def bench_train_cmd(
 ):
     """Training tokens/s beside the float32 GEMM roofline measured in the same run, counting the FLOPs this shape
     needs (frozen blocks once, trained blocks 4x, the vocabulary projection at the loss only), and PyTorch + PEFT's."""
-    from .. import bench, models, train_bench
+    from ..bench import runners, train
+    from ..method import models
 
     config.check(TrainConfig(batch_size=batch_size, num_layers=num_layers))  # as training checks them
     path = models.resolve(model)
@@ -40,12 +42,12 @@ def bench_train_cmd(
         raise UserError(f"--answer-len {answer_len} is longer than --seq-len {seq_len}: give at most {seq_len}")
     shape = dict(batch_size=batch_size, seq_len=seq_len, num_layers=num_layers, answer_len=answer_len or None)
     if peft_python:
-        result = bench.train_vs_peft(path, peft_python, steps=steps, **shape)
+        result = runners.train_vs_peft(path, peft_python, steps=steps, **shape)
     else:
-        result = train_bench.bench_train(path, steps, **shape)
+        result = train.bench_train(path, steps, **shape)
         result.pop("shape")
     if split:
-        from .. import step_profile
+        from ..bench import step_profile
 
         result["block_split"] = step_profile.split(path, batch_size=batch_size, seq_len=seq_len, rank=result["rank"])
     _publish(result, json_out, ui.train_bench)
@@ -64,7 +66,8 @@ def bench_model_cmd(
 ):
     """Write a random-weight model of a released shape, to measure speed and memory at the sizes users bring
     (its answers mean nothing; a 1B file takes about 2 GB of disk while it is made)."""
-    from .. import models, synthetic
+    from ..bench import synthetic
+    from ..method import models
 
     path = synthetic.write_random_model(out, shape, models.resolve(tokenizer_from), qtype, seed)
     ui.info(f"wrote {path} ({path.stat().st_size / 1e6:.0f} MB)")
@@ -72,7 +75,7 @@ def bench_model_cmd(
 
 def _publish(result: dict, json_out: Path | None, show=ui.bench_tables) -> None:
     """A benchmark's figures: drawn on the terminal, and written to `--json` when given."""
-    from ..files import atomic_write_json
+    from ..core.files import atomic_write_json
 
     show(result)
     if json_out:
@@ -97,12 +100,13 @@ def bench_quality_cmd(
 ):
     """The paper's tables at laptop scale: main, ablations, sensitivity to n and theta, rounds; and baselines:
     self-consistency (LMSI-style), a fixed entropy threshold, labeled + all pseudo-labels."""
-    from .. import bench, models
+    from ..bench import runners
+    from ..method import models
 
     for p in reuse:
         if not (p / "run.json").exists():
             raise UserError(f"--reuse {p}: not a run folder (no run.json)")
-    result = bench.quality(models.resolve(model), data, out, suite, run_config, train_config, engine_config,
+    result = runners.quality(models.resolve(model), data, out, suite, run_config, train_config, engine_config,
                            reporter=ui.Reporter(), share_extra=tuple(reuse), command=invocation(ctx),
                            on_run=lambda folder: ui.info(f"run: {folder}"))
     _publish(result, json_out)
@@ -120,9 +124,10 @@ def bench_run_cmd(
 ):
     """The whole `semievol run`, timed: per stage seconds, tokens, tokens/s, the FLOPs its work needed, the
     fraction of this machine's float32 GEMM speed (measured before each stage) they reached, peak RSS."""
-    from .. import bench_run, models
+    from ..bench import whole_run
+    from ..method import models
 
-    result = bench_run.whole_run(models.resolve(model), data, out, run_config, train_config, engine_config,
+    result = whole_run.whole_run(models.resolve(model), data, out, run_config, train_config, engine_config,
                                  reporter=ui.Reporter(), command=invocation(ctx))
     _publish(result, json_out)
 
@@ -143,9 +148,10 @@ def bench_pseudo_label_cmd(
     *, run_config: RunConfig, train_config: TrainConfig, engine_config: EngineConfig,
 ):
     """Pseudo-labeling speed: the paper's sampling recipe vs score mode on the same questions."""
-    from .. import bench, models
+    from ..bench import runners
+    from ..method import models
 
-    result = bench.pseudo_label(models.resolve(model), data, n_items, out, run_config, train_config, engine_config,
+    result = runners.pseudo_label(models.resolve(model), data, n_items, out, run_config, train_config, engine_config,
                                 reporter=ui.Reporter(), adapter=adapter, sample_tokens=sample_tokens,
                                 command=invocation(ctx))
     _publish(result, json_out)
@@ -167,12 +173,13 @@ def bench_servers_cmd(
     *, run_config: RunConfig, train_config: TrainConfig, engine_config: EngineConfig,
 ):
     """Collaboration in process vs through 1 and N local llama-servers (and N with one killed): speed, same labels."""
-    from .. import bench, models
+    from ..bench import servers
+    from ..method import models
 
     if engine_config.server:
         raise UserError("--server: this benchmark starts its own local llama-servers; leave it out")
-    result = bench.servers(models.resolve(model), data, n_items, out, run_config, train_config, engine_config,
-                           reporter=ui.Reporter(), adapter=adapter, n_servers=n_servers, command=invocation(ctx))
+    result = servers.servers(models.resolve(model), data, n_items, out, run_config, train_config, engine_config,
+                             reporter=ui.Reporter(), adapter=adapter, n_servers=n_servers, command=invocation(ctx))
     _publish(result, json_out)
 
 
@@ -188,10 +195,11 @@ def bench_sizes_cmd(
 ):
     """Per model, each in a fresh process: training tokens/s and its honest GEMM fraction, prompt tokens/s with
     each weight choice and what auto picks, peak memory, and the run estimate for --data."""
-    from .. import bench, models
+    from ..bench import runners
+    from ..method import models
 
     paths = [models.resolve(m) for m in model]
-    result = bench.sizes(paths, data, run_config, train_config, engine_config, command=invocation(ctx),
+    result = runners.sizes(paths, data, run_config, train_config, engine_config, command=invocation(ctx),
                          on_model=lambda p: ui.info(f"measuring {p.name}"))
     _publish(result, json_out)
 
@@ -207,7 +215,7 @@ def bench_publish_cmd(
     benchmark JSON (never typed in by hand)."""
     import json
 
-    from .. import results
+    from ..bench import results
 
     loaded = []
     for p in files:

@@ -11,9 +11,10 @@ import typing
 
 import typer
 
-from .. import config, ui
-from ..errors import UserError
-from ..models import DEFAULT_MODEL
+from ..core import config
+from ..core.errors import UserError
+from ..method.models import DEFAULT_MODEL
+from . import ui
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Semi-supervised fine-tuning (SemiEvol) of GGUF models: MLX trains LoRA, llama.cpp serves it.")

