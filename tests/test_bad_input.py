@@ -160,7 +160,7 @@ def _one_line_exit_2(res, needle):
 OPTION_CASES = [
     ("run", ["--learners", "0"], "--learners 0: give a value >= 1"),
     ("run", ["--k", "-2"], "--k -2: give a value >= 0"),
-    ("run", ["--lr", "-1"], "--lr -1: give a value > 0"),
+    ("run", ["--lr", "-1"], "--lr -1: give a value >= 0"),
     ("run", ["--lr", "nan"], "--lr nan: give a finite number"),
     ("run", ["--theta", "101"], "--theta 101: give a value >= 0 and <= 100"),
     ("run", ["--rounds", "0"], "--rounds 0"),

@@ -18,6 +18,9 @@ from semievol_local.core.errors import UserError
 
 # the tiny random models put little probability on the letters: select by entropy alone (test_pipeline)
 TINY_TRAIN = ["--epochs", "1", "--batch-size", "4", "--save-every", "100", "--min-letter-mass", "0"]
+# the tiny random models learn no task in one epoch: their warm-up answers one option everywhere, which the
+# collapse check stops a run for (test_pipeline shows it); the benchmarks that run the pipeline go past it
+TINY_RUN = [*TINY_TRAIN, "--force"]
 # the tiny model's weights (conftest): a block's q, o (64 x 64), k, v (64 x 32: 2 of 4 heads) and MLP (3 of 64 x 128);
 # the vocabulary projection, 290 tokens x 64
 TINY_BLOCK, TINY_VOCAB = 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128, 290 * 64
@@ -57,7 +60,7 @@ def quality(tiny_q4, task, tmp_path_factory):
     js = out / "quality.json"
     res = CliRunner().invoke(app, ["bench", "quality", "--model", str(tiny_q4), "--data", str(task), "--out", str(out),
                                    "--suite", "main", "--suite", "ablation", "--suite", "rounds",
-                                   "--json", str(js), *TINY_TRAIN])
+                                   "--json", str(js), *TINY_RUN])
     assert res.exit_code == 0, (res.stdout, res.stderr)
     return out / task.name, json.loads(js.read_text()), res
 
@@ -118,8 +121,8 @@ def test_one_learner_is_the_run_without_collaboration(quality, tiny_q4, task):
     from semievol_local.method import pipeline
 
     tcfg = TrainConfig(epochs=1.0, batch_size=4, save_every=100)  # as the CLI parses TINY_TRAIN
-    pipeline.run_semievol(tiny_q4, task, runs / "learners-1", RunConfig(learners=1, min_letter_mass=0.0), tcfg,
-                          share=(runs / "cl-False",))
+    pipeline.run_semievol(tiny_q4, task, runs / "learners-1", RunConfig(learners=1, min_letter_mass=0.0, force=True),
+                          tcfg, share=(runs / "cl-False",))
     for stage in ("warmup", "round1/collaboration", "round1/final", "round1/eval"):
         a, b = (json.loads((runs / f / stage / "manifest.json").read_text()) for f in ("learners-1", "cl-False"))
         assert a == b, stage
@@ -133,7 +136,7 @@ def test_sensitivity_table(quality, tiny_q4, task, tmp_path):
     runs, _, _ = quality
     js = tmp_path / "sensitivity.json"
     res = CliRunner().invoke(app, ["bench", "quality", "--model", str(tiny_q4), "--data", str(task),
-                                   "--out", str(runs.parent), "--suite", "sensitivity", "--json", str(js), *TINY_TRAIN])
+                                   "--out", str(runs.parent), "--suite", "sensitivity", "--json", str(js), *TINY_RUN])
     assert res.exit_code == 0, (res.stdout, res.stderr)
     out, r = json.loads(js.read_text()), json.loads((runs / "full" / "report.json").read_text())
     rows = {row["variant"]: row for row in out["tables"]["sensitivity"]}
@@ -195,7 +198,7 @@ def test_publish_rewrites_only_the_results_sections(quality, tmp_path):
     assert f"LoRA on {r['train']['num_layers']} blocks" in text and f"`{js.as_posix()}` |" in text
     assert r["command"] not in text  # the command that measured it: with the full tables
     assert r["command"] in full and r["machine"]["commit"] in full
-    assert f"LoRA on the last {r['train']['num_layers']} blocks." in full  # the fine-tunes' depth is stated
+    assert f"LoRA on the last {r['train']['num_layers']} blocks at " in full  # the fine-tunes' depth and lr are stated
     assert "### quality: colours (ablation, rounds)\n" in full and "p vs full (McNemar)" in full
     # bad inputs: one line, exit 2, neither file touched
     details.write_text("# no markers\n")
@@ -226,7 +229,7 @@ def test_baselines_table(quality, tiny_q4, task, tmp_path):
     runs, _, _ = quality
     js = tmp_path / "baselines.json"
     res = CliRunner().invoke(app, ["bench", "quality", "--model", str(tiny_q4), "--data", str(task),
-                                   "--out", str(runs.parent), "--suite", "baselines", "--json", str(js), *TINY_TRAIN])
+                                   "--out", str(runs.parent), "--suite", "baselines", "--json", str(js), *TINY_RUN])
     assert res.exit_code == 0, (res.stdout, res.stderr)
     rows = {row["variant"]: row for row in json.loads(js.read_text())["tables"]["baselines"]}
     assert list(rows) == ["SFT (no pseudo-labels)"] + [name for name, _ in runners.BASELINES]
@@ -275,7 +278,7 @@ def test_bench_run_puts_each_stage_beside_its_own_limit(tiny_q4, task, tmp_path)
 
     out, js = tmp_path / "run", tmp_path / "run.json"
     res = CliRunner().invoke(app, ["bench", "run", "--model", str(tiny_q4), "--data", str(task), "--out", str(out),
-                                   "--json", str(js), "--num-layers", "1", "--weights", "f32", *TINY_TRAIN])
+                                   "--json", str(js), "--num-layers", "1", "--weights", "f32", *TINY_RUN])
     assert res.exit_code == 0, res.stderr
     r = json.loads(js.read_text())
     assert r["benchmark"] == "run" and r["weights"] == "f32"  # the float32 copy of the Q4_1 file
@@ -283,7 +286,7 @@ def test_bench_run_puts_each_stage_beside_its_own_limit(tiny_q4, task, tmp_path)
     assert all(row["predicted_s"] is not None and row["predicted_s"] >= 0 for row in r["tables"]["stages"])
     assert r["whole_run"]["predicted_seconds"] > 0
     rows = {row["stage"]: row for row in r["tables"]["stages"]}
-    assert list(rows) == ["warmup", "eval/vanilla", "eval/sft", "round1/retrieval", "round1/collaboration",
+    assert list(rows) == ["warmup", "eval/vanilla", "eval/sft", "probe", "round1/retrieval", "round1/collaboration",
                           "round1/selection", "round1/final", "round1/eval"]
     # the tokens llama.cpp evaluated: every test prompt once per eval (the cache never holds a whole prompt)
     eng = llama_engine.Engine(tiny_q4, EngineConfig())
@@ -488,3 +491,31 @@ def test_bench_sizes_measures_each_model_in_its_own_process(tiny_q4, task, tmp_p
     assert row["train_tokens_per_s"] > 0 and 0 < row["train_fraction"] and row["train_peak_mb"] > 0
     assert re.fullmatch(r"\d+h\d\dm|\d+m\d\ds", row["plan_time"]) and row["run_peak_mb"] > 0
     assert "At the sizes users bring" in results.markdown([r])
+
+
+def test_quality_over_seeds(tiny_q4, task, tmp_path):
+    """--seeds 2: the comparison again with the next training seed (its own warm-up), and a table with each
+    method's mean and spread over the seeds and the pooled test; --seeds 0 is one line and exit 2."""
+    out, js = tmp_path / "q", tmp_path / "q.json"
+    args = ["bench", "quality", "--model", str(tiny_q4), "--data", str(task), "--out", str(out), "--suite", "main",
+            "--json", str(js), *TINY_RUN]
+    bad = CliRunner().invoke(app, [*args, "--seeds", "0"])
+    assert bad.exit_code == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--seeds" in bad.stderr
+    assert not out.exists()
+    res = CliRunner().invoke(app, [*args, "--seeds", "2"])
+    assert res.exit_code == 0, (res.stdout, res.stderr)
+    r = json.loads(js.read_text())
+    runs = [out / task.name / "full", out / "seed1" / task.name / "full"]
+    configs = [json.loads((f / "run.json").read_text())["train"]["seed"] for f in runs]
+    assert configs == [0, 1] and r["seeds"] == 2
+    adapters = [(f / "warmup" / "adapter.gguf").read_bytes() for f in runs]
+    assert adapters[0] != adapters[1]  # another seed, another warm-up
+    rows = {row["method"]: row for row in r["tables"]["seeds"]}
+    assert list(rows) == ["SFT (no pseudo-labels)", "SemiEvol"]
+    for name, stage in (("SFT (no pseudo-labels)", "eval/sft"), ("SemiEvol", "round1/eval")):
+        acc = [json.loads((f / stage / "eval.json").read_text())["accuracy"] for f in runs]
+        assert rows[name]["mean"] == pytest.approx(np.mean(acc)) and rows[name]["min"] == min(acc)
+        assert rows[name]["sd"] == pytest.approx(np.std(acc, ddof=1))
+    assert rows["SemiEvol"]["p_vs_full_pooled"] is None  # itself
+    assert 0 < rows["SFT (no pseudo-labels)"]["p_vs_full_pooled"] <= 1
+    assert len(rows["SFT (no pseudo-labels)"]["p_vs_full_per_seed"].split(", ")) == 2

@@ -19,7 +19,7 @@ from semievol_local.method.estimate import Plan, Rates
 from semievol_local.method.evaluate import evaluate
 from semievol_local.method.workload import Stage, Tally, Work
 
-TRAIN = ["--epochs", "1", "--batch-size", "4", "--save-every", "1", "--min-letter-mass", "0"]
+TRAIN = ["--epochs", "1", "--batch-size", "4", "--save-every", "1", "--min-letter-mass", "0", "--force"]
 
 
 def shapes_of(engine) -> Counter:
@@ -137,7 +137,7 @@ def test_the_calibration_adapter_has_the_shape_training_gives(tiny_q4, tiny_task
 
 
 def test_plan_names_every_stage_the_run_has(tiny_q4, tiny_task, tmp_path):
-    cfg, tcfg = RunConfig(min_letter_mass=0.0), TrainConfig(epochs=1.0, batch_size=4, save_every=1)
+    cfg, tcfg = RunConfig(min_letter_mass=0.0, force=True), TrainConfig(epochs=1.0, batch_size=4, save_every=1)
     plan = estimate.plan(tiny_q4, tiny_task, cfg, tcfg, EngineConfig())
     rows = plan.at()
     assert plan.n_unlabeled == 20 and plan.rates.llama and plan.rates.train
@@ -145,7 +145,9 @@ def test_plan_names_every_stage_the_run_has(tiny_q4, tiny_task, tmp_path):
     assert "ms beyond its tokens" in plan.assumptions
     assert all(r.seconds is not None and r.seconds >= 0 for r in rows)
     busy = {r.stage: r for r in rows if r.tokens}
-    assert set(busy) == {"warmup", "eval/vanilla", "eval/sft", "round1/collaboration", "round1/final", "round1/eval"}
+    assert set(busy) == {"warmup", "eval/vanilla", "eval/sft", "probe", "round1/collaboration", "round1/final",
+                         "round1/eval"}
+    assert busy["probe"].tokens < busy["eval/vanilla"].tokens * 2  # 20 questions without demonstrations
     assert busy["round1/collaboration"].tokens > busy["eval/vanilla"].tokens  # 4 learners with demonstrations
     assert plan.seconds(20) > plan.seconds(5) > plan.seconds(0)
     pipeline.run_semievol(tiny_q4, tiny_task, tmp_path / "run", cfg, tcfg)
@@ -179,7 +181,7 @@ def test_bad_time_budgets_are_one_line_and_write_nothing(tiny_q4, tiny_task, tmp
 
 
 def test_a_time_budget_limits_the_unlabeled_questions(tiny_q4, tiny_task, tmp_path):
-    cfg, tcfg = RunConfig(min_letter_mass=0.0), TrainConfig(epochs=1.0, batch_size=4, save_every=1)
+    cfg, tcfg = RunConfig(min_letter_mass=0.0, force=True), TrainConfig(epochs=1.0, batch_size=4, save_every=1)
     plan = estimate.plan(tiny_q4, tiny_task, cfg, tcfg, EngineConfig())
     budget = (plan.seconds(0) + plan.seconds(8)) / 2 + 1e-3  # room for a few questions, not for 20
     want = estimate.fit_budget(plan, budget, "")

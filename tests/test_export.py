@@ -34,7 +34,7 @@ def finished(tiny_q4, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     cfg = root / "run.toml"
     cfg.write_text(f'model = "{tiny_q4}"\ndata = "{folder}"\nout = "{root / "run"}"\n'
-                   'epochs = 1.0\nbatch-size = 4\nsave-every = 1\nmin-letter-mass = 0\nlearners = 3\n'
+                   'epochs = 1.0\nbatch-size = 4\nsave-every = 1\nmin-letter-mass = 0\nlearners = 3\nforce = true\n'
                    '[engine]\nn_ctx = 1024\n')
     run("run", "--config", cfg)
     return folder, root / "run"

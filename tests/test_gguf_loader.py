@@ -207,3 +207,18 @@ def test_models_info_and_loader_agree_on_every_family(family):
         info = models.inspect(family(name))
         assert info.mlx_trainable.startswith("yes"), (name, info.mlx_trainable)
         assert f"mlx_lm.models.{gguf_loader.ARCHITECTURES[info.architecture].mlx_module}" in info.mlx_trainable
+
+
+@pytest.mark.parametrize("name,arch,lr", [("llama3", "llama", 3e-4), ("gemma3", "gemma3", 1e-4)])
+def test_the_family_learning_rate_trains_where_lr_is_left_out(family, tmp_path, name, arch, lr):
+    """`--lr` left at 0 (the default) trains at the rate the architecture table measured for the family; a given
+    `--lr` wins. The value that trained is recorded, as the run's stage identity uses it."""
+    from semievol_local.method.finetune import family_defaults
+    from semievol_local.training.gguf_loader import default_lr
+
+    assert TrainConfig().lr == 0 and default_lr(arch) == lr
+    assert family_defaults(TrainConfig(), arch).lr == lr and family_defaults(TrainConfig(lr=5e-3), arch).lr == 5e-3
+    path = family(name)
+    cfg = TrainConfig(epochs=1, batch_size=4, warmup=0.0, val_fraction=0.0, save_every=100, max_seq_len=64)
+    me.train(path, toy(path), cfg, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["semievol_train_config"]["lr"] == lr

@@ -24,8 +24,10 @@ TRAIN = TrainConfig(epochs=1.0, batch_size=4, save_every=1)
 
 def Run(**kw) -> RunConfig:
     """The tiny random models put little probability on the option letters, which the default selection
-    refuses (see test_low_letter_mass_is_never_selected): these tests select by entropy alone."""
-    return RunConfig(**{"min_letter_mass": 0.0, **kw})
+    refuses (see test_low_letter_mass_is_never_selected): these tests select by entropy alone. And they learn
+    no task in one epoch, so their warm-up answers one option everywhere, which stops a run (see
+    test_a_warm_up_that_learned_only_the_prior_stops_the_run): these tests go past the check."""
+    return RunConfig(**{"min_letter_mass": 0.0, "force": True, **kw})
 
 
 def pseudo(run: Path) -> list[dict]:
@@ -47,7 +49,7 @@ def full_run(tiny_q4, tmp_path_factory):
     write_task(folder)
     out = tmp_path_factory.mktemp("runs") / "full"
     args = ["run", "--model", str(tiny_q4), "--data", str(folder), "--out", str(out), "--epochs", "1",
-            "--batch-size", "4", "--save-every", "1", "--min-letter-mass", "0"]
+            "--batch-size", "4", "--save-every", "1", "--min-letter-mass", "0", "--force"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, (res.stdout, res.stderr)
     return folder, out, args, res
@@ -109,7 +111,7 @@ def test_a_changed_option_reruns_only_what_depends_on_it(full_run, tiny_q4, tmp_
     shutil.copytree(out, copy)
     stages = run_semievol(tiny_q4, folder, copy, Run(theta=30.0), TRAIN)
     reused = {k for k, s in stages.items() if s.reused}
-    assert reused == {"warmup", "eval/vanilla", "eval/sft", "round1/retrieval", "round1/collaboration"}
+    assert reused == {"warmup", "eval/vanilla", "eval/sft", "probe", "round1/retrieval", "round1/collaboration"}
     assert sum(r["selected"] for r in pseudo(copy)) < sum(r["selected"] for r in pseudo(out))
 
 
@@ -371,7 +373,7 @@ def test_low_letter_mass_is_never_selected(full_run, tiny_q4, tmp_path):
     folder, out = full_run[0], full_run[1]
     copy = tmp_path / "floor"
     shutil.copytree(out, copy)
-    stages = run_semievol(tiny_q4, folder, copy, RunConfig(), TRAIN)
+    stages = run_semievol(tiny_q4, folder, copy, RunConfig(force=True), TRAIN)
     assert not stages["round1/selection"].reused and stages["round1/collaboration"].reused
     rows = pseudo(copy)
     assert all(r["letter_mass"] < 0.5 for r in rows) and not any(r["selected"] for r in rows)
@@ -426,7 +428,7 @@ def test_prompts_that_did_not_fit_are_recorded(tiny_q4):
     from semievol_local.core.data import Item
     from semievol_local.engines.llama_engine import load
     from semievol_local.method.collaboration import ask_learner
-    from semievol_local.method.pipeline import prompt_counts
+    from semievol_local.method.stages import prompt_counts
 
     engine = load(tiny_q4, EngineConfig(n_ctx=256))
     opts = ("red", "blue", "green")  # the tiny tokenizer: ~175 tokens for this question, ~400 with 3 examples
@@ -503,3 +505,52 @@ def test_open_answer_demo_runs_in_sample_mode(tiny_q4, tmp_path):
             {"index": 1, "pseudo_label": "42.2", "consistent": True, "selected": True, "entropy": 0.2},
             {"index": 2, "pseudo_label": "43", "consistent": True, "selected": True, "entropy": 0.3}]
     assert pseudo_label_stats(recs, gold)["accuracy_all"] == pytest.approx(2 / 3)
+
+
+def test_a_warm_up_that_learned_only_the_prior_stops_the_run(tiny_q4, tmp_path):
+    """A task built to collapse: every question is the same text, so the model can only learn the labeled
+    split's prior (70% A), and answers one option on every unlabeled question. The run stops after the probe,
+    before collaboration, with one line and exit code 3, and keeps what it finished; --force goes on, and the
+    report says what it saw. The unlabeled answers (all C) take no part."""
+    from typer.testing import CliRunner
+
+    from semievol_local.cli import app
+
+    def rows(answers):
+        return [{"question": "Which option?", "options": ["red", "blue", "green"], "answer": a} for a in answers]
+
+    task = tmp_path / "task"
+    write_split(task / "labeled.csv", rows("A" * 14 + "B" * 3 + "C" * 3))
+    write_split(task / "unlabeled.csv", rows("C" * 20))
+    write_split(task / "test.csv", rows("ABC" * 3 + "A"))
+    out = tmp_path / "run"
+    args = ["run", "--model", str(tiny_q4), "--data", str(task), "--out", str(out), "--epochs", "2", "--batch-size",
+            "4", "--min-letter-mass", "0"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 3, (res.stdout, res.stderr)
+    line = res.stderr.strip().splitlines()[-1]
+    assert "unlabeled questions" in line and "70%" in line and "--force" in line, line
+    assert "Traceback" not in res.stderr
+    probe = json.loads((out / "probe" / "probe.json").read_text())
+    assert probe["collapsed"] and probe["n"] == 20 and probe["top_share"] == 1.0
+    assert probe["labeled"] == {"A": 0.7, "B": 0.15, "C": 0.15}
+    assert (out / "warmup" / "adapter.gguf").is_file() and (out / "eval" / "sft" / "eval.json").is_file()
+    assert not (out / "round1").exists()
+    assert "answers by option" in res.stdout
+    forced = CliRunner().invoke(app, [*args, "--force"])
+    assert forced.exit_code == 0, (forced.stdout, forced.stderr)
+    rep = report(out)
+    assert rep["stages"]["warmup"] and rep["stages"]["probe"]  # kept, and reused by the forced run
+    assert any("collapsed" in w and "--force" in w for w in rep["warnings"]), rep["warnings"]
+    assert rep["classes"]["labeled split"] == {"A": 0.7, "B": 0.15, "C": 0.15}
+    assert rep["classes"]["probe (warm model, unlabeled)"][probe["top"]] == 1.0
+    assert "## Answers by option" in (out / "report.md").read_text()
+
+
+def test_force_is_refused_where_there_is_no_collapse_check(tiny_q4, tiny_task):
+    from typer.testing import CliRunner
+
+    from semievol_local.cli import app
+
+    res = CliRunner().invoke(app, ["eval", "--model", str(tiny_q4), "--data", str(tiny_task), "--force"])
+    assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1 and "--force" in res.stderr, res.stderr

@@ -266,7 +266,7 @@ def test_a_whole_run_through_a_served_fleet_equals_the_run_in_process(server_bin
     logs.mkdir()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "TMPDIR": str(logs)}
     common = ["run", "--model", str(tiny_q4), "--data", str(task), "--epochs", "1", "--batch-size", "4",
-              "--min-letter-mass", "0", "--n-ctx", "512"]
+              "--min-letter-mass", "0", "--n-ctx", "512", "--force"]
     local = subprocess.run([sys.executable, "-m", "semievol_local.cli", *common, "--out", str(tmp_path / "local")],
                            capture_output=True, text=True, env=env, timeout=900)
     assert local.returncode == 0, local.stderr

@@ -4,6 +4,8 @@ writes the README's summary and docs/performance.md's tables from the benchmarks
 text in, text out, except `publish`, which rewrites the two files' marked sections."""
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import platform
 import subprocess
@@ -74,7 +76,8 @@ HEADINGS = {"majority": "majority", "vanilla": "vanilla", "sft": "SFT", "semievo
             "tflop": "TFLOP counted", "predicted_s": "predicted s (--plan)", "weights_b": "weights (B)",
             "file_mb": "file MB", "train_tokens_per_s": "train tok/s", "train_fraction": "train GEMM fraction",
             "train_peak_mb": "train peak MB", "prompt_file": "prompt tok/s, file", "prompt_f32": "prompt tok/s, f32 copy",
-            "auto": "auto picks", "run_peak_mb": "run peak MB (plan)", "plan_time": "run time (plan)"}
+            "auto": "auto picks", "run_peak_mb": "run peak MB (plan)", "plan_time": "run time (plan)",
+            "p_vs_full_per_seed": "p vs SemiEvol, per seed", "p_vs_full_pooled": "p vs SemiEvol, pooled"}
 
 
 def heading(key: str) -> str:
@@ -87,6 +90,8 @@ TITLES = {"main": "Main table (test accuracy; error reduction is relative)",
           "rounds": "Rounds (paper Fig. 7; round 0 is SFT)",
           "baselines": "Baselines (p: exact McNemar against SemiEvol on the same test questions)",
           "whole_run": "Whole run, per stage",
+          "seeds": "Over training seeds (test accuracy; p: exact McNemar against SemiEvol per seed, and a sign test "
+                   "over the test questions pooled over the seeds)",
           "servers": "Collaboration in process and through local llama-servers (`--server`): the same questions, "
                      "labels and selections",
           "sizes": "At the sizes users bring: training tokens/s and the fraction of float32 GEMM its FLOPs reach "
@@ -111,8 +116,13 @@ def markdown(results: list[dict]) -> str:
                   "```", r.get("command", "?"), "```", ""]
         layers = (r.get("train") or {}).get("num_layers")
         if layers is not None:  # the fine-tunes' LoRA depth: it sets their speed, memory and accuracy
+            lr = (r.get("train") or {}).get("lr")
             lines += [f"LoRA on {'all' if layers == -1 else f'the last {layers}'} blocks"
+                      + (f" at lr {lr:g}" if lr else " at the family's lr")
                       + (f"; the first {limit} unlabeled questions." if limit else "."), ""]
+        changed = not_today(r)
+        if changed:
+            lines += ["Options that differ from today's defaults: " + ", ".join(changed) + ".", ""]
         if r.get("benchmark") == "pseudo-label":
             rows = [{"recipe": mode, "questions/s": r[mode]["questions_per_s"], "accuracy": r[mode]["accuracy"],
                      "consistency": r[mode]["consistency_rate"], "justified": r[mode]["justified_rate"]}
@@ -197,6 +207,27 @@ PUBLISHED = ("quality", "pseudo-label", "run", "sizes", "servers")  # the benchm
 _ORDER = {"run": 0, "quality": 1, "pseudo-label": 2, "servers": 3, "sizes": 4}
 
 
+SAID_ELSEWHERE = {"num_layers", "limit_unlabeled", "lr"}  # stated in their own sentence (lr: the family's)
+
+
+def not_today(r: dict) -> list[str]:
+    """The options a result was measured with that are not today's defaults, as flags (`--embedding model`),
+    read from the config the benchmark recorded: a table measured before a default changed says so itself."""
+    from ..core import config
+
+    out = []
+    for section, cls in (("run", config.RunConfig), ("train", config.TrainConfig)):
+        recorded = r.get(section) or {}
+        for f in dataclasses.fields(cls):
+            if f.name in recorded and f.name not in SAID_ELSEWHERE:
+                today = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                if recorded[f.name] != today:
+                    v = recorded[f.name]
+                    out.append(config.flag(f) if v is True else
+                               (config.flag(f).replace("--", "--no-", 1) if v is False else f"{config.flag(f)} {v}"))
+    return out
+
+
 def in_order(named: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
     """Results in the order they are published, whatever order they were given in: the whole run first, then
     the quality tables (main before the other suites), then pseudo-labeling speed and the sizes table."""
@@ -215,7 +246,7 @@ def summary(named: list[tuple[str, dict]]) -> str:
         layers = (r.get("train") or {}).get("num_layers")
         limit = (r.get("run") or {}).get("limit_unlabeled")
         setting = ("LoRA on all blocks" if layers == -1 else f"LoRA on {layers} blocks" if layers else "-") + (
-            f", first {limit} unlabeled" if limit else ", all unlabeled")
+            f", first {limit} unlabeled" if limit else ", all unlabeled") + "".join(f", {o}" for o in not_today(r))
         for row in (r.get("tables") or {}).get("main", []):
             rows.append({"task": row.get("task"), "model": Path(r.get("model", "?")).name,
                          **{k: row.get(k) for k in ("majority", "vanilla", "sft", "semievol", "p_vs_sft")},

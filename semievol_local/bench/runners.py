@@ -27,7 +27,7 @@ from ..core.prompts import answers_match
 from ..core.runfolder import RunFolder
 from ..engines.llama_engine import load
 from ..method import collaboration, estimate, pipeline
-from ..method.report import build_report, error_reduction, paired, stage_label, stage_seconds
+from ..method.report import build_report, error_reduction, paired, paired_pooled, stage_label, stage_seconds
 from .results import machine
 from .whole_run import last_eval, last_pseudo
 
@@ -86,17 +86,44 @@ def quality_plan(datas: list[Path], suites: list[str], cfg: RunConfig) -> list[V
 
 def quality(model_path: Path, datas: list[Path], out: Path, suites: list[str], cfg: RunConfig, tcfg: TrainConfig,
             ecfg: EngineConfig, reporter=None, share_extra: tuple[Path, ...] = (), on_run=lambda folder: None,
-            command: str = "") -> dict:
-    """Run every variant of the plan (shared stages reused) and gather the paper-style tables."""
+            command: str = "", seeds: int = 1) -> dict:
+    """Run every variant of the plan (shared stages reused) and gather the paper-style tables; with `seeds` > 1,
+    the whole plan again with each further training seed (warm-up and final fine-tune: --train-seed + s, under
+    OUT/seed<s>/), and a table of every method's mean and spread over the seeds with a pooled paired test."""
+    if seeds < 1:
+        raise UserError(f"--seeds {seeds}: give at least 1")
     plan = quality_plan([Path(d) for d in datas], suites, cfg)
     for d in datas:  # every task is checked before hours go into the first one
         load_task(Path(d))
-    runs: dict[tuple[Path, str], tuple[Path, dict]] = {}  # (task, variant folder name) -> (folder, report)
+    roots = [Path(out) if s == 0 else Path(out) / f"seed{s}" for s in range(seeds)]
+    every = [_quality_runs(model_path, plan, root, cfg, dataclasses.replace(tcfg, seed=tcfg.seed + s), ecfg, reporter,
+                           share_extra, on_run) for s, root in enumerate(roots)]
+    runs = every[0]
+    tables = _quality_tables(plan, runs, Path(out))
+    if seeds > 1:
+        tables["seeds"] = seed_table(plan, every, roots, tcfg.seed)
+    # the whole run is the full method's (the first task's), whichever suites were asked for
+    first = next((var for var in plan if var.data == plan[0].data and not var.overrides), plan[0])
+    whole = runs[(first.data, first.folder)][1]["stages"]
+    tables["whole_run"] = [{"stage": stage_label(n, s), "seconds": stage_seconds(s), "peak_rss_mb": round(s["peak_rss_mb"])}
+                           for n, s in whole.items()]
+    return {"benchmark": "quality", "machine": machine(), "command": command, "model": str(model_path),
+            "tasks": [str(d) for d in datas], "suites": list(suites), "seeds": seeds,
+            "run": dataclasses.asdict(cfg), "train": dataclasses.asdict(tcfg),
+            "whole_run": {"task": first.data.name, "seconds": round(sum(s["seconds"] for s in whole.values()), 1),
+                          "peak_rss_mb": max((s["peak_rss_mb"] for s in whole.values()), default=None),
+                          "untimed_attempts": any(s.get("untimed_attempts") for s in whole.values())},
+            "tables": tables}
+
+
+def _quality_runs(model_path, plan, out: Path, cfg, tcfg, ecfg, reporter, share_extra, on_run) -> dict:
+    """(task, variant folder name) -> (folder, report), one run per distinct variant, siblings sharing stages."""
+    runs: dict[tuple[Path, str], tuple[Path, dict]] = {}
     for var in plan:
         key = (var.data, var.folder)
         if key in runs:
             continue
-        task_dir = Path(out) / var.data.name
+        task_dir = out / var.data.name
         folder = task_dir / var.folder
         siblings = tuple(p for p in task_dir.glob("*") if p.is_dir() and p != folder) if task_dir.exists() else ()
         siblings += tuple(Path(p) for p in share_extra)
@@ -104,6 +131,41 @@ def quality(model_path: Path, datas: list[Path], out: Path, suites: list[str], c
         pipeline.run_semievol(model_path, var.data, folder, dataclasses.replace(cfg, **dict(var.overrides)), tcfg,
                               ecfg, reporter, share=siblings)
         runs[key] = folder, build_report(folder)
+    return runs
+
+
+def seed_table(plan: list[Variant], every: list[dict], roots: list[Path], seed0: int) -> list[dict]:
+    """Per method of the first task (SFT, then each variant), its test accuracy over the seeds: mean, standard
+    deviation, range, the exact McNemar p against the full method for each seed, and one sign test pooled over
+    the seeds with the test questions as units (`report.paired_pooled`)."""
+    first = plan[0].data
+    variants = list(dict.fromkeys((v.folder, v.row if v.table != "main" else "SemiEvol") for v in plan
+                                  if v.data == first))
+    full = [runs[(first, "full")][0] if (first, "full") in runs else None for runs in every]
+    if any(f is None for f in full):
+        return []
+
+    def sft(folder: Path) -> dict:
+        return json.loads((folder / "eval" / "sft" / "eval.json").read_text())
+
+    methods = [("SFT (no pseudo-labels)", [sft(f) for f in full])]
+    methods += [(row, [last_eval(runs[(first, folder)][0]) for runs in every]) for folder, row in variants]
+    rows = []
+    for name, evals in methods:
+        acc = np.array([e["accuracy"] for e in evals])
+        pairs = [(e, last_eval(f)) for e, f in zip(evals, full)]
+        same = all(e is last for e, last in pairs) or name == "SemiEvol"
+        per = [None if same else (paired(a, b) or {}).get("p_value") for a, b in pairs]
+        pooled = None if same else (paired_pooled(pairs) or {}).get("p_value")
+        rows.append({"method": name, "seeds": ", ".join(str(seed0 + s) for s in range(len(evals))),
+                     "mean": float(acc.mean()), "sd": float(acc.std(ddof=1)) if len(acc) > 1 else None,
+                     "min": float(acc.min()), "max": float(acc.max()),
+                     "p_vs_full_per_seed": ", ".join("-" if p is None else f"{p:.3g}" for p in per),
+                     "p_vs_full_pooled": pooled})
+    return rows
+
+
+def _quality_tables(plan: list[Variant], runs: dict, out: Path) -> dict[str, list[dict]]:
     tables: dict[str, list[dict]] = {}
     for var in plan:
         folder, rep = runs[(var.data, var.folder)]
@@ -140,18 +202,7 @@ def quality(model_path: Path, datas: list[Path], out: Path, suites: list[str], c
                 rows.append({"round": int(r), "accuracy": acc, "selected": st.get("selected"),
                              "pseudo_label_accuracy_selected": st.get("accuracy_selected")})
             tables["rounds"] = rows
-    # the whole run is the full method's (the first task's), whichever suites were asked for
-    first = next((var for var in plan if var.data == plan[0].data and not var.overrides), plan[0])
-    whole = runs[(first.data, first.folder)][1]["stages"]
-    tables["whole_run"] = [{"stage": stage_label(n, s), "seconds": stage_seconds(s), "peak_rss_mb": round(s["peak_rss_mb"])}
-                           for n, s in whole.items()]
-    return {"benchmark": "quality", "machine": machine(), "command": command, "model": str(model_path),
-            "tasks": [str(d) for d in datas], "suites": list(suites),
-            "run": dataclasses.asdict(cfg), "train": dataclasses.asdict(tcfg),
-            "whole_run": {"task": first.data.name, "seconds": round(sum(s["seconds"] for s in whole.values()), 1),
-                          "peak_rss_mb": max((s["peak_rss_mb"] for s in whole.values()), default=None),
-                          "untimed_attempts": any(s.get("untimed_attempts") for s in whole.values())},
-            "tables": tables}
+    return tables
 
 
 # --- the sizes users bring ------------------------------------------------------------------------
@@ -197,6 +248,7 @@ def sizes(model_paths: list[Path], data: Path, cfg: RunConfig, tcfg: TrainConfig
     """`size_row` for every model, each in a fresh process (one model's memory is not the next one's)."""
     import multiprocessing
 
+    refuse_force(cfg)
     if ecfg.server:
         raise UserError("bench sizes measures llama.cpp in this process; leave out --server")
     load_task(Path(data))  # a bad task folder fails before any model is measured
@@ -256,6 +308,12 @@ def train_vs_peft(model_path: Path, peft_python: str, *, steps: int, batch_size:
 
 # --- pseudo-labeling speed --------------------------------------------------------------------------
 
+def refuse_force(cfg: RunConfig) -> None:
+    """`--force` goes past the collapse check of a run; the benchmarks that run no pipeline have none."""
+    if cfg.force:
+        raise UserError("--force: this benchmark runs no collapse check to go past; leave it out")
+
+
 def score_mode_questions(data: Path, n_items: int, adapter: Path | None, why: str) -> tuple[list, list]:
     """The labeled items and the first `n_items` unlabeled ones of a task that score mode can ask (options on
     every row), for the benchmarks that time pseudo-labeling on them; `adapter`, if given, must exist."""
@@ -275,6 +333,7 @@ def pseudo_label(model_path: Path, data: Path, n_items: int, out: Path, cfg: Run
                  command: str = "") -> dict:
     """The paper's recipe (n samples at temperature 1, self-justification, mean NLL) vs score mode, on the
     same N unlabeled questions, demonstrations, learners and warm adapter."""
+    refuse_force(cfg)
     reporter = reporter or pipeline.Quiet()
     labeled, unlabeled = score_mode_questions(data, n_items, adapter, "this benchmark compares it with sampling")
     held = load_heldout(find_split_file(Path(data), "unlabeled"))  # reporting only

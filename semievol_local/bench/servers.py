@@ -20,7 +20,7 @@ from ..engines.llama_engine import load
 from ..engines.weights import default_threads
 from ..method import collaboration, pipeline
 from .results import machine
-from .runners import score_mode_questions
+from .runners import refuse_force, score_mode_questions
 
 
 def servers(model_path: Path, data: Path, n_items: int, out: Path, cfg: RunConfig, tcfg: TrainConfig,
@@ -30,6 +30,7 @@ def servers(model_path: Path, data: Path, n_items: int, out: Path, cfg: RunConfi
     process with every core, through 1 llama-server and through `n_servers` (1 thread each), then again
     through them with one server killed a third of the way. Questions/s of each, and whether the
     pseudo-labels, entropies and selections are the in-process ones."""
+    refuse_force(cfg)
     reporter = reporter or pipeline.Quiet()
     labeled, unlabeled = score_mode_questions(data, n_items, adapter, "this benchmark runs score mode")
     exe = llama_server.binary(say=lambda msg: reporter.stage(msg, False))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 
 from ..training import mlx_engine  # first: it loads the fast BLAS before mlx.core
-from ..core.config import TrainConfig
+from ..core.config import TrainConfig  # noqa: I001
 from ..training import lora as lora_layers, mlx_fast
 from ..training.blas import gemm_gflops
 

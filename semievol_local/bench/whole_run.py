@@ -14,6 +14,7 @@ from ..core.config import EngineConfig, RunConfig, TrainConfig
 from ..core.errors import UserError
 from ..engines.llama_engine import load
 from ..method import estimate, pipeline
+from ..method.finetune import family_defaults
 from ..method.report import build_report, stage_label
 from .results import machine
 
@@ -196,7 +197,8 @@ def whole_run(model_path: Path, data: Path, out: Path, cfg: RunConfig, tcfg: Tra
     ref_flops = llama_flops(shape, {"": {f"0:{REFERENCE_DECODE}": REFERENCE_DECODE}}, 1) / REFERENCE_DECODE
     every = [*stick.before.values(), after]
     return {"benchmark": "run", "machine": where, "command": command, "model": str(model_path), "task": str(data),
-            "weights": engine.weights.kind, "run": dataclasses.asdict(cfg), "train": dataclasses.asdict(tcfg),
+            "weights": engine.weights.kind, "run": dataclasses.asdict(cfg),
+            "train": dataclasses.asdict(family_defaults(tcfg, engine.architecture)),  # the lr that trained
             "gemm_gflops": sum(every) / len(every),  # the run's mean, for a reader; no stage is rated at it
             "yardstick": {"what": "float32 GEMM GFLOPS (MLX, (512 x 2048) @ (2048 x 2048), best of 5)",
                           "before_stage": stick.before, "after": after},

@@ -96,6 +96,9 @@ def bench_quality_cmd(
     reuse: list[Path] = typer.Option([], "--reuse", help="Finished run folders whose identical stages may be copied "
                                      "(e.g. an earlier `semievol run` on the same task)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the tables, machine and command here."),
+    seeds: int = typer.Option(1, "--seeds", min=1, help="Run the whole comparison with this many training seeds "
+                              "(--train-seed, +1, ...; the further ones under OUT/seed<s>/) and add a table of each "
+                              "method's mean and spread with a paired test pooled over the seeds."),
     *, run_config: RunConfig, train_config: TrainConfig, engine_config: EngineConfig,
 ):
     """The paper's tables at laptop scale: main, ablations, sensitivity to n and theta, rounds; and baselines:
@@ -108,7 +111,7 @@ def bench_quality_cmd(
             raise UserError(f"--reuse {p}: not a run folder (no run.json)")
     result = runners.quality(models.resolve(model), data, out, suite, run_config, train_config, engine_config,
                            reporter=ui.Reporter(), share_extra=tuple(reuse), command=invocation(ctx),
-                           on_run=lambda folder: ui.info(f"run: {folder}"))
+                           on_run=lambda folder: ui.info(f"run: {folder}"), seeds=seeds)
     _publish(result, json_out)
 
 

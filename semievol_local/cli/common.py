@@ -7,16 +7,50 @@ import dataclasses
 import functools
 import inspect
 import os
+import sys
 import typing
 
 import typer
+from typer.core import TyperGroup
+
+try:  # typer >= 0.2x carries its own copy of click, whose exceptions it raises
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_errors
 
 from ..core import config
 from ..core.errors import UserError
 from ..method.models import DEFAULT_MODEL
 from . import ui
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+
+class OneLineUsage(TyperGroup):
+    """The top command group: a flag or argument typed wrong (unknown option, bad value, missing option) is one
+    line on stderr and exit 2, like every other mistake, instead of click's usage box."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click_errors.NoArgsIsHelpError as e:  # no command given: the help, as before
+            typer.echo(e.ctx.get_help() if e.ctx else e.format_message())
+            rv = e.exit_code
+        except click_errors.UsageError as e:
+            where = e.ctx.command_path if e.ctx else "semievol"
+            msg = e.format_message().rstrip(".")
+            ui.error(f"{where}: {msg[:1].lower() + msg[1:]}; see `{where} --help`")
+            rv = 2
+        except click_errors.ClickException as e:
+            ui.error(e.format_message())
+            rv = e.exit_code
+        except typer.Abort:
+            ui.error("aborted")
+            rv = 1
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+app = typer.Typer(cls=OneLineUsage, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Semi-supervised fine-tuning (SemiEvol) of GGUF models: MLX trains LoRA, llama.cpp serves it.")
 models_app = typer.Typer(no_args_is_help=True, help="List, fetch and inspect models.")
 data_app = typer.Typer(no_args_is_help=True, help="Check task data.")

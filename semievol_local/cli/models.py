@@ -37,11 +37,13 @@ def models_info(model: str = typer.Argument(DEFAULT_MODEL, help="Alias or .gguf 
     from ..method import models
 
     from ..engines.weights import plan_weights
+    from ..training.gguf_loader import default_lr
 
     info = models.inspect(models.resolve(model))
     d = info.as_dict()
     d["parameters"] = f"{info.n_params / 1e6:.1f} M"
     d["chat_template"] = "yes" if info.chat_template else "no (a plain fallback format is used)"
+    d["training lr (default)"] = f"{default_lr(info.architecture):g} for {info.architecture} (--lr overrides it)"
     w = plan_weights(info.path, EngineConfig())  # auto: measured on this machine the first time (cached)
     names = {"file": "the file", "f32": "float32 copy"}
     if w.rates:

@@ -2,6 +2,7 @@
 taken elsewhere."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -110,26 +111,54 @@ def predict_cmd(
 
 @command(app, "export")
 def export_cmd(
-    run: Path = typer.Argument(..., help="A finished run folder (`semievol run --out`)."),
+    run: Path = typer.Argument(..., help="A finished run folder (`semievol run --out`), or with --merged a "
+                               "`semievol train` folder."),
     out: Path = typer.Option(..., "--out", "-o", help="A new folder for the exported files."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="The run's task folder, where run.json's path "
-                                        "does not reach it (a run started from another folder)."),
+                                        "does not reach it (a run started from another folder); for a train folder, "
+                                        "the split (or task folder: its test split) to check the merged file on."),
     peft: bool = typer.Option(False, "--peft", help="Also write peft/: the adapter for the Hugging Face base model "
                               "(transformers + PEFT, vLLM), Q/K rows in Hugging Face order."),
+    merged: bool = typer.Option(False, "--merged", help="Also write model.gguf: the base with the adapter merged in, "
+                                "in the base's own quantization, one file any GGUF front end loads (Ollama, LM "
+                                "Studio, llama-server); checked against base + adapter; the Modelfile then uses it."),
+    outtype: Optional[str] = typer.Option(None, "--outtype", help="With --merged: the merged file's type (f32, f16, "
+                                          "q8_0, q4_k_m, ... as llama.cpp names them) instead of the base's."),
 ):
     """Export a run: train.csv/.jsonl (labeled + selected pseudo-labels), chat.jsonl for mlx-lm, the adapter and
-    an Ollama Modelfile."""
+    an Ollama Modelfile; with --merged, one GGUF with the adapter merged in."""
+    from ..core import data as data_mod
     from ..engines import llama_engine
-    from ..method import export
+    from ..method import export, merge
 
-    meta = export.run_meta(run)
-    model = Path(meta["model"])
+    export.check_out(out)  # a bad --out or --outtype before anything loads
+    merge.check_outtype(outtype)
+    trained = (run / "adapter_config.json").is_file() and not (run / "run.json").exists()
+    if trained:
+        if not merged:
+            raise UserError(f"{run}: a `semievol train` folder; export --merged writes its merged model (the other "
+                            "files need a `semievol run` folder)")
+        if data is None:
+            raise UserError(f"{run}: give --data, the split (or task folder) to check the merged file on")
+        path = data if data.is_file() else data_mod.find_split_file(data, "test")
+        items = data_mod.load_split(path, path.stem).items
+        model = Path(json.loads((run / "adapter_config.json").read_text())["model"])
+    else:
+        meta = export.run_meta(run)
+        model = Path(meta["model"])
+        export.final_adapter(run)  # a run without one fails here, before the model loads
     if not model.is_file():
-        raise UserError(f"{run}: its model {model} is not there any more; the Modelfile needs the base GGUF")
-    export.final_adapter(run)  # a run without one fails here, before the model loads
+        raise UserError(f"{run}: its model {model} is not there any more; the export needs the base GGUF")
     engine = llama_engine.load(model)
-    summary = export.export_run(run, out, engine.template, engine.adds_bos, data=data, peft=peft)
+    if trained:
+        summary = export.export_trained(run, out, engine, items, outtype=outtype, say=ui.info)
+        names = ["model.gguf", "merge.json", "Modelfile"]
+    else:
+        summary = export.export_run(run, out, engine, data=data, peft=peft, merged=merged, outtype=outtype,
+                                    say=ui.info)
+        names = ["train.csv", "train.jsonl", "chat.jsonl", "mlx-lm/train.jsonl", "adapter.gguf", "Modelfile",
+                 *(["model.gguf", "merge.json"] if merged else []),
+                 *(["peft/adapter_model.safetensors", "peft/adapter_config.json"] if peft else [])]
     ui.kv_table(f"exported {run}", {k: v for k, v in summary.items() if k != "out"})
-    for name in ("train.csv", "train.jsonl", "chat.jsonl", "mlx-lm/train.jsonl", "adapter.gguf", "Modelfile",
-                 *(["peft/adapter_model.safetensors", "peft/adapter_config.json"] if peft else [])):
+    for name in names:
         ui.info(str(out / name))

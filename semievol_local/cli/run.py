@@ -9,7 +9,7 @@ import typer
 
 from ..core import config
 from ..core.config import EngineConfig, RunConfig, TrainConfig
-from ..core.errors import UserError
+from ..core.errors import CannotHelp, UserError
 from . import ui
 from .common import app, command, given_options, model_option, options_from, typed_in
 
@@ -56,7 +56,11 @@ def run_pipeline(model, data, out, run_config, train_config, engine_config, *, p
     run_config = plan_first(path, data, run_config, train_config, engine_config)
     if plan_only:
         return
-    pipeline.run_semievol(path, data, out, run_config, train_config, engine_config, reporter=ui.Reporter())
+    try:
+        pipeline.run_semievol(path, data, out, run_config, train_config, engine_config, reporter=ui.Reporter())
+    except CannotHelp:  # what it saw first (SFT against the majority class, the answers by option), then why
+        ui.run_report(report.build_report(out))
+        raise
     ui.run_report(report.build_report(out))
     ui.info(f"report: {out / 'report.md'}")
 

@@ -60,8 +60,10 @@ def serve_cmd(
     # the weights a run with the same --weights computes with (llama-server has no GPU here: as on a CPU)
     served = inference_weights(model_path, EngineConfig(weights=weights, n_gpu_layers=0)).path
     fixed = [export.adapter_path(a) for a in adapter]
-    if run is not None and not run.is_dir():
-        raise UserError(f"--run {run}: no such folder; give the run's --out folder (it may not exist yet: create it)")
+    if run is not None:
+        if run.exists() and not run.is_dir():
+            raise UserError(f"--run {run}: a file, not a folder; give the run's --out folder")
+        run.mkdir(parents=True, exist_ok=True)  # the run may start after its servers: they watch the folder
     threads = threads or max(1, default_threads() // servers)
     ports = [port + i for i in range(servers)] if port else [llama_server.free_port() for _ in range(servers)]
     logs = Path(os.environ.get("TMPDIR", "/tmp"))

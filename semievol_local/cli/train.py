@@ -39,6 +39,7 @@ def train_cmd(
 
     items = data_mod.load_split(data_mod.find_split_file(data, split), split).items
     engine = llama_engine.load(models.resolve(model), engine_config)
+    train_config = finetune.family_defaults(train_config, engine.architecture)
     if not finetune.lead_process():  # started by `mlx.launch`, not rank 0: compute its share, write and draw nothing
         finetune.train_adapter(engine, items, train_config, out, resume=resume)
         return

@@ -217,6 +217,13 @@ def run_report(report: dict) -> None:
                    "(a model that does not follow the answer format; --min-letter-mass sets the floor)"
                    if st.get("low_letter_mass") == st["n"] else "")
             warn(f"{name}: no pseudo-label was selected, so the final fine-tune trained on the labeled rows alone{why}")
+    cls = report.get("classes") or {}
+    if cls:
+        letters = list(cls["labeled split"])
+        table("answers by option (shares)", ["answers", *letters],
+              [[name, *(f"{d.get(k, 0.0):.2f}" for k in letters)] for name, d in cls.items()])
+    for w in report.get("warnings", []):
+        warn(w)
     mj = report.get("majority")
     if mj:
         info(f"majority class {mj['majority_label']} from the {mj['majority_from']}; the test split's own majority "

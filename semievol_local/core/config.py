@@ -198,7 +198,8 @@ class TrainConfig:
                           min=1, also=(-1,), stages=("train",))
     keys: str = opt("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                     "Comma-separated projections that get LoRA.", stages=("train",))
-    lr: float = opt(3e-4, "Peak learning rate (linear warm-up, then cosine decay).", gt=0, stages=("train",))
+    lr: float = opt(0.0, "Peak learning rate (linear warm-up, then cosine decay); 0: the model family's measured "
+                    "default (3e-4; gemma3 1e-4; `semievol models info` shows it).", min=0, stages=("train",))
     warmup: float = opt(0.1, "Warm-up as a fraction of all optimizer steps.", min=0, lt=1, stages=("train",))
     epochs: float = opt(3.0, "Passes over the training data.", gt=0, stages=("train",))
     batch_size: int = opt(8, "Sequences per batch.", min=1, stages=("train",))
@@ -293,6 +294,9 @@ class RunConfig:
     max_tokens: int = opt(256, "Longest learner response in sample mode.", min=1, stages=("collaboration",))
     limit_unlabeled: int = opt(0, "Use only the first N unlabeled questions (0: all).", min=0)
     limit_test: int = opt(0, "Evaluate on only the first N test questions (0: all).", min=0)
+    force: bool = opt(False, "Go on where the collapse check stops the run: the warm-up answered one option on at "
+                      "least 90% of the probed unlabeled questions while no class holds over 70% of the labeled "
+                      "split (the run then stops before collaboration, with exit code 3).")
     time_budget: str = opt("", "Pseudo-label as many unlabeled questions (the first N) as fit this long a run, by the "
                            "estimate every run prints first: 45m, 2h, 1h30m, 90s (a bare number: minutes). "
                            "Empty: all of them.", valid=_given(parse_duration))

@@ -9,3 +9,10 @@ class UserError(Exception):
     """A problem with the user's input, reported as one line and exit code 2."""
 
     exit_code = 2
+
+
+class CannotHelp(UserError):
+    """The method cannot help with this model and data as they are (the warm-up collapsed onto one answer):
+    one line saying what was seen and what to try, and its own exit code, 3, so a script can tell it apart."""
+
+    exit_code = 3

@@ -22,7 +22,7 @@ import numpy as np
 
 from ..core.data import Item, find_split_file, load_split
 from ..core.errors import UserError
-from ..core.files import atomic_write_text
+from ..core.files import atomic_write_json, atomic_write_text
 from ..core.prompts import ChatTemplate, answer_text, question_messages
 
 COLUMNS = ("question", "options", "answer", "source", "round", "entropy", "source_index")
@@ -153,12 +153,25 @@ def ollama_template(template: ChatTemplate, adds_bos: bool) -> str:
     return "{{ if .System }}" + with_system + "{{ else }}" + plain + "{{ end }}{{ .Response }}" + template.eos_token
 
 
-def modelfile(model_path: Path, adapter_name: str, template: ChatTemplate, adds_bos: bool) -> str:
+def modelfile(model_path: Path, adapter_name: str | None, template: ChatTemplate, adds_bos: bool) -> str:
+    """An Ollama Modelfile: `FROM ./model.gguf` for a merged file (`adapter_name` None), which every Ollama
+    version loads; else the base GGUF with `ADAPTER`, which Ollama 0.34.1 and later refuse."""
     tmpl = ollama_template(template, adds_bos).replace('"""', '\\"\\"\\"')
-    lines = ["# Written by `semievol export`: the base GGUF with the run's LoRA adapter, as llama.cpp serves them.",
-             "# The adapter answers prompts in its training format (the user messages of chat.jsonl: the question,",
-             '# lettered options where there are any, and the instruction) with "Answer: ...".',
-             f"FROM {Path(model_path).resolve()}", f"ADAPTER ./{adapter_name}", f'TEMPLATE """{tmpl}"""']
+    if adapter_name is None:
+        lines = ["# Written by `semievol export --merged`: the base GGUF with the run's LoRA adapter merged in, one",
+                 "# self-contained file that every Ollama version loads (`ollama create NAME -f Modelfile`).",
+                 "# (Without --merged the export serves the base with `ADAPTER`, which Ollama 0.34.1 and later",
+                 '# refuse: "LoRA adapters are no longer supported".)',
+                 "# The model answers prompts in its training format (the user messages of chat.jsonl: the question,",
+                 '# lettered options where there are any, and the instruction) with "Answer: ...".',
+                 "FROM ./model.gguf", f'TEMPLATE """{tmpl}"""']
+    else:
+        lines = ["# Written by `semievol export`: the base GGUF with the run's LoRA adapter, as llama.cpp serves them.",
+                 "# `ADAPTER` needs an Ollama before 0.34.1 (later versions refuse it: export with --merged, which",
+                 "# writes model.gguf and a Modelfile with `FROM ./model.gguf` that every version loads).",
+                 "# The adapter answers prompts in its training format (the user messages of chat.jsonl: the question,",
+                 '# lettered options where there are any, and the instruction) with "Answer: ...".',
+                 f"FROM {Path(model_path).resolve()}", f"ADAPTER ./{adapter_name}", f'TEMPLATE """{tmpl}"""']
     if template.eos_token:
         lines.append(f'PARAMETER stop "{template.eos_token}"')
     lines.append("PARAMETER temperature 0")
@@ -228,16 +241,27 @@ def write_peft(folder: Path, tensors: dict[str, np.ndarray], config: dict) -> No
 
 # --- writing --------------------------------------------------------------------------------------
 
-def export_run(run: Path, out: Path, template: ChatTemplate, adds_bos: bool, *, data: Path | None = None,
-               peft: bool = False) -> dict:
-    """Write train.csv, train.jsonl, chat.jsonl (and mlx-lm/train.jsonl, the same records where
-    `mlx_lm.lora --data` looks), adapter.gguf and Modelfile into `out`, a new folder: built beside it and
-    renamed into place, so a failure leaves nothing behind."""
-    run, out = Path(run), Path(out)
+def check_out(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out}: already exists; choose a new folder")
     if not out.parent.is_dir():
         raise UserError(f"--out {out}: no folder {out.parent}; create it first")
+
+
+def export_run(run: Path, out: Path, engine, *, data: Path | None = None, peft: bool = False, merged: bool = False,
+               outtype: str | None = None, say=lambda msg: None) -> dict:
+    """Write train.csv, train.jsonl, chat.jsonl (and mlx-lm/train.jsonl, the same records where
+    `mlx_lm.lora --data` looks), adapter.gguf and Modelfile into `out`, a new folder: built beside it and
+    renamed into place, so a failure leaves nothing behind. `merged`: also model.gguf, the base with the
+    adapter merged in (checked against base + adapter, `merge`), which the Modelfile then serves.
+    `engine`: the base model in llama.cpp (its template and tokenizer; with `merged`, its prompts)."""
+    from . import merge
+
+    run, out = Path(run), Path(out)
+    check_out(out)
+    merge.check_outtype(outtype)
+    if outtype and not merged:
+        raise UserError("--outtype is the merged file's type; give --merged too")
     meta = run_meta(run)
     model = Path(meta["model"])
     adapter = final_adapter(run)
@@ -245,6 +269,7 @@ def export_run(run: Path, out: Path, template: ChatTemplate, adds_bos: bool, *, 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    summary = {}
     try:
         atomic_write_text(tmp / "train.csv", rows_csv(rows))
         atomic_write_text(tmp / "train.jsonl", rows_jsonl(rows))
@@ -253,7 +278,13 @@ def export_run(run: Path, out: Path, template: ChatTemplate, adds_bos: bool, *, 
         (tmp / "mlx-lm").mkdir()
         atomic_write_text(tmp / "mlx-lm" / "train.jsonl", chat)
         shutil.copyfile(adapter, tmp / "adapter.gguf")
-        atomic_write_text(tmp / "Modelfile", modelfile(model, "adapter.gguf", template, adds_bos))
+        if merged:
+            test = run_test_items(run, meta, data)
+            summary = merged_file(engine, model, adapter, tmp / "model.gguf", test, outtype=outtype, say=say,
+                                  reference=last_round_eval(run))
+            atomic_write_json(tmp / "merge.json", summary)
+        atomic_write_text(tmp / "Modelfile", modelfile(model, None if merged else "adapter.gguf", engine.template,
+                                                       engine.adds_bos))
         if peft:
             write_peft(tmp / "peft", *peft_adapter(adapter.parent, model))
         if out.exists():
@@ -264,5 +295,81 @@ def export_run(run: Path, out: Path, template: ChatTemplate, adds_bos: bool, *, 
         raise
     n_pseudo = sum(r["source"] == "pseudo" for r in rows)
     return {"rows": len(rows), "labeled": len(rows) - n_pseudo, "pseudo": n_pseudo, "rounds": rounds_done(run),
-            "adapter": str(adapter), "model": str(model), "out": str(out)}
+            "adapter": str(adapter), "model": str(model), "out": str(out), **summary}
+
+
+def export_trained(folder: Path, out: Path, engine, items: list[Item], *, outtype: str | None = None,
+                   say=lambda msg: None) -> dict:
+    """A `semievol train` folder's adapter merged into its base: `out`/model.gguf and its Modelfile, checked on
+    `items` (the split given with --data: its prompts, and its answers for both accuracies)."""
+    from . import merge
+
+    folder, out = Path(folder), Path(out)
+    check_out(out)
+    merge.check_outtype(outtype)
+    model = Path(json.loads((folder / "adapter_config.json").read_text())["model"])
+    if not model.is_file():
+        raise UserError(f"{folder}: its model {model} is not there any more; the merge needs the base GGUF")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        summary = merged_file(engine, model, folder / "adapter.gguf", tmp / "model.gguf", items, outtype=outtype,
+                              say=say, reference=None)
+        atomic_write_json(tmp / "merge.json", summary)
+        atomic_write_text(tmp / "Modelfile", modelfile(model, None, engine.template, engine.adds_bos))
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"adapter": str(folder / "adapter.gguf"), "model": str(model), "out": str(out), **summary}
+
+
+def run_test_items(run: Path, meta: dict, data: Path | None) -> list[Item]:
+    """The test questions a run was evaluated on (its --limit-test first ones)."""
+    items = load_split(find_split_file(_task_folder(run, meta, data), "test"), "test").items
+    limit = meta.get("run", {}).get("limit_test") or 0
+    return items[:limit] if limit else items
+
+
+def last_round_eval(run: Path) -> dict:
+    return json.loads((Path(run) / f"round{rounds_done(run)[-1]}" / "eval" / "eval.json").read_text())
+
+
+def merged_file(engine, model: Path, adapter: Path, dst: Path, items: list[Item], *, outtype: str | None, say,
+                reference: dict | None) -> dict:
+    """`merge.merge_model` on the prompts of `items`, then the test accuracy of the merged file (computing with
+    the file itself, as another front end would) beside that of base + adapter (`reference`, the run's own
+    evaluation, or measured here), question by question."""
+    import dataclasses
+
+    from ..core.data import Split
+    from ..engines.llama_engine import Engine
+    from .evaluate import evaluate
+    from .merge import KL_PROMPTS, merge_model
+    from .report import paired
+
+    if not items:
+        raise UserError("no questions to check the merged file on; give a split with rows")
+    seqs = [engine.tokenize(engine.template.prompt(question_messages(it), answer_prefix=it.closed))
+            for it in items[:KL_PROMPTS]]
+    summary = merge_model(model, adapter, dst, seqs, outtype=outtype, say=say)
+    split = Split("test", Path("."), list(items))
+    if reference is None:
+        say(f"test accuracy of base + adapter on {len(items)} questions")
+        engine.set_adapter(adapter)
+        reference = evaluate(engine, split).as_dict()
+        engine.set_adapter(None)
+    say(f"test accuracy of the merged file on {len(items)} questions")
+    mine = Engine(dst, dataclasses.replace(engine.cfg, weights="file"))
+    try:
+        got = evaluate(mine, split).as_dict()
+    finally:
+        mine.close()
+    pv = paired(got, reference) or {}
+    return {**summary, "accuracy_base_adapter": reference["accuracy"], "accuracy_merged": got["accuracy"],
+            "questions": len(items), "answers_differ": pv.get("only_first", 0) + pv.get("only_second", 0),
+            "p_merged_vs_adapter": pv.get("p_value")}
 

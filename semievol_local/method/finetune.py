@@ -29,6 +29,15 @@ MIN_TOP1 = 0.9
 REJECTED_NAME = "adapter.gguf.parity-failed"  # where a failed gate moves adapter.gguf
 
 
+def family_defaults(cfg: TrainConfig, architecture: str) -> TrainConfig:
+    """`cfg` with what it leaves to the model's family filled in (`--lr 0`, the default: the learning rate
+    measured to work for the architecture, from the loader's table), so that stage identities and run.json
+    carry the value that trains."""
+    from ..training.gguf_loader import default_lr
+
+    return cfg if cfg.lr else dataclasses.replace(cfg, lr=default_lr(architecture))
+
+
 def examples(engine: InferenceEngine, items: Sequence[Item]) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, answer ids) per labeled item; the answer ends with the model's end-of-turn token.
 

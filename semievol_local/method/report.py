@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core import collapse
 from ..core.config import RunConfig
-from ..core.data import Item, find_split_file, load_heldout
+from ..core.data import Item, find_split_file, load_heldout, load_split
 from ..core.errors import UserError
 from ..core.files import atomic_write_json, atomic_write_text
 from ..core.prompts import answers_match
@@ -33,7 +34,7 @@ def _stages(run: Path) -> dict[str, dict]:
     return dict(sorted(out.items(), key=lambda kv: stage_order(kv[0])))
 
 
-ORDER = ["warmup", "eval/vanilla", "eval/sft", "retrieval", "collaboration", "selection", "final", "eval"]
+ORDER = ["warmup", "eval/vanilla", "eval/sft", "probe", "retrieval", "collaboration", "selection", "final", "eval"]
 
 
 def stage_order(name: str) -> tuple:
@@ -60,9 +61,31 @@ def paired(a: dict, b: dict) -> dict | None:
         return None
     only_a = sum(right_a[i] and not right_b[i] for i in common)
     only_b = sum(right_b[i] and not right_a[i] for i in common)
-    n, k = only_a + only_b, min(only_a, only_b)
-    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
-    return {"n": len(common), "only_first": only_a, "only_second": only_b, "p_value": p}
+    return {"n": len(common), "only_first": only_a, "only_second": only_b, "p_value": sign_test(only_a, only_b)}
+
+
+def sign_test(plus: int, minus: int) -> float:
+    """Exact two-sided sign test: the chance of a split at least this uneven between `plus` and `minus` when
+    each is equally likely."""
+    n, k = plus + minus, min(plus, minus)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
+
+
+def paired_pooled(pairs: list[tuple[dict, dict]]) -> dict | None:
+    """Two methods run with several seeds, on the same test questions: per question, how many of the first's
+    runs got it right minus how many of the second's, and the exact sign test over the questions where that
+    differs. The questions are the units (a question's runs under different seeds are not independent of each
+    other), so this is one paired test pooled over the seeds."""
+    diff: dict[int, int] = {}
+    for a, b in pairs:
+        right_a = {p["index"]: bool(p["correct"]) for p in a["predictions"] if p.get("correct") is not None}
+        right_b = {p["index"]: bool(p["correct"]) for p in b["predictions"] if p.get("correct") is not None}
+        for i in right_a.keys() & right_b.keys():
+            diff[i] = diff.get(i, 0) + int(right_a[i]) - int(right_b[i])
+    if not diff:
+        return None
+    plus, minus = sum(d > 0 for d in diff.values()), sum(d < 0 for d in diff.values())
+    return {"n": len(diff), "first_better": plus, "second_better": minus, "p_value": sign_test(plus, minus)}
 
 
 def pseudo_label_stats(records: list[dict], held: dict[int, Item],
@@ -147,10 +170,64 @@ def build_report(run: Path) -> dict:
             recs = [json.loads(ln) for ln in p.read_text().splitlines()]
             floor = meta.get("run", {}).get("min_letter_mass", 0.0)
             report["pseudo_labels"][f"round{r}"] = {**pseudo_label_stats(recs, held, floor), "min_letter_mass": floor}
+    report["classes"] = class_distributions(run, meta, stages, evals)
+    report["warnings"] = warnings(run, stages, van, sft, report["classes"])
     report["plots"] = _plots(run, {"vanilla": van, "sft": sft, "semievol": last}, report["pseudo_labels"])
     atomic_write_json(run / "report.json", report)
     atomic_write_text(run / "report.md", to_markdown(report))
     return report
+
+
+def class_distributions(run: Path, meta: dict, stages: dict, evals: dict) -> dict[str, dict[str, float]]:
+    """Per stage, the share of each option among the answers it gave (test predictions, the collapse probe's
+    answers, the pseudo-labels: all and selected), beside the labeled split's. A model that answers by the label
+    prior shows one letter everywhere. Empty for open-answer tasks."""
+    try:
+        lab = load_split(find_split_file(Path(meta["data"]), "labeled"), "labeled").items
+    except UserError:
+        return {}
+    if not lab or not all(it.closed for it in lab):
+        return {}
+    out = {"labeled split": collapse.distribution(it.answer for it in lab)}
+    classes = tuple(out["labeled split"])
+    for name in stages:
+        if name in evals:
+            out[f"{name} (test predictions)"] = collapse.distribution(
+                (p["predicted"] for p in evals[name]["predictions"]), classes)
+        elif name == "probe":
+            out["probe (warm model, unlabeled)"] = _json(run / "probe" / "probe.json")["predicted"]
+        elif name.endswith("/selection"):
+            recs = [json.loads(ln) for ln in (run / name / "pseudo_labels.jsonl").read_text().splitlines()]
+            out[f"{name} (all pseudo-labels)"] = collapse.distribution((r["pseudo_label"] for r in recs), classes)
+            if any(r["selected"] for r in recs):
+                out[f"{name} (selected)"] = collapse.distribution(
+                    (r["pseudo_label"] for r in recs if r["selected"]), classes)
+    return out
+
+
+def warnings(run: Path, stages: dict, van: dict | None, sft: dict | None, classes: dict) -> list[str]:
+    """What says the method could not help: an SFT not shown better than answering the labeled split's majority
+    class everywhere (one-sided exact binomial p >= 0.05), a collapsed warm-up the run went past (--force), and
+    a selection with at least `collapse.SHARE` of one class."""
+    out = []
+    if sft and van and van.get("majority_accuracy") is not None:
+        marks = [p["correct"] for p in sft["predictions"] if p.get("correct") is not None]
+        p = collapse.beats_majority(int(sum(marks)), len(marks), van["majority_accuracy"])
+        if marks and p >= 0.05:
+            out.append(f"SFT ({sft['accuracy']:.3f}) is not shown better than answering {van['majority_label']} "
+                       f"everywhere ({van['majority_accuracy']:.3f}; exact binomial p = {p:.3f}): the warm-up may "
+                       "have learned the label prior only")
+    if "probe" in stages:
+        found = _json(run / "probe" / "probe.json")
+        if found["collapsed"]:
+            out.append(f"the warm-up answered {found['top']} on {found['top_share']:.0%} of {found['n']} probed "
+                       "unlabeled questions (collapsed; the run went on with --force)")
+    for name, dist in classes.items():
+        if name.endswith("(selected)"):
+            top, share = collapse.largest(dist)
+            if share >= collapse.SHARE:
+                out.append(f"{name.split(' ')[0]}: {share:.0%} of the selected pseudo-labels are {top}")
+    return out
 
 
 def _plots(run: Path, evals: dict, pseudo: dict) -> list[str]:
@@ -210,6 +287,7 @@ def to_markdown(r: dict) -> str:
              "| --- | --- | --- | --- | --- | --- |",
              f"| {_f(a['majority'])} | {_f(a['vanilla'])} | {_f(a['sft'])} | {_f(a['semievol'])} | "
              f"{_f(r['error_reduction']['semievol_vs_vanilla'])} | {_f(r['error_reduction']['semievol_vs_sft'])} |", ""]
+    lines += [f"**Warning:** {w}." for w in r.get("warnings", [])] + ([""] if r.get("warnings") else [])
     mj = r.get("majority")
     if mj:
         lines += [f"Majority class: {mj['majority_label']} (from the {mj['majority_from']}); the test split's own "
@@ -238,6 +316,13 @@ def to_markdown(r: dict) -> str:
                   f"(accuracy {_f(st.get('accuracy_low_letter_mass'))})", "",
                   "| entropy decile | max entropy | n | accuracy |", "| --- | --- | --- | --- |"]
         lines += [f"| {d['decile']} | {d['max_entropy']:.3f} | {d['n']} | {d['accuracy']:.3f} |" for d in st["entropy_deciles"]]
+        lines += [""]
+    cls = r.get("classes") or {}
+    if cls:
+        letters = list(cls["labeled split"])
+        lines += ["## Answers by option", "", "| answers | " + " | ".join(letters) + " |",
+                  "| --- |" + " --- |" * len(letters)]
+        lines += [f"| {name} | " + " | ".join(f"{d.get(k, 0.0):.2f}" for k in letters) + " |" for name, d in cls.items()]
         lines += [""]
     lines += ["## Stages", "", "| stage | seconds | peak RSS (MB) |", "| --- | --- | --- |"]
     lines += [f"| {stage_label(n, s)} | {stage_seconds(s)} | {s['peak_rss_mb']:.0f} |" for n, s in r["stages"].items()]

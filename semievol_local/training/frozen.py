@@ -17,8 +17,8 @@ import numpy as np  # noqa: E402
 from mlx.nn import Module as Model  # noqa: E402
 from mlx_lm.models.base import create_attention_mask  # noqa: E402
 
-from . import batching  # noqa: E402
 from ..core.files import atomic_target  # noqa: E402
+from . import batching  # noqa: E402
 
 log = logging.getLogger(__name__)
 

@@ -40,15 +40,14 @@ from mlx.utils import tree_flatten, tree_map, tree_map_with_path  # noqa: E402
 from mlx.nn import Module as Model  # noqa: E402  any mlx-lm model class of gguf_loader's table
 from mlx_lm.tuner.utils import load_adapters  # noqa: E402
 
-from ..core import config
-from . import batching, collectives, frozen, gguf_loader, lora
-from . import train_flops  # noqa: E402
-from .batching import Example  # noqa: E402
-from .checkpoint import discard_partial, load_latest_checkpoint, save_checkpoint  # noqa: E402
+from ..core import config  # noqa: E402
 from ..core.config import TrainConfig  # noqa: E402
 from ..core.errors import UserError  # noqa: E402
 from ..core.files import atomic_write_text  # noqa: E402
 from ..core.runfolder import ram_bytes, rss_mb  # noqa: E402
+from . import batching, collectives, frozen, gguf_loader, lora, train_flops  # noqa: E402
+from .batching import Example  # noqa: E402
+from .checkpoint import discard_partial, load_latest_checkpoint, save_checkpoint  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +147,8 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
     # ---- model + LoRA
     tune_malloc()
     model = load_model(model_path)
+    if not cfg.lr:  # left to the model's family (`--lr 0`, the default): the rate measured to work for it
+        cfg = dataclasses.replace(cfg, lr=gguf_loader.default_lr(model.args.model_type))
     adapter_cfg = lora.apply_lora(model, cfg)
     if cfg.grad_checkpoint:
         lora.checkpoint_blocks(model)

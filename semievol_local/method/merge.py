@@ -1,0 +1,194 @@
+"""A LoRA adapter merged into its base GGUF: one self-contained file, in the base's own quantization, for the
+front ends that load no adapter (Ollama 0.34.1 and later refuse `ADAPTER`; LM Studio and others have no
+adapter support).
+
+1. `merge_f32`: on the base's float32 copy (the exact weights MLX trained on, `engines.weights`), every
+   adapted tensor becomes W + (alpha / rank) B A, as llama.cpp applies the adapter at scale 1; the other
+   tensors and every metadata key are copied as they are (gguf-py), and three keys say where the file came
+   from (`semievol.merged`, `semievol.base`, `semievol.adapter_sha256`).
+2. `quantize`: llama.cpp's own quantizer writes it back in the base's types, tensor by tensor (each tensor's
+   type pinned to the base file's), or in `--outtype`. A float32 result is the merged copy itself.
+3. `agreement`: llama.cpp's logits of the merged file against the base's float32 copy with the adapter, on
+   the run's own prompts (mean KL, top-1), within the parity gate's bounds or refused.
+
+Why gguf-py and the quantizer rather than llama.cpp's `export-lora` tool: both come with what is installed
+(no second build of llama.cpp's tools), and the merge is computed in float32 on the weights MLX trained on.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from ..core.adapter_gguf import KEY_LORA_ALPHA, SUFFIX_A, SUFFIX_B, read_lora_gguf
+from ..core.errors import UserError
+from ..core.files import sha256_file
+
+log = logging.getLogger(__name__)
+
+KEYS = ("semievol.merged", "semievol.base", "semievol.adapter_sha256")
+KL_PROMPTS = 32  # prompts whose every position's logits are compared
+
+
+def outtypes() -> dict[str, int]:
+    """--outtype names (f32, f16, bf16, q8_0, q4_k_m, ...) -> llama.cpp's file types, from the installed llama.cpp."""
+    import llama_cpp
+
+    table = {"f32": llama_cpp.LLAMA_FTYPE_ALL_F32}
+    for name in dir(llama_cpp):
+        if name.startswith("LLAMA_FTYPE_MOSTLY_"):
+            table[name[len("LLAMA_FTYPE_MOSTLY_"):].lower()] = getattr(llama_cpp, name)
+    return table
+
+
+def check_outtype(name: str | None) -> int | None:
+    """The file type of `--outtype`, or a `UserError` listing the ones llama.cpp knows."""
+    if name is None:
+        return None
+    table = outtypes()
+    if name.lower() not in table:
+        raise UserError(f"--outtype {name}: llama.cpp does not know this type; give one of "
+                        f"{', '.join(sorted(table))}, or leave it out for the base file's own types")
+    return table[name.lower()]
+
+
+def tensor_types(path: Path) -> dict[str, int]:
+    """{tensor name: ggml type} of a GGUF file."""
+    from ..core.gguf_file import read
+
+    return {t.name: int(t.tensor_type) for t in read(Path(path)).tensors}
+
+
+def file_type(path: Path) -> int | None:
+    from ..core.gguf_file import read
+
+    v = read(Path(path)).fields.get("general.file_type")
+    return None if v is None else int(v)
+
+
+def merge_f32(f32_base: Path, adapter: Path, dst: Path, *, base_name: str) -> int:
+    """Write `dst`: `f32_base` (a float32 GGUF) with `adapter` merged into it. Returns the tensors changed."""
+    import gguf
+
+    meta, lora = read_lora_gguf(adapter)
+    alpha = float(meta.get(KEY_LORA_ALPHA) or 0.0)
+    reader = gguf.GGUFReader(str(f32_base))
+    arch = str(reader.get_field("general.architecture").contents())
+    writer = gguf.GGUFWriter(str(dst), arch)
+    for field in reader.fields.values():
+        if field.name == "general.architecture" or field.name.startswith("GGUF.") or field.name in KEYS:
+            continue
+        kind = field.types[0]
+        writer.add_key_value(field.name, field.contents(), kind,
+                             sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
+    writer.add_bool(KEYS[0], True)
+    writer.add_string(KEYS[1], base_name)
+    writer.add_string(KEYS[2], sha256_file(adapter))
+    for t in reader.tensors:
+        writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    merged = 0
+    for t in reader.tensors:
+        data = t.data
+        if t.name + SUFFIX_A in lora:
+            if t.tensor_type != gguf.GGMLQuantizationType.F32:
+                raise UserError(f"{f32_base}: {t.name} is {t.tensor_type.name}, not float32; the merge needs the "
+                                "base's float32 copy")
+            a, b = lora[t.name + SUFFIX_A].astype(np.float32), lora[t.name + SUFFIX_B].astype(np.float32)
+            scale = alpha / a.shape[0] if alpha else 1.0  # llama.cpp: adapter scale x alpha / rank
+            data = np.asarray(data, dtype=np.float32) + np.float32(scale) * (b @ a)
+            merged += 1
+        writer.write_tensor_data(data)
+    writer.close()
+    if merged != sum(name.endswith(SUFFIX_A) for name in lora):
+        raise UserError(f"{adapter}: some of its tensors have no base tensor in {base_name}; is it this model's "
+                        "adapter?")
+    return merged
+
+
+def quantize(src: Path, dst: Path, ftype: int, types: dict[str, int] | None, n_threads: int) -> None:
+    """llama.cpp's quantizer: `src` -> `dst` in `ftype`, each tensor named in `types` in exactly that type."""
+    import llama_cpp
+    from llama_cpp._utils import suppress_stdout_stderr
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.allow_requantize = True
+    params.nthread = n_threads
+    keep = None
+    if types:
+        Override = llama_cpp.llama_model_tensor_override
+        keep = (Override * (len(types) + 1))()  # ends with a null pattern
+        for i, (name, kind) in enumerate(sorted(types.items())):
+            keep[i].pattern = ("^" + re.escape(name) + "$").encode()
+            keep[i].type = kind
+        params.tt_overrides = ctypes.cast(keep, ctypes.POINTER(Override))
+    with suppress_stdout_stderr(disable=False):
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise UserError(f"{src}: llama.cpp's quantizer failed (code {rc}) writing {dst.name}")
+
+
+def agreement(reference: tuple[Path, Path], merged: Path, sequences: list[list[int]], n_threads: int) -> dict:
+    """Mean KL and top-1 agreement of `merged`'s logits against `reference` (model, adapter) at every position of
+    `sequences`, both in llama.cpp."""
+    from ..training.parity import compare_logits, llama_logits_many
+
+    ref = np.concatenate(llama_logits_many(reference[0], reference[1], sequences, n_threads=n_threads))
+    got = np.concatenate(llama_logits_many(merged, None, sequences, n_threads=n_threads))
+    return compare_logits(ref, got)
+
+
+def merge_model(model_path: Path, adapter: Path, out_file: Path, sequences: list[list[int]], *,
+                outtype: str | None = None, n_threads: int | None = None, say=lambda msg: None) -> dict:
+    """`out_file`: `model_path` with `adapter` merged in, in the base's types (or `outtype`), checked against
+    base + adapter on `sequences`; beyond the parity gate's bounds a `UserError`, and no `out_file`."""
+    import time
+
+    from ..engines.weights import default_threads, f32_path, write_f32
+    from .finetune import MAX_KL, MIN_TOP1
+
+    n_threads = n_threads or default_threads()
+    want = check_outtype(outtype)
+    t0 = time.perf_counter()
+    base_types = tensor_types(model_path)
+    f32 = Path(model_path) if all(t == 0 for t in base_types.values()) else f32_path(model_path)  # 0: F32
+    if not f32.is_file():
+        say(f"writing the float32 copy of {Path(model_path).name} (once)")
+        write_f32(Path(model_path), f32, Path(model_path).stat().st_size * 8 + (64 << 20), n_threads)
+    tmp_f32 = out_file.with_name(f".{out_file.name}.f32-{os.getpid()}")
+    tmp_out = out_file.with_name(f".{out_file.name}.tmp-{os.getpid()}")
+    try:
+        say("merging the adapter into the float32 weights")
+        changed = merge_f32(f32, adapter, tmp_f32, base_name=Path(model_path).name)
+        if want is None and f32 == Path(model_path):  # a float32 base stays float32
+            want = outtypes()["f32"]
+        if want == outtypes()["f32"]:
+            os.replace(tmp_f32, tmp_out)
+        else:
+            say(f"quantizing with llama.cpp's quantizer ({outtype or 'the base file types'})")
+            quantize(tmp_f32, tmp_out, want if want is not None else (file_type(model_path) or 7),
+                     None if want is not None else base_types, n_threads)
+        seconds = time.perf_counter() - t0
+        say(f"checking the merged file against base + adapter on {len(sequences)} prompts")
+        got = agreement((f32, adapter), tmp_out, sequences, n_threads)
+        if not (got["kl_mean"] <= MAX_KL and got["top1_agreement"] >= MIN_TOP1):
+            raise UserError(f"the merged file differs from base + adapter beyond the parity gate's bounds (mean KL "
+                            f"{got['kl_mean']:.3g}, limit {MAX_KL}; top-1 {got['top1_agreement']:.3f}, limit {MIN_TOP1}); "
+                            "nothing was written: try --outtype q8_0 or f16")
+        types = tensor_types(tmp_out)
+        same = sum(types.get(n) == t for n, t in base_types.items())
+        os.replace(tmp_out, out_file)
+    finally:
+        tmp_f32.unlink(missing_ok=True)
+        tmp_out.unlink(missing_ok=True)
+    return {"merge_seconds": round(seconds, 1), "bytes": out_file.stat().st_size, "tensors_merged": changed,
+            "outtype": outtype or "the base's", "tensor_types_as_base": f"{same} of {len(base_types)}",
+            "kl_mean": got["kl_mean"], "top1_agreement": got["top1_agreement"], "positions": got["n_positions"],
+            "adapter_sha256": sha256_file(adapter)}
