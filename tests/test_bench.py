@@ -310,7 +310,7 @@ def test_bench_run_puts_each_stage_beside_its_own_limit(tiny_q4, task, tmp_path)
     shape = whole_run.model_shape(tiny_q4)
     manifests = {n: json.loads((out / n / "manifest.json").read_text()) for n in rows}
     flops = {n: whole_run.llama_flops(shape, manifests[n]["figures"]["decode_shapes"], manifests[n]["figures"]["decodes"])
-             for n in ("eval/vanilla", "eval/sft", "round1/collaboration", "round1/eval")}
+             for n in ("eval/vanilla", "eval/sft", "probe", "round1/collaboration", "round1/eval")}
     flops.update({n: manifests[n]["figures"]["flops"] for n in ("warmup", "round1/final")})
     for n, fl in flops.items():
         sec = manifests[n]["seconds"]
@@ -467,15 +467,17 @@ def test_publish_renders_gemm_rated_runs():
     assert "prefill" not in text
 
 
-def test_publish_renders_the_old_run_result_as_the_readme_has_it():
-    """Results measured against llama.cpp's own prompt rate keep their published text, byte for byte."""
+def test_publish_renders_the_published_run_result_as_the_docs_have_it():
+    """The whole fpb run, rated against float32 GEMM stage by stage, is in docs/performance.md as publish
+    writes it, byte for byte."""
     root = Path(__file__).resolve().parents[1]
-    old = json.loads((root / "results" / "run_fpb.json").read_text())
-    assert "yardstick" not in old
-    readme = (root / "docs" / "performance.md").read_text(encoding="utf-8")
-    section = results.markdown([old])
-    assert section.startswith("### run: fpb\n") and "GEMM 111 GFLOPS | 0.383 |" in section
-    assert "\n" + section + "\n" in readme
+    run = json.loads((root / "results" / "run_fpb.json").read_text())
+    assert "yardstick" in run and run["whole_run"]["fraction"] is not None
+    details = (root / "docs" / "performance.md").read_text(encoding="utf-8")
+    section = results.markdown([run])
+    assert section.startswith("### run: fpb\n") and "every stage rated against one yardstick" in section
+    assert f"**{run['whole_run']['fraction']:.2f}**" in section
+    assert "\n" + section + "\n" in details
 
 
 def test_bench_sizes_measures_each_model_in_its_own_process(tiny_q4, task, tmp_path):
