@@ -65,7 +65,7 @@ def test_the_merged_file_is_base_plus_adapter(tmp_path, name, monkeypatch):
     assert fields["semievol.merged"] is True and fields["semievol.base"] == base.name
     assert fields["semievol.adapter_sha256"] == got["adapter_sha256"] and len(got["adapter_sha256"]) == 64
     assert fields["general.architecture"] == read(base).fields["general.architecture"]
-    assert not list(tmp_path.glob(".model.gguf*"))  # no temporary file left
+    assert not list(tmp_path.glob(".model*"))  # no temporary file left
 
 
 def test_outtype_sets_the_merged_files_type(tmp_path, monkeypatch):
@@ -86,7 +86,7 @@ def test_a_merge_beyond_the_bounds_leaves_no_file(tmp_path, monkeypatch):
     adapter = random_adapter(tmp_path / "adapter.gguf", base, KEYS, -1, 8, 100.0)
     with pytest.raises(Exception, match="beyond the parity gate's bounds.*nothing was written"):
         merge.merge_model(base, adapter, tmp_path / "q2.gguf", prompts(), outtype="q2_k")
-    assert not (tmp_path / "q2.gguf").exists() and not list(tmp_path.glob(".q2.gguf*"))
+    assert not (tmp_path / "q2.gguf").exists() and not list(tmp_path.glob(".q2*"))
 
 
 def test_export_merged_of_a_run(tiny_q4, tiny_task, tmp_path):

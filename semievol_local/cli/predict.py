@@ -2,7 +2,6 @@
 taken elsewhere."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -142,13 +141,9 @@ def export_cmd(
             raise UserError(f"{run}: give --data, the split (or task folder) to check the merged file on")
         path = data if data.is_file() else data_mod.find_split_file(data, "test")
         items = data_mod.load_split(path, path.stem).items
-        model = Path(json.loads((run / "adapter_config.json").read_text())["model"])
-    else:
-        meta = export.run_meta(run)
-        model = Path(meta["model"])
+    model = export.base_model(run)
+    if not trained:
         export.final_adapter(run)  # a run without one fails here, before the model loads
-    if not model.is_file():
-        raise UserError(f"{run}: its model {model} is not there any more; the export needs the base GGUF")
     engine = llama_engine.load(model)
     if trained:
         summary = export.export_trained(run, out, engine, items, outtype=outtype, say=ui.info)

@@ -122,7 +122,7 @@ def measure_weights(model_path: Path, cfg: EngineConfig, f32_bytes: int) -> dict
     log.info("measuring which weights llama.cpp computes %s faster with on this machine (once)", Path(model_path).name)
     try:
         if not copy.is_file():
-            write_f32(Path(model_path), copy, f32_bytes + (64 << 20), n_threads)
+            _write_f32(Path(model_path), copy, f32_bytes + (64 << 20), n_threads)
     except UserError as e:
         log.warning("computing with %s as given: no float32 copy could be made (%s)", model_path, e)
         (rate,) = _prompt_rates([Path(model_path)], n_threads)
@@ -216,7 +216,7 @@ def inference_weights(model_path: Path, cfg: EngineConfig) -> Weights:
     w = plan_weights(model_path, cfg)
     if w.kind == "f32" and not w.path.is_file():
         try:
-            write_f32(Path(model_path), w.path, w.f32_bytes + (64 << 20), cfg.n_threads or default_threads())
+            _write_f32(Path(model_path), w.path, w.f32_bytes + (64 << 20), cfg.n_threads or default_threads())
         except UserError:
             if cfg.weights == "f32":
                 raise
@@ -225,7 +225,7 @@ def inference_weights(model_path: Path, cfg: EngineConfig) -> Weights:
     return w
 
 
-def write_f32(src: Path, dst: Path, need: int, n_threads: int) -> None:
+def _write_f32(src: Path, dst: Path, need: int, n_threads: int) -> None:
     """Dequantize a GGUF to float32 with llama.cpp's own quantizer (`need` bytes of disk); the copy appears
     whole or not at all."""
     import llama_cpp

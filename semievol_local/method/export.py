@@ -11,6 +11,7 @@ The unlabeled split is read without its answers: a pseudo-labeled row's answer i
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -248,6 +249,36 @@ def check_out(out: Path) -> None:
         raise UserError(f"--out {out}: no folder {out.parent}; create it first")
 
 
+@contextlib.contextmanager
+def new_folder(out: Path):
+    """Yield a temporary folder beside `out` (a new or empty folder, `check_out`); when the block ends it becomes
+    `out`, and on any failure it is removed: an export appears whole or not at all."""
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()  # empty (checked before)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def base_model(folder: Path) -> Path:
+    """The base GGUF of a run folder (run.json) or a `semievol train` folder (adapter_config.json), which must
+    still be there."""
+    folder = Path(folder)
+    if (folder / "run.json").exists() or not (folder / "adapter_config.json").is_file():
+        model = Path(run_meta(folder)["model"])
+    else:
+        model = Path(json.loads((folder / "adapter_config.json").read_text())["model"])
+    if not model.is_file():
+        raise UserError(f"{folder}: its model {model} is not there any more; the export needs the base GGUF")
+    return model
+
+
 def export_run(run: Path, out: Path, engine, *, data: Path | None = None, peft: bool = False, merged: bool = False,
                outtype: str | None = None, say=lambda msg: None) -> dict:
     """Write train.csv, train.jsonl, chat.jsonl (and mlx-lm/train.jsonl, the same records where
@@ -263,14 +294,11 @@ def export_run(run: Path, out: Path, engine, *, data: Path | None = None, peft: 
     if outtype and not merged:
         raise UserError("--outtype is the merged file's type; give --merged too")
     meta = run_meta(run)
-    model = Path(meta["model"])
+    model = base_model(run)
     adapter = final_adapter(run)
     rows = training_rows(run, data)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     summary = {}
-    try:
+    with new_folder(out) as tmp:
         atomic_write_text(tmp / "train.csv", rows_csv(rows))
         atomic_write_text(tmp / "train.jsonl", rows_jsonl(rows))
         chat = "".join(json.dumps(chat_record(r), ensure_ascii=False) + "\n" for r in rows)
@@ -287,12 +315,6 @@ def export_run(run: Path, out: Path, engine, *, data: Path | None = None, peft: 
                                                        engine.adds_bos))
         if peft:
             write_peft(tmp / "peft", *peft_adapter(adapter.parent, model))
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     n_pseudo = sum(r["source"] == "pseudo" for r in rows)
     return {"rows": len(rows), "labeled": len(rows) - n_pseudo, "pseudo": n_pseudo, "rounds": rounds_done(run),
             "adapter": str(adapter), "model": str(model), "out": str(out), **summary}
@@ -307,23 +329,12 @@ def export_trained(folder: Path, out: Path, engine, items: list[Item], *, outtyp
     folder, out = Path(folder), Path(out)
     check_out(out)
     merge.check_outtype(outtype)
-    model = Path(json.loads((folder / "adapter_config.json").read_text())["model"])
-    if not model.is_file():
-        raise UserError(f"{folder}: its model {model} is not there any more; the merge needs the base GGUF")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    model = base_model(folder)
+    with new_folder(out) as tmp:
         summary = merged_file(engine, model, folder / "adapter.gguf", tmp / "model.gguf", items, outtype=outtype,
                               say=say, reference=None)
         atomic_write_json(tmp / "merge.json", summary)
         atomic_write_text(tmp / "Modelfile", modelfile(model, None, engine.template, engine.adds_bos))
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"adapter": str(folder / "adapter.gguf"), "model": str(model), "out": str(out), **summary}
 
 

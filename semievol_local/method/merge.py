@@ -151,43 +151,42 @@ def merge_model(model_path: Path, adapter: Path, out_file: Path, sequences: list
     base + adapter on `sequences`; beyond the parity gate's bounds a `UserError`, and no `out_file`."""
     import time
 
-    from ..engines.weights import default_threads, f32_path, write_f32
+    from ..core.config import EngineConfig
+    from ..core.files import atomic_target
+    from ..engines.weights import default_threads, inference_weights
     from .finetune import MAX_KL, MIN_TOP1
 
     n_threads = n_threads or default_threads()
     want = check_outtype(outtype)
     t0 = time.perf_counter()
     base_types = tensor_types(model_path)
-    f32 = Path(model_path) if all(t == 0 for t in base_types.values()) else f32_path(model_path)  # 0: F32
-    if not f32.is_file():
-        say(f"writing the float32 copy of {Path(model_path).name} (once)")
-        write_f32(Path(model_path), f32, Path(model_path).stat().st_size * 8 + (64 << 20), n_threads)
+    # the weights MLX trained on: the file where it is float32, else its float32 copy (made once, cached)
+    f32 = inference_weights(Path(model_path), EngineConfig(weights="f32", n_threads=n_threads))
+    if want is None and f32.kind == "file":  # a float32 base stays float32
+        want = outtypes()["f32"]
     tmp_f32 = out_file.with_name(f".{out_file.name}.f32-{os.getpid()}")
-    tmp_out = out_file.with_name(f".{out_file.name}.tmp-{os.getpid()}")
     try:
-        say("merging the adapter into the float32 weights")
-        changed = merge_f32(f32, adapter, tmp_f32, base_name=Path(model_path).name)
-        if want is None and f32 == Path(model_path):  # a float32 base stays float32
-            want = outtypes()["f32"]
-        if want == outtypes()["f32"]:
-            os.replace(tmp_f32, tmp_out)
-        else:
-            say(f"quantizing with llama.cpp's quantizer ({outtype or 'the base file types'})")
-            quantize(tmp_f32, tmp_out, want if want is not None else (file_type(model_path) or 7),
-                     None if want is not None else base_types, n_threads)
-        seconds = time.perf_counter() - t0
-        say(f"checking the merged file against base + adapter on {len(sequences)} prompts")
-        got = agreement((f32, adapter), tmp_out, sequences, n_threads)
-        if not (got["kl_mean"] <= MAX_KL and got["top1_agreement"] >= MIN_TOP1):
-            raise UserError(f"the merged file differs from base + adapter beyond the parity gate's bounds (mean KL "
-                            f"{got['kl_mean']:.3g}, limit {MAX_KL}; top-1 {got['top1_agreement']:.3f}, limit {MIN_TOP1}); "
-                            "nothing was written: try --outtype q8_0 or f16")
-        types = tensor_types(tmp_out)
-        same = sum(types.get(n) == t for n, t in base_types.items())
-        os.replace(tmp_out, out_file)
+        with atomic_target(out_file) as tmp_out:
+            say("merging the adapter into the float32 weights")
+            changed = merge_f32(f32.path, adapter, tmp_f32, base_name=Path(model_path).name)
+            if want == outtypes()["f32"]:
+                os.replace(tmp_f32, tmp_out)
+            else:
+                say(f"quantizing with llama.cpp's quantizer ({outtype or 'the base file types'})")
+                # the base's own types, tensor by tensor; the file type (its label) where the base names none: Q8_0
+                quantize(tmp_f32, tmp_out, want if want is not None else (file_type(model_path) or outtypes()["q8_0"]),
+                         None if want is not None else base_types, n_threads)
+            seconds = time.perf_counter() - t0
+            say(f"checking the merged file against base + adapter on {len(sequences)} prompts")
+            got = agreement((f32.path, adapter), tmp_out, sequences, n_threads)
+            if not (got["kl_mean"] <= MAX_KL and got["top1_agreement"] >= MIN_TOP1):
+                raise UserError(f"the merged file differs from base + adapter beyond the parity gate's bounds (mean KL "
+                                f"{got['kl_mean']:.3g}, limit {MAX_KL}; top-1 {got['top1_agreement']:.3f}, limit "
+                                f"{MIN_TOP1}); nothing was written: try --outtype q8_0 or f16")
+            types = tensor_types(tmp_out)
+            same = sum(types.get(n) == t for n, t in base_types.items())
     finally:
         tmp_f32.unlink(missing_ok=True)
-        tmp_out.unlink(missing_ok=True)
     return {"merge_seconds": round(seconds, 1), "bytes": out_file.stat().st_size, "tensors_merged": changed,
             "outtype": outtype or "the base's", "tensor_types_as_base": f"{same} of {len(base_types)}",
             "kl_mean": got["kl_mean"], "top1_agreement": got["top1_agreement"], "positions": got["n_positions"],

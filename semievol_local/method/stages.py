@@ -261,13 +261,18 @@ def stage_eval(run: RunFolder, name: str, engine: InferenceEngine, test: list[It
 PROBE_QUESTIONS = 100  # unlabeled questions the warm model answers for the collapse check (spread over the split)
 
 
+def probe_positions(n_unlabeled: int) -> list[int]:
+    """The unlabeled questions the collapse check asks: PROBE_QUESTIONS evenly spaced (all of them, if fewer)."""
+    k = min(PROBE_QUESTIONS, n_unlabeled)
+    return sorted({int(i) for i in np.linspace(0, n_unlabeled - 1, k)}) if k else []
+
+
 def stage_probe(run: RunFolder, name: str, engine: InferenceEngine, labeled: list[Item], unlabeled: list[Item],
                 warm: StageResult, ecfg: EngineConfig, reporter) -> StageResult:
     """The collapse check (`core.collapse`): M_warm, without demonstrations, answers up to PROBE_QUESTIONS
     unlabeled questions spread evenly over the split (score mode); its answers' distribution is compared with
     the labeled split's. Uses the questions only, never the unlabeled answers."""
-    n = min(PROBE_QUESTIONS, len(unlabeled))
-    picked = sorted({int(i) for i in np.linspace(0, len(unlabeled) - 1, n)}) if n else []
+    picked = probe_positions(len(unlabeled))
     inputs = {"model": weights_identity(engine), "labeled": digest([it.answer for it in labeled]),
               "unlabeled": items_digest([unlabeled[i] for i in picked], False), "warm": warm.outputs_digest,
               "rule": [collapse.SHARE, collapse.LABELED_MAX], "options": config.identity("eval", ecfg)}

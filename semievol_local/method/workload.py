@@ -177,9 +177,9 @@ def count(engine, task, cfg: RunConfig, tcfg: TrainConfig, mode: str, n_blocks: 
     stages = [Stage("warmup", "train", warm), Stage("eval/vanilla", "llama", evals[None]),
               Stage("eval/sft", "llama", evals["warm"], lora=True)]
     if cfg.iwp and unlabeled and all(it.closed for it in labeled + unlabeled):  # the collapse check (stages.probe)
-        from .stages import PROBE_QUESTIONS
+        from .stages import probe_positions
 
-        probed = [unlabeled[i] for i in sample_positions(len(unlabeled), PROBE_QUESTIONS)]
+        probed = [unlabeled[i] for i in probe_positions(len(unlabeled))]
         stages.append(Stage("probe", "llama", _eval_work(engine, probed, "score", "warm"), lora=True))
     # retrieval: TF-IDF is timed on the real texts here (seconds); model embeddings are counted (labeled texts
     # once, unlabeled ones per question), their neighbours drawn at random (only their lengths matter here)
