@@ -49,6 +49,11 @@ def test_plan_shares_identical_variants():
     assert folders[("baselines", "SemiEvol")] == ("a", "full")
     assert folders[("baselines", "labeled + all pseudo-labels")] == folders[("ablation", "w/o AS")]
     assert folders[("baselines", "fixed entropy threshold")] == ("a", "selection-fixed")
+    # headline (the table --seeds repeats): three runs the other suites already make
+    assert folders[("headline", "SemiEvol")] == ("a", "full")
+    assert folders[("headline", "self-consistency (LMSI-style vote)")] == \
+        folders[("baselines", "self-consistency (LMSI-style vote)")]
+    assert folders[("headline", "w/o ICP")] == folders[("ablation", "w/o ICP")]
     assert len(set(folders.values())) == 14
     with pytest.raises(UserError, match="--suite 'tables'"):
         runners.quality_plan([Path("a")], ["tables"], RunConfig())
@@ -510,6 +515,8 @@ def test_quality_over_seeds(tiny_q4, task, tmp_path):
     runs = [out / task.name / "full", out / "seed1" / task.name / "full"]
     configs = [json.loads((f / "run.json").read_text())["train"]["seed"] for f in runs]
     assert configs == [0, 1] and r["seeds"] == 2
+    vanilla = [f / "eval" / "vanilla" / "eval.json" for f in runs]  # no training seed reaches it: copied
+    assert vanilla[1].read_bytes() == vanilla[0].read_bytes() and vanilla[1].stat().st_mtime == vanilla[0].stat().st_mtime
     adapters = [(f / "warmup" / "adapter.gguf").read_bytes() for f in runs]
     assert adapters[0] != adapters[1]  # another seed, another warm-up
     rows = {row["method"]: row for row in r["tables"]["seeds"]}

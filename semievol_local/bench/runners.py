@@ -31,7 +31,7 @@ from ..method.report import build_report, error_reduction, paired, paired_pooled
 from .results import machine
 from .whole_run import last_eval, last_pseudo
 
-SUITES = ("main", "ablation", "sensitivity", "rounds", "baselines")
+SUITES = ("main", "ablation", "sensitivity", "rounds", "baselines", "headline")
 ABLATIONS = [("full", {}), ("w/o IWP", {"iwp": False}), ("w/o ICP", {"icp": False}),
              ("w/o CL", {"cl": False}), ("w/o AS", {"adaptive_selection": False})]
 # What a reviewer would compare SemiEvol with, each one flag away from it (and a row of its own).
@@ -39,6 +39,8 @@ BASELINES = [("SemiEvol", {}),
              ("self-consistency (LMSI-style vote)", {"labeler": "self-consistency", "selection": "vote"}),
              ("fixed entropy threshold", {"selection": "fixed"}),
              ("labeled + all pseudo-labels", {"adaptive_selection": False})]
+# The table `--seeds` is for: SemiEvol against the strongest baseline and its one ablation that won alone.
+HEADLINE = [BASELINES[0], BASELINES[1], ABLATIONS[2]]
 LEARNERS = (1, 2, 4)  # paper Fig. 3
 THETAS = (30.0, 50.0, 80.0, 100.0)
 ROUNDS = 2  # paper Fig. 7: rounds 0 (SFT) to 2
@@ -79,6 +81,8 @@ def quality_plan(datas: list[Path], suites: list[str], cfg: RunConfig) -> list[V
         plan += [v("sensitivity", f"theta={t:g}%", first, theta=t) for t in THETAS]
     if "baselines" in suites:
         plan += [v("baselines", name, first, **over) for name, over in BASELINES]
+    if "headline" in suites:
+        plan += [v("headline", name, first, **over) for name, over in HEADLINE]
     if "rounds" in suites:
         plan += [v("rounds", "rounds", first, rounds=max(ROUNDS, cfg.rounds))]
     return plan
@@ -96,8 +100,10 @@ def quality(model_path: Path, datas: list[Path], out: Path, suites: list[str], c
     for d in datas:  # every task is checked before hours go into the first one
         load_task(Path(d))
     roots = [Path(out) if s == 0 else Path(out) / f"seed{s}" for s in range(seeds)]
+    # a further seed reuses the first seed's stages that no training seed reaches (the vanilla evaluation)
     every = [_quality_runs(model_path, plan, root, cfg, dataclasses.replace(tcfg, seed=tcfg.seed + s), ecfg, reporter,
-                           share_extra, on_run) for s, root in enumerate(roots)]
+                           share_extra + (_run_folders(roots[0], plan) if s else ()), on_run)
+             for s, root in enumerate(roots)]
     runs = every[0]
     tables = _quality_tables(plan, runs, Path(out))
     if seeds > 1:
@@ -114,6 +120,10 @@ def quality(model_path: Path, datas: list[Path], out: Path, suites: list[str], c
                           "peak_rss_mb": max((s["peak_rss_mb"] for s in whole.values()), default=None),
                           "untimed_attempts": any(s.get("untimed_attempts") for s in whole.values())},
             "tables": tables}
+
+
+def _run_folders(root: Path, plan: list[Variant]) -> tuple[Path, ...]:
+    return tuple(dict.fromkeys(root / var.data.name / var.folder for var in plan))
 
 
 def _quality_runs(model_path, plan, out: Path, cfg, tcfg, ecfg, reporter, share_extra, on_run) -> dict:
@@ -181,7 +191,7 @@ def _quality_tables(plan: list[Variant], runs: dict, out: Path) -> dict[str, lis
                 {"task": var.row, "questions": st.get("n"), "consistency_rate": st.get("consistency_rate"),
                  **{f"accuracy_{k}": st.get(f"accuracy_{k}") for k in ("all", "consistent", "justified", "selected")},
                  "selected": st.get("selected")})
-        elif var.table in ("ablation", "sensitivity", "baselines"):
+        elif var.table in ("ablation", "sensitivity", "baselines", "headline"):
             st = last_pseudo(rep)
             full = Path(out) / var.data.name / "full"
             has_full = (full / "run.json").exists()

@@ -292,6 +292,7 @@ class RunConfig:
     temperature: float = opt(1.0, "Sampling temperature of the learners in sample mode.", min=0,
                              stages=("collaboration",))
     max_tokens: int = opt(256, "Longest learner response in sample mode.", min=1, stages=("collaboration",))
+    limit_labeled: int = opt(0, "Use only the first N labeled rows (0: all).", min=0)
     limit_unlabeled: int = opt(0, "Use only the first N unlabeled questions (0: all).", min=0)
     limit_test: int = opt(0, "Evaluate on only the first N test questions (0: all).", min=0)
     force: bool = opt(False, "Go on where the collapse check stops the run: the warm-up answered one option on at "

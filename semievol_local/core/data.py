@@ -221,6 +221,15 @@ class Task:
         return self.splits[name]
 
 
+def limited(task: Task, cfg) -> tuple[list[Item], list[Item], list[Item]]:
+    """The labeled, unlabeled and test items, each cut to its first N by the run's --limit-labeled,
+    --limit-unlabeled and --limit-test (0: all)."""
+    def first(split: str, n: int) -> list[Item]:
+        return task[split].items[:n] if n else task[split].items
+    return (first("labeled", cfg.limit_labeled), first("unlabeled", cfg.limit_unlabeled),
+            first("test", cfg.limit_test))
+
+
 def load_task(folder: Path, splits: tuple[str, ...] = SPLITS) -> Task:
     """Load the requested splits of a task folder. The unlabeled split comes without answers."""
     folder = Path(folder)

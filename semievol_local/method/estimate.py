@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.config import EngineConfig, RunConfig, TrainConfig
+from ..core.data import limited
 from ..core.errors import UserError
 from .workload import JUSTIFIED, Stage, Tally, count
 
@@ -245,10 +246,10 @@ def plan_run(engine, model_path: Path, task, cfg: RunConfig, tcfg: TrainConfig, 
     spec = gguf_loader.ARCHITECTURES.get(arch)
     trunk_ok = bool(spec and spec.trunk_cache)
     stages = count(engine, task, cfg, tcfg, mode, n_blocks, trunk_ok)
-    n = len(task["unlabeled"].items)
-    n = min(n, cfg.limit_unlabeled) if cfg.limit_unlabeled else n
-    exs = finetune.examples(engine, task["labeled"].items)
-    questions = [it for it in task["labeled"].items if it.options] if mode == "score" else []
+    labeled, unlabeled, _ = limited(task, cfg)
+    n = len(unlabeled)
+    exs = finetune.examples(engine, labeled)
+    questions = [it for it in labeled if it.options] if mode == "score" else []
     rates = calibrate(engine, model_path, stages, exs, tcfg, n, questions=questions)
     keep = f"{cfg.theta:g}%" if cfg.adaptive_selection and cfg.selection == "percentile" else "an assumed share"
     text = (f"assumed: learners disagree on {JUSTIFIED:.0%} of questions (each then asks a justification), "

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..core import config
 from ..core.config import EngineConfig, RunConfig, TrainConfig
-from ..core.data import Item, Task, load_task
+from ..core.data import Item, Task, limited, load_task
 from ..core.errors import CannotHelp
 from ..core.files import atomic_write_bytes, atomic_write_json
 from ..core.runfolder import RunFolder, StageResult, exclusive
@@ -80,11 +80,7 @@ def run_semievol(model_path: Path, data: Path, out: Path, cfg: RunConfig, tcfg: 
 
 def _run(model_path, data, out, cfg, tcfg, ecfg, reporter, share):
     task: Task = load_task(data)  # the unlabeled split arrives without answers (or any other column)
-    labeled, unlabeled, test = task["labeled"].items, task["unlabeled"].items, task["test"].items
-    if cfg.limit_unlabeled:
-        unlabeled = unlabeled[:cfg.limit_unlabeled]
-    if cfg.limit_test:
-        test = test[:cfg.limit_test]
+    labeled, unlabeled, test = limited(task, cfg)
     mode = resolve_mode(None if cfg.mode == "auto" else cfg.mode, labeled + unlabeled + test)
     engine = load(model_path, ecfg)
     tcfg = family_defaults(tcfg, engine.architecture)  # --lr left to the family: the value that trains, recorded

@@ -186,6 +186,7 @@ def class_distributions(run: Path, meta: dict, stages: dict, evals: dict) -> dic
         lab = load_split(find_split_file(Path(meta["data"]), "labeled"), "labeled").items
     except UserError:
         return {}
+    lab = lab[:meta["run"].get("limit_labeled") or len(lab)]  # the rows the run trained on
     if not lab or not all(it.closed for it in lab):
         return {}
     out = {"labeled split": collapse.distribution(it.answer for it in lab)}
@@ -207,7 +208,8 @@ def class_distributions(run: Path, meta: dict, stages: dict, evals: dict) -> dic
 
 def warnings(run: Path, stages: dict, van: dict | None, sft: dict | None, classes: dict) -> list[str]:
     """What says the method could not help: an SFT not shown better than answering the labeled split's majority
-    class everywhere (one-sided exact binomial p >= 0.05), a collapsed warm-up the run went past (--force), and
+    class everywhere (one-sided exact binomial p >= 0.05), a collapsed warm-up (where the run stopped, or went on
+    with --force), and
     a selection with at least `collapse.SHARE` of one class."""
     out = []
     if sft and van and van.get("majority_accuracy") is not None:
@@ -220,8 +222,10 @@ def warnings(run: Path, stages: dict, van: dict | None, sft: dict | None, classe
     if "probe" in stages:
         found = _json(run / "probe" / "probe.json")
         if found["collapsed"]:
+            went_on = any(name.startswith("round") for name in stages)
             out.append(f"the warm-up answered {found['top']} on {found['top_share']:.0%} of {found['n']} probed "
-                       "unlabeled questions (collapsed; the run went on with --force)")
+                       "unlabeled questions (collapsed; " + ("the run went on with --force)" if went_on else
+                                                             "the run stopped before collaboration)"))
     for name, dist in classes.items():
         if name.endswith("(selected)"):
             top, share = collapse.largest(dist)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..core.config import RunConfig, TrainConfig
+from ..core.data import limited
 
 COUNT_SAMPLE = 200  # unlabeled questions whose collaboration prompts are counted (evenly spaced), then scaled
 JUSTIFIED = 0.5  # assumed share of questions whose learners disagree (fpb, SmolLM2: 0.46-0.52)
@@ -166,11 +167,7 @@ def count(engine, task, cfg: RunConfig, tcfg: TrainConfig, mode: str, n_blocks: 
     from ..core import retrieval
     from . import collaboration
 
-    labeled, unlabeled, test = task["labeled"].items, task["unlabeled"].items, task["test"].items
-    if cfg.limit_test:
-        test = test[:cfg.limit_test]
-    if cfg.limit_unlabeled:
-        unlabeled = unlabeled[:cfg.limit_unlabeled]
+    labeled, unlabeled, test = limited(task, cfg)
     ftcfg = dataclasses.replace(tcfg, lr=cfg.final_lr or tcfg.lr, epochs=cfg.final_epochs or tcfg.epochs)
     warm, exs = _train_work(engine, labeled, tcfg, n_blocks, trunk_ok)
     evals = {a: _eval_work(engine, test, mode, a) for a in (None, "warm")}
