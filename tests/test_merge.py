@@ -45,16 +45,24 @@ def test_the_merged_file_is_base_plus_adapter(tmp_path, name, monkeypatch):
     monkeypatch.setenv("SEMIEVOL_WEIGHTS", str(tmp_path / "weights"))
     base = model(tmp_path, name)
     quantized = FAMILIES[name][1] is not None
-    # LoRA on every projection of both blocks. A float32 base takes a large adapter (scale 100), which must move
-    # the logits; on these tiny peaked models a 4-bit requantization alone costs KL 0.14 (top-1 0.83), so the
-    # quantized bases take an adapter of a trained one's size (scale 2), whose merge stays within the bounds
-    adapter = random_adapter(tmp_path / "adapter.gguf", base, KEYS, -1, 8, 2.0 if quantized else 100.0)
+    # LoRA on every projection of both blocks, a large adapter (scale 100) that must move the logits. On these tiny
+    # peaked models a 4-bit requantization alone costs KL 0.14 (top-1 0.83): the adapted tensors go to Q8_0
+    adapter = random_adapter(tmp_path / "adapter.gguf", base, KEYS, -1, 8, 100.0)
     out = tmp_path / "model.gguf"
     seqs = prompts()
     got = merge.merge_model(base, adapter, out, seqs)
     assert got["tensors_merged"] == 2 * 7
-    n = len(read(base).tensors)
-    assert got["tensor_types_as_base"] == f"{n} of {n}"  # each tensor in the type the base file had
+    before = {t.name: t.tensor_type.name for t in read(base).tensors}
+    after = {t.name: t.tensor_type.name for t in read(out).tensors}
+    adapted = {n for n in before if any(n.endswith(f"{p}.weight") for p in ("attn_q", "attn_k", "attn_v", "attn_output",
+                                                                              "ffn_gate", "ffn_up", "ffn_down"))}
+    assert len(adapted) == 14 and after.keys() == before.keys()
+    for tensor, kind in before.items():  # the base's types; an adapted tensor under 8 bits in Q8_0
+        assert after[tensor] == ("Q8_0" if tensor in adapted and kind not in merge.FINE_TYPES else kind), tensor
+    retyped = sum(before[n] not in merge.FINE_TYPES for n in adapted)
+    assert got["adapted_tensors_retyped"] == retyped and retyped == (14 if FAMILIES[name][1] == "Q4_K_M" else 0)
+    n = len(before)
+    assert got["tensor_types_as_base"] == f"{n - retyped} of {n}"
     assert got["kl_mean"] <= 0.1 and got["top1_agreement"] >= 0.9, got  # the parity gate's bounds
     if not quantized:  # a float32 base: the merge is base + adapter up to float rounding
         assert got["kl_mean"] < 1e-6 and got["top1_agreement"] == 1.0, got
@@ -75,6 +83,12 @@ def test_outtype_sets_the_merged_files_type(tmp_path, monkeypatch):
     got = merge.merge_model(base, adapter, tmp_path / "f16.gguf", prompts(), outtype="f16")
     types = {t.tensor_type.name for t in read(tmp_path / "f16.gguf").tensors if len(t.shape) > 1}
     assert types == {"F16"} and got["kl_mean"] < 1e-3
+    # --outtype base: every tensor back in the base's own type, the adapted ones included (an adapter of a trained
+    # one's size: see above)
+    small = random_adapter(tmp_path / "small.gguf", base, KEYS, -1, 8, 2.0)
+    got = merge.merge_model(base, small, tmp_path / "base.gguf", prompts(), outtype="base")
+    n = len(read(base).tensors)
+    assert got["tensor_types_as_base"] == f"{n} of {n}" and got["adapted_tensors_retyped"] == 0
     with pytest.raises(Exception, match="--outtype q9_x: llama.cpp does not know"):
         merge.check_outtype("q9_x")
 

@@ -89,6 +89,8 @@ TITLES = {"main": "Main table (test accuracy; error reduction is relative)",
           "ablation": "Ablations (paper Table 2)", "sensitivity": "Sensitivity to n and theta (paper Fig. 3)",
           "rounds": "Rounds (paper Fig. 7; round 0 is SFT)",
           "baselines": "Baselines (p: exact McNemar against SemiEvol on the same test questions)",
+          "headline": "SemiEvol against self-consistency and w/o ICP (p: exact McNemar against SemiEvol on the same "
+                      "test questions)",
           "whole_run": "Whole run, per stage",
           "seeds": "Over training seeds (test accuracy; p: exact McNemar against SemiEvol per seed, and a sign test "
                    "over the test questions pooled over the seeds)",
@@ -119,7 +121,7 @@ def markdown(results: list[dict]) -> str:
             lr = (r.get("train") or {}).get("lr")
             lines += [f"LoRA on {'all' if layers == -1 else f'the last {layers}'} blocks"
                       + (f" at lr {lr:g}" if lr else " at the family's lr")
-                      + (f"; the first {limit} unlabeled questions." if limit else "."), ""]
+                      + _limits(r) + ".", ""]
         changed = not_today(r)
         if changed:
             lines += ["Options that differ from today's defaults: " + ", ".join(changed) + ".", ""]
@@ -207,7 +209,15 @@ PUBLISHED = ("quality", "pseudo-label", "run", "sizes", "servers")  # the benchm
 _ORDER = {"run": 0, "quality": 1, "pseudo-label": 2, "servers": 3, "sizes": 4}
 
 
-SAID_ELSEWHERE = {"num_layers", "limit_unlabeled", "lr"}  # stated in their own sentence (lr: the family's)
+SAID_ELSEWHERE = {"num_layers", "limit_labeled", "limit_unlabeled", "lr"}  # stated in their own sentence (lr: the family's)
+
+
+def _limits(r: dict) -> str:
+    """"; the first 150 labeled rows; the first 200 unlabeled questions" as the result's run was cut, or ""."""
+    run = r.get("run") or {}
+    return "".join(f"; the first {run[k]} {what}" for k, what in (("limit_labeled", "labeled rows"),
+                                                                   ("limit_unlabeled", "unlabeled questions"))
+                   if run.get(k))
 
 
 def not_today(r: dict) -> list[str]:
@@ -244,9 +254,8 @@ def summary(named: list[tuple[str, dict]]) -> str:
     rows, runs = [], []
     for name, r in in_order(named):
         layers = (r.get("train") or {}).get("num_layers")
-        limit = (r.get("run") or {}).get("limit_unlabeled")
         setting = ("LoRA on all blocks" if layers == -1 else f"LoRA on {layers} blocks" if layers else "-") + (
-            f", first {limit} unlabeled" if limit else ", all unlabeled") + "".join(f", {o}" for o in not_today(r))
+            _limits(r) or "; all unlabeled").replace(";", ",") + "".join(f", {o}" for o in not_today(r))
         for row in (r.get("tables") or {}).get("main", []):
             rows.append({"task": row.get("task"), "model": Path(r.get("model", "?")).name,
                          **{k: row.get(k) for k in ("majority", "vanilla", "sft", "semievol", "p_vs_sft")},

@@ -119,10 +119,12 @@ def export_cmd(
     peft: bool = typer.Option(False, "--peft", help="Also write peft/: the adapter for the Hugging Face base model "
                               "(transformers + PEFT, vLLM), Q/K rows in Hugging Face order."),
     merged: bool = typer.Option(False, "--merged", help="Also write model.gguf: the base with the adapter merged in, "
-                                "in the base's own quantization, one file any GGUF front end loads (Ollama, LM "
-                                "Studio, llama-server); checked against base + adapter; the Modelfile then uses it."),
+                                "in the base's own types (the adapted tensors at least Q8_0: 4-bit ones missed "
+                                "base + adapter), one file any GGUF front end loads (Ollama, LM Studio, "
+                                "llama-server); checked against base + adapter; the Modelfile then uses it."),
     outtype: Optional[str] = typer.Option(None, "--outtype", help="With --merged: the merged file's type (f32, f16, "
-                                          "q8_0, q4_k_m, ... as llama.cpp names them) instead of the base's."),
+                                          "q8_0, q4_k_m, ... as llama.cpp names them), or base: every tensor in "
+                                          "the base's type."),
 ):
     """Export a run: train.csv/.jsonl (labeled + selected pseudo-labels), chat.jsonl for mlx-lm, the adapter and
     an Ollama Modelfile; with --merged, one GGUF with the adapter merged in."""

@@ -6,8 +6,10 @@ adapter support).
    adapted tensor becomes W + (alpha / rank) B A, as llama.cpp applies the adapter at scale 1; the other
    tensors and every metadata key are copied as they are (gguf-py), and three keys say where the file came
    from (`semievol.merged`, `semievol.base`, `semievol.adapter_sha256`).
-2. `quantize`: llama.cpp's own quantizer writes it back in the base's types, tensor by tensor (each tensor's
-   type pinned to the base file's), or in `--outtype`. A float32 result is the merged copy itself.
+2. `quantize`: llama.cpp's own quantizer writes it back tensor by tensor (each tensor's type pinned): the
+   untouched tensors in the base file's types, the adapted ones in the base's type where that holds 8 bits or
+   more, else in Q8_0 (`ADAPTED_FLOOR`); `--outtype base` puts every tensor back in the base's type, another
+   `--outtype` writes the whole file in that type. A float32 result is the merged copy itself.
 3. `agreement`: llama.cpp's logits of the merged file against the base's float32 copy with the adapter, on
    the run's own prompts (mean KL, top-1), within the parity gate's bounds or refused.
 
@@ -32,6 +34,11 @@ log = logging.getLogger(__name__)
 
 KEYS = ("semievol.merged", "semievol.base", "semievol.adapter_sha256")
 KL_PROMPTS = 32  # prompts whose every position's logits are compared
+# Measured on the demo run (SmolLM2-135M Q4_1, LoRA on 16 blocks): W + BA requantized to Q4_1 missed base + adapter
+# by mean KL 1.48 (top-1 0.62), far beyond the parity gate; Q8_0 everywhere by 0.016. So a merged tensor whose
+# base type holds fewer than 8 bits is written in Q8_0; the tensors the adapter did not touch keep their bytes.
+ADAPTED_FLOOR = "q8_0"
+FINE_TYPES = ("F32", "F16", "BF16", "Q8_0")  # ggml types a merged tensor may stay in
 
 
 def outtypes() -> dict[str, int]:
@@ -46,13 +53,15 @@ def outtypes() -> dict[str, int]:
 
 
 def check_outtype(name: str | None) -> int | None:
-    """The file type of `--outtype`, or a `UserError` listing the ones llama.cpp knows."""
-    if name is None:
+    """The file type of `--outtype` (None for the default and for `base`), or a `UserError` listing the ones
+    llama.cpp knows."""
+    if name is None or name.lower() == "base":
         return None
     table = outtypes()
     if name.lower() not in table:
-        raise UserError(f"--outtype {name}: llama.cpp does not know this type; give one of "
-                        f"{', '.join(sorted(table))}, or leave it out for the base file's own types")
+        raise UserError(f"--outtype {name}: llama.cpp does not know this type; give base or one of "
+                        f"{', '.join(sorted(table))}, or leave it out (the base's types, adapted tensors at least "
+                        "Q8_0)")
     return table[name.lower()]
 
 
@@ -70,7 +79,7 @@ def file_type(path: Path) -> int | None:
     return None if v is None else int(v)
 
 
-def merge_f32(f32_base: Path, adapter: Path, dst: Path, *, base_name: str) -> int:
+def merge_f32(f32_base: Path, adapter: Path, dst: Path, *, base_name: str) -> list[str]:
     """Write `dst`: `f32_base` (a float32 GGUF) with `adapter` merged into it. Returns the tensors changed."""
     import gguf
 
@@ -93,7 +102,7 @@ def merge_f32(f32_base: Path, adapter: Path, dst: Path, *, base_name: str) -> in
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    merged = 0
+    merged = []
     for t in reader.tensors:
         data = t.data
         if t.name + SUFFIX_A in lora:
@@ -103,10 +112,10 @@ def merge_f32(f32_base: Path, adapter: Path, dst: Path, *, base_name: str) -> in
             a, b = lora[t.name + SUFFIX_A].astype(np.float32), lora[t.name + SUFFIX_B].astype(np.float32)
             scale = alpha / a.shape[0] if alpha else 1.0  # llama.cpp: adapter scale x alpha / rank
             data = np.asarray(data, dtype=np.float32) + np.float32(scale) * (b @ a)
-            merged += 1
+            merged.append(t.name)
         writer.write_tensor_data(data)
     writer.close()
-    if merged != sum(name.endswith(SUFFIX_A) for name in lora):
+    if len(merged) != sum(name.endswith(SUFFIX_A) for name in lora):
         raise UserError(f"{adapter}: some of its tensors have no base tensor in {base_name}; is it this model's "
                         "adapter?")
     return merged
@@ -147,9 +156,12 @@ def agreement(reference: tuple[Path, Path], merged: Path, sequences: list[list[i
 
 def merge_model(model_path: Path, adapter: Path, out_file: Path, sequences: list[list[int]], *,
                 outtype: str | None = None, n_threads: int | None = None, say=lambda msg: None) -> dict:
-    """`out_file`: `model_path` with `adapter` merged in, in the base's types (or `outtype`), checked against
-    base + adapter on `sequences`; beyond the parity gate's bounds a `UserError`, and no `out_file`."""
+    """`out_file`: `model_path` with `adapter` merged in, in the base's types with the adapted tensors at least
+    Q8_0 (or every tensor in the base's type: `outtype` "base"; or all in `outtype`), checked against base +
+    adapter on `sequences`; beyond the parity gate's bounds a `UserError`, and no `out_file`."""
     import time
+
+    import gguf
 
     from ..core.config import EngineConfig
     from ..core.files import atomic_target
@@ -169,13 +181,18 @@ def merge_model(model_path: Path, adapter: Path, out_file: Path, sequences: list
         with atomic_target(out_file) as tmp_out:
             say("merging the adapter into the float32 weights")
             changed = merge_f32(f32.path, adapter, tmp_f32, base_name=Path(model_path).name)
+            pinned = dict(base_types)
+            if outtype is None:  # an adapted tensor in a type under 8 bits goes to Q8_0
+                floor = int(gguf.GGMLQuantizationType[ADAPTED_FLOOR.upper()])
+                pinned.update({n: floor for n in changed
+                               if gguf.GGMLQuantizationType(base_types[n]).name not in FINE_TYPES})
             if want == outtypes()["f32"]:
                 os.replace(tmp_f32, tmp_out)
             else:
-                say(f"quantizing with llama.cpp's quantizer ({outtype or 'the base file types'})")
-                # the base's own types, tensor by tensor; the file type (its label) where the base names none: Q8_0
+                say(f"quantizing with llama.cpp's quantizer ({outtype or 'the base file types, adapted tensors at least Q8_0'})")
+                # each tensor pinned; the file type (its label) where the base names none: Q8_0
                 quantize(tmp_f32, tmp_out, want if want is not None else (file_type(model_path) or outtypes()["q8_0"]),
-                         None if want is not None else base_types, n_threads)
+                         None if want is not None else pinned, n_threads)
             seconds = time.perf_counter() - t0
             say(f"checking the merged file against base + adapter on {len(sequences)} prompts")
             got = agreement((f32.path, adapter), tmp_out, sequences, n_threads)
@@ -185,9 +202,11 @@ def merge_model(model_path: Path, adapter: Path, out_file: Path, sequences: list
                                 f"{MIN_TOP1}); nothing was written: try --outtype q8_0 or f16")
             types = tensor_types(tmp_out)
             same = sum(types.get(n) == t for n, t in base_types.items())
+            raised = sum(types.get(n) != base_types[n] for n in changed)
     finally:
         tmp_f32.unlink(missing_ok=True)
-    return {"merge_seconds": round(seconds, 1), "bytes": out_file.stat().st_size, "tensors_merged": changed,
-            "outtype": outtype or "the base's", "tensor_types_as_base": f"{same} of {len(base_types)}",
+    return {"merge_seconds": round(seconds, 1), "bytes": out_file.stat().st_size, "tensors_merged": len(changed),
+            "outtype": outtype or "the base's, adapted tensors at least Q8_0",
+            "tensor_types_as_base": f"{same} of {len(base_types)}", "adapted_tensors_retyped": raised,
             "kl_mean": got["kl_mean"], "top1_agreement": got["top1_agreement"], "positions": got["n_positions"],
             "adapter_sha256": sha256_file(adapter)}
