@@ -528,3 +528,8 @@ def test_quality_over_seeds(tiny_q4, task, tmp_path):
     assert rows["SemiEvol"]["p_vs_full_pooled"] is None  # itself
     assert 0 < rows["SFT (no pseudo-labels)"]["p_vs_full_pooled"] <= 1
     assert len(rows["SFT (no pseudo-labels)"]["p_vs_full_per_seed"].split(", ")) == 2
+    probes = r["tables"]["probe"]  # what the collapse check saw of each seed's warm-up (tiny models: collapsed)
+    assert [p["seed"] for p in probes] == [0, 1]
+    for p, f in zip(probes, runs):
+        found = json.loads((f / "probe" / "probe.json").read_text())
+        assert p["its share"] == found["top_share"] and p["collapsed"] == found["collapsed"]

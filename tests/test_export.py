@@ -173,6 +173,8 @@ def test_export_refuses_a_used_folder_and_an_unfinished_run(exported, tmp_path):
     (unfinished / "run.json").write_text((out / "run.json").read_text())
     res = run("export", unfinished, "--out", tmp_path / "x", code=2)
     assert "no finished final fine-tune" in res.stderr and not (tmp_path / "x").exists()
+    res = run("export", unfinished, "--out", tmp_path / "z", "--merged", code=2)
+    assert "no finished final fine-tune" in res.stderr and not (tmp_path / "z").exists()
     res = run("export", tmp_path / "nothing", "--out", tmp_path / "y", code=2)
     assert "not a run folder" in res.stderr and not (tmp_path / "y").exists()
 

@@ -91,6 +91,8 @@ TITLES = {"main": "Main table (test accuracy; error reduction is relative)",
           "baselines": "Baselines (p: exact McNemar against SemiEvol on the same test questions)",
           "headline": "SemiEvol against self-consistency and w/o ICP (p: exact McNemar against SemiEvol on the same "
                       "test questions)",
+          "probe": "The collapse check per seed (the warm-up's answers on up to 100 unlabeled questions; collapsed: "
+                   "at least 90% one class while the labeled split's largest is at most 70%)",
           "whole_run": "Whole run, per stage",
           "seeds": "Over training seeds (test accuracy; p: exact McNemar against SemiEvol per seed, and a sign test "
                    "over the test questions pooled over the seeds)",

@@ -108,6 +108,7 @@ def quality(model_path: Path, datas: list[Path], out: Path, suites: list[str], c
     tables = _quality_tables(plan, runs, Path(out))
     if seeds > 1:
         tables["seeds"] = seed_table(plan, every, roots, tcfg.seed)
+        tables["probe"] = probe_table(plan, every, tcfg.seed)
     # the whole run is the full method's (the first task's), whichever suites were asked for
     first = next((var for var in plan if var.data == plan[0].data and not var.overrides), plan[0])
     whole = runs[(first.data, first.folder)][1]["stages"]
@@ -172,6 +173,21 @@ def seed_table(plan: list[Variant], every: list[dict], roots: list[Path], seed0:
                      "min": float(acc.min()), "max": float(acc.max()),
                      "p_vs_full_per_seed": ", ".join("-" if p is None else f"{p:.3g}" for p in per),
                      "p_vs_full_pooled": pooled})
+    return rows
+
+
+def probe_table(plan: list[Variant], every: list[dict], seed0: int) -> list[dict]:
+    """Per seed, what the collapse check saw of the first task's warm-up (a seed whose warm-up collapsed ran on
+    only with --force)."""
+    first, rows = plan[0].data, []
+    for s, runs in enumerate(every):
+        folder = runs.get((first, "full"), (None,))[0]
+        probe = folder / "probe" / "probe.json" if folder else None
+        if probe and probe.exists():
+            found = json.loads(probe.read_text())
+            rows.append({"seed": seed0 + s, "warm-up's top answer": found["top"], "its share": found["top_share"],
+                         "labeled share of that class": found["labeled"].get(found["top"]),
+                         "labeled largest class": found["labeled_top_share"], "collapsed": found["collapsed"]})
     return rows
 
 
