@@ -394,8 +394,14 @@ def test_options_that_cannot_change_outputs_rerun_nothing(full_run, tiny_q4, tmp
     folder, out = full_run[0], full_run[1]
     copy = tmp_path / "inert"
     shutil.copytree(out, copy)
+    from semievol_local.engines.weights import inference_weights
+
     tcfg = dataclasses.replace(TRAIN, save_every=7, grad_checkpoint=True)
-    stages = run_semievol(tiny_q4, folder, copy, Run(rounds=1), tcfg, EngineConfig(n_threads=1, n_gpu_layers=0))
+    # `auto` measures which weights are faster per thread count: on a busy machine 1 thread may pick the other
+    # one, a real change of weights; the run's own pick, named, keeps the weights and changes only the threads
+    kind = inference_weights(tiny_q4, EngineConfig()).kind
+    stages = run_semievol(tiny_q4, folder, copy, Run(rounds=1), tcfg,
+                          EngineConfig(n_threads=1, n_gpu_layers=0, weights=kind))
     assert all(st.reused for st in stages.values()), [k for k, st in stages.items() if not st.reused]
     for stage in ("train", "collaboration", "eval"):
         assert not {"save_every", "grad_checkpoint", "n_threads", "n_gpu_layers"} & set(

@@ -48,9 +48,9 @@ def collapse_message(found: dict) -> str:
     """The one line a collapsed warm-up ends the run with: what was seen, and what to try."""
     return (f"the warm-up model answered {found['top']} on {found['top_share']:.0%} of {found['n']} unlabeled "
             f"questions, while the labeled split's largest class is {found['labeled_top_share']:.0%}: it has learned "
-            "the label prior, not the task, and pseudo-labeling would teach that answer everywhere. Try more "
-            "--epochs, another --lr, more labeled rows or a larger model; --force goes on anyway (the finished "
-            "stages are kept)")
+            "the label prior, not the task, and pseudo-labeling would teach that answer everywhere. Try another "
+            "--train-seed, more --epochs, another --lr, more labeled rows or a larger model; --force goes on anyway "
+            "(the finished stages are kept)")
 
 
 def read_selected(sel: StageResult, unlabeled: list[Item]) -> tuple[list[Item], set[int]]:
