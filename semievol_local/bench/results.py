@@ -214,6 +214,10 @@ _ORDER = {"run": 0, "quality": 1, "pseudo-label": 2, "servers": 3, "sizes": 4}
 SAID_ELSEWHERE = {"num_layers", "limit_labeled", "limit_unlabeled", "lr"}  # stated in their own sentence (lr: the family's)
 
 
+def _p(v) -> str:
+    return "-" if v is None else f"{v:.2g}"
+
+
 def _limits(r: dict) -> str:
     """"; the first 150 labeled rows; the first 200 unlabeled questions" as the result's run was cut, or ""."""
     run = r.get("run") or {}
@@ -262,6 +266,15 @@ def summary(named: list[tuple[str, dict]]) -> str:
             rows.append({"task": row.get("task"), "model": Path(r.get("model", "?")).name,
                          **{k: row.get(k) for k in ("majority", "vanilla", "sft", "semievol", "p_vs_sft")},
                          "setting": setting, "measured": (r.get("machine") or {}).get("date"), "file": f"`{name}`"})
+        seeds = {row["method"]: row for row in (r.get("tables") or {}).get("seeds", [])}
+        if seeds:
+            sft, full = seeds.pop("SFT (no pseudo-labels)", None), seeds.pop("SemiEvol", None)
+            if sft and full:
+                others = "; ".join(f"{m} {row['mean']:.3f} (p {_p(row['p_vs_full_pooled'])})" for m, row in seeds.items())
+                runs.append(f"Over training seeds {full['seeds']} on {Path((r.get('tasks') or ['?'])[0]).name} "
+                            f"({setting.lstrip(', ')}): SemiEvol {full['mean']:.3f} (sd {full['sd']:.3f}) against SFT "
+                            f"{sft['mean']:.3f} (sd {sft['sd']:.3f}; sign test pooled over the seeds p "
+                            f"{_p(sft['p_vs_full_pooled'])})" + (f"; {others}" if others else "") + f" (`{name}`).")
         w = r.get("whole_run")
         if r.get("benchmark") == "run" and w:
             runs.append(f"The whole `semievol run` on {w['task']} took {w['seconds'] / 60:.1f} min, peak "
