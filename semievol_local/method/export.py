@@ -77,6 +77,7 @@ def training_rows(run: Path, data: Path | None = None) -> list[dict]:
     meta = run_meta(run)
     folder = _task_folder(run, meta, data)
     labeled = load_split(find_split_file(folder, "labeled"), "labeled").items
+    labeled = labeled[:meta.get("run", {}).get("limit_labeled") or len(labeled)]  # the rows the run trained on
     unlabeled = {it.index: it for it in load_split(find_split_file(folder, "unlabeled"), "unlabeled",
                                                    with_answers=False).items}
     _same_labeled(run, labeled, folder)
