@@ -221,13 +221,16 @@ class Task:
         return self.splits[name]
 
 
+def head(items: list[Item], n: int | None) -> list[Item]:
+    """The first `n` items (a run's --limit-labeled, --limit-unlabeled or --limit-test); 0 or None: all."""
+    return items[:n] if n else items
+
+
 def limited(task: Task, cfg) -> tuple[list[Item], list[Item], list[Item]]:
     """The labeled, unlabeled and test items, each cut to its first N by the run's --limit-labeled,
     --limit-unlabeled and --limit-test (0: all)."""
-    def first(split: str, n: int) -> list[Item]:
-        return task[split].items[:n] if n else task[split].items
-    return (first("labeled", cfg.limit_labeled), first("unlabeled", cfg.limit_unlabeled),
-            first("test", cfg.limit_test))
+    return (head(task["labeled"].items, cfg.limit_labeled), head(task["unlabeled"].items, cfg.limit_unlabeled),
+            head(task["test"].items, cfg.limit_test))
 
 
 def load_task(folder: Path, splits: tuple[str, ...] = SPLITS) -> Task:

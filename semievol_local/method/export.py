@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.data import Item, find_split_file, load_split
+from ..core.data import Item, find_split_file, head, load_split
 from ..core.errors import UserError
 from ..core.files import atomic_write_json, atomic_write_text
 from ..core.prompts import ChatTemplate, answer_text, question_messages
@@ -77,7 +77,7 @@ def training_rows(run: Path, data: Path | None = None) -> list[dict]:
     meta = run_meta(run)
     folder = _task_folder(run, meta, data)
     labeled = load_split(find_split_file(folder, "labeled"), "labeled").items
-    labeled = labeled[:meta.get("run", {}).get("limit_labeled") or len(labeled)]  # the rows the run trained on
+    labeled = head(labeled, meta.get("run", {}).get("limit_labeled"))  # the rows the run trained on
     unlabeled = {it.index: it for it in load_split(find_split_file(folder, "unlabeled"), "unlabeled",
                                                    with_answers=False).items}
     _same_labeled(run, labeled, folder)
@@ -342,8 +342,7 @@ def export_trained(folder: Path, out: Path, engine, items: list[Item], *, outtyp
 def run_test_items(run: Path, meta: dict, data: Path | None) -> list[Item]:
     """The test questions a run was evaluated on (its --limit-test first ones)."""
     items = load_split(find_split_file(_task_folder(run, meta, data), "test"), "test").items
-    limit = meta.get("run", {}).get("limit_test") or 0
-    return items[:limit] if limit else items
+    return head(items, meta.get("run", {}).get("limit_test"))
 
 
 def last_round_eval(run: Path) -> dict:

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..core import collapse
 from ..core.config import RunConfig
-from ..core.data import Item, find_split_file, load_heldout, load_split
+from ..core.data import Item, find_split_file, head, load_heldout, load_split
 from ..core.errors import UserError
 from ..core.files import atomic_write_json, atomic_write_text
 from ..core.prompts import answers_match
@@ -186,7 +186,7 @@ def class_distributions(run: Path, meta: dict, stages: dict, evals: dict) -> dic
         lab = load_split(find_split_file(Path(meta["data"]), "labeled"), "labeled").items
     except UserError:
         return {}
-    lab = lab[:meta["run"].get("limit_labeled") or len(lab)]  # the rows the run trained on
+    lab = head(lab, meta["run"].get("limit_labeled"))  # the rows the run trained on
     if not lab or not all(it.closed for it in lab):
         return {}
     out = {"labeled split": collapse.distribution(it.answer for it in lab)}
