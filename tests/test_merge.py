@@ -76,6 +76,28 @@ def test_the_merged_file_is_base_plus_adapter(tmp_path, name, monkeypatch):
     assert not list(tmp_path.glob(".model*"))  # no temporary file left
 
 
+def test_the_check_holds_logits_in_chunks(tmp_path, monkeypatch):
+    """`compare_llama` splits the prompts so one model's logits stay within a byte budget (a 262k vocabulary over
+    32 fpb prompts ran 24 GB out of memory held whole) and gives what one whole comparison gives."""
+    from semievol_local.training.parity import compare_llama, compare_logits, llama_logits_many
+
+    base = model(tmp_path, "qwen2")
+    adapter = random_adapter(tmp_path / "adapter.gguf", base, KEYS, -1, 8, 100.0)
+    seqs = prompts(n=5)
+    vocab = merge.vocab_size(base)
+    whole = compare_logits(*(np.concatenate(llama_logits_many(m, a, seqs)) for m, a in ((base, adapter), (base, None))))
+    import semievol_local.training.parity as parity
+
+    calls, real = [], parity.llama_logits_many
+    monkeypatch.setattr(parity, "llama_logits_many", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+    # a budget of 30 positions: prompts of 24 tokens go one per chunk
+    chunked = compare_llama((base, adapter), (base, None), seqs, vocab=vocab, budget=4 * vocab * 30)
+    assert calls == [1] * 10  # 5 chunks, each model once
+    assert chunked["n_positions"] == whole["n_positions"] == 5 * 24
+    assert abs(chunked["kl_mean"] - whole["kl_mean"]) < 1e-9 and chunked["kl_mean"] > 0.01
+    assert chunked["top1_agreement"] == whole["top1_agreement"] and chunked["kl_max"] == whole["kl_max"]
+
+
 def test_outtype_sets_the_merged_files_type(tmp_path, monkeypatch):
     monkeypatch.setenv("SEMIEVOL_WEIGHTS", str(tmp_path / "weights"))
     base = model(tmp_path, "llama-q4_k_m")

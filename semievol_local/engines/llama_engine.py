@@ -216,7 +216,8 @@ class Engine:
             key = want[0] + "@" + want[2]
             if key not in self._adapters:
                 check_adapter(Path(path), self.architecture)
-                ad = lc.llama_adapter_lora_init(self.llm._model.model, want[0].encode())
+                with suppress_stdout_stderr(disable=False):  # "cannot use buft 'CPU_REPACK'": one line per tensor
+                    ad = lc.llama_adapter_lora_init(self.llm._model.model, want[0].encode())
                 if ad is None:
                     raise UserError(f"{path}: llama.cpp cannot load this LoRA adapter; it must be a GGUF adapter "
                                     f"made for this model ({self.architecture})")

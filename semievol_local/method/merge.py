@@ -144,14 +144,19 @@ def quantize(src: Path, dst: Path, ftype: int, types: dict[str, int] | None, n_t
         raise UserError(f"{src}: llama.cpp's quantizer failed (code {rc}) writing {dst.name}")
 
 
+def vocab_size(path: Path) -> int:
+    from ..core.gguf_file import Array, read
+
+    tokens = read(Path(path)).fields["tokenizer.ggml.tokens"]
+    return tokens.length if isinstance(tokens, Array) else len(tokens)
+
+
 def agreement(reference: tuple[Path, Path], merged: Path, sequences: list[list[int]], n_threads: int) -> dict:
     """Mean KL and top-1 agreement of `merged`'s logits against `reference` (model, adapter) at every position of
     `sequences`, both in llama.cpp."""
-    from ..training.parity import compare_logits, llama_logits_many
+    from ..training.parity import compare_llama
 
-    ref = np.concatenate(llama_logits_many(reference[0], reference[1], sequences, n_threads=n_threads))
-    got = np.concatenate(llama_logits_many(merged, None, sequences, n_threads=n_threads))
-    return compare_logits(ref, got)
+    return compare_llama(reference, (merged, None), sequences, vocab=vocab_size(merged), n_threads=n_threads)
 
 
 def merge_model(model_path: Path, adapter: Path, out_file: Path, sequences: list[list[int]], *,

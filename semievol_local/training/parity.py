@@ -17,10 +17,13 @@ def llama_logits_many(model_path, adapter_gguf, sequences: list[list[int]], *,
     """(T, vocab) float32 logits of each token sequence, one model load for all of them."""
     import llama_cpp
 
+    from llama_cpp._utils import suppress_stdout_stderr
+
     n_ctx = max(64, max(len(s) for s in sequences))
-    llm = llama_cpp.Llama(model_path=str(model_path), lora_path=str(adapter_gguf) if adapter_gguf else None,
-                          logits_all=True, n_ctx=n_ctx, n_batch=n_ctx, n_threads=n_threads or os.cpu_count(),
-                          verbose=False)
+    with suppress_stdout_stderr(disable=False):  # llama.cpp logs from C even with verbose=False
+        llm = llama_cpp.Llama(model_path=str(model_path), lora_path=str(adapter_gguf) if adapter_gguf else None,
+                              logits_all=True, n_ctx=n_ctx, n_batch=n_ctx, n_threads=n_threads or os.cpu_count(),
+                              verbose=False)
     try:
         out = []
         for seq in sequences:
@@ -43,11 +46,53 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
-def compare_logits(ref: np.ndarray, other: np.ndarray) -> dict:
-    """Per-position KL(ref || other) over the full vocabulary and top-1 agreement; both (T, vocab)."""
+ROWS = 256  # positions per float64 pass: a 262k vocabulary (gemma) then takes ~0.5 GB at a time, not T times that
+
+
+def position_kl(ref: np.ndarray, other: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per position: KL(ref || other) over the full vocabulary, and whether the top-1 tokens agree; both (T, vocab)."""
     if ref.shape != other.shape:
         raise ValueError(f"logit shapes differ: {ref.shape} vs {other.shape}")
-    lp, lq = _log_softmax(ref), _log_softmax(other)
-    kl = (np.exp(lp) * (lp - lq)).sum(axis=-1)  # (T,)
+    kl = np.empty(len(ref))
+    for i in range(0, len(ref), ROWS):
+        lp, lq = _log_softmax(ref[i:i + ROWS]), _log_softmax(other[i:i + ROWS])
+        kl[i:i + ROWS] = (np.exp(lp) * (lp - lq)).sum(axis=-1)
+    return kl, ref.argmax(-1) == other.argmax(-1)
+
+
+def summarize(kl: np.ndarray, agree: np.ndarray) -> dict:
     return {"kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
-            "top1_agreement": float((ref.argmax(-1) == other.argmax(-1)).mean()), "n_positions": int(len(kl))}
+            "top1_agreement": float(agree.mean()), "n_positions": int(len(kl))}
+
+
+def compare_logits(ref: np.ndarray, other: np.ndarray) -> dict:
+    """Per-position KL(ref || other) over the full vocabulary and top-1 agreement; both (T, vocab)."""
+    return summarize(*position_kl(ref, other))
+
+
+LOGITS_BUDGET = 1 << 30  # bytes of one model's float32 logits held at once by `compare_llama`
+
+
+def compare_llama(reference: tuple, other: tuple, sequences: list[list[int]], *, vocab: int,
+                  n_threads: int | None = None, budget: int = LOGITS_BUDGET) -> dict:
+    """`compare_logits` of two llama.cpp models, each a (GGUF, adapter or None), on `sequences`, in chunks whose
+    logits fit `budget` bytes per model: 32 fpb prompts under gemma's 262k vocabulary are ~5 GB of logits each,
+    and holding both (plus their float64 softmax) at once ran a 24 GB machine out of memory."""
+    per_chunk = max(1, budget // (4 * vocab))
+    chunks, cur, n = [], [], 0
+    for seq in sequences:
+        if cur and n + len(seq) > per_chunk:
+            chunks.append(cur)
+            cur, n = [], 0
+        cur.append(seq)
+        n += len(seq)
+    chunks.append(cur)
+    kls, agrees = [], []
+    for chunk in chunks:
+        ref = np.concatenate(llama_logits_many(*reference, chunk, n_threads=n_threads))
+        got = np.concatenate(llama_logits_many(*other, chunk, n_threads=n_threads))
+        kl, agree = position_kl(ref, got)
+        del ref, got
+        kls.append(kl)
+        agrees.append(agree)
+    return summarize(np.concatenate(kls), np.concatenate(agrees))
