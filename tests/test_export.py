@@ -177,6 +177,14 @@ def test_export_refuses_a_used_folder_and_an_unfinished_run(exported, tmp_path):
     assert "no finished final fine-tune" in res.stderr and not (tmp_path / "z").exists()
     res = run("export", tmp_path / "nothing", "--out", tmp_path / "y", code=2)
     assert "not a run folder" in res.stderr and not (tmp_path / "y").exists()
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for text, message in (("{\"model\": ", "not readable JSON"), ("{}", "no 'model' in it")):
+        (damaged / "run.json").write_text(text)
+        for args in (["export", damaged, "--out", tmp_path / "w", "--merged"], ["report", damaged]):
+            res = run(*args, code=2)
+            assert message in res.stderr and "run.json" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+            assert not (tmp_path / "w").exists() and "Traceback" not in res.stderr
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # llama: Q/K rows permuted in the GGUF; qwen2: as in HF

@@ -137,6 +137,23 @@ def _sealed(folder: Path, inputs_digest: str) -> dict | None:
     return m
 
 
+def run_record(run: Path) -> dict:
+    """A run folder's run.json (what the run was started with), or a one-line `UserError`."""
+    from .errors import UserError
+
+    try:
+        meta = json.loads((Path(run) / "run.json").read_text())
+    except FileNotFoundError:
+        raise UserError(f"{run}: not a run folder (no run.json); give the --out of a `semievol run`") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{run}/run.json: not readable JSON ({e}); the run folder is damaged: run it again "
+                        "into a new --out") from None
+    if not isinstance(meta, dict) or "model" not in meta:
+        raise UserError(f"{run}/run.json: no 'model' in it, so not a semievol run's record; give the --out of a "
+                        "`semievol run`") from None
+    return meta
+
+
 def check_folder(root: Path) -> Path:
     """`root` if it can be a run folder (missing, or a folder); else a `UserError` naming what is in the way."""
     root = Path(root)

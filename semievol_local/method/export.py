@@ -25,18 +25,12 @@ from ..core.data import Item, find_split_file, head, load_split
 from ..core.errors import UserError
 from ..core.files import atomic_write_json, atomic_write_text
 from ..core.prompts import ChatTemplate, answer_text, question_messages
+from ..core.runfolder import run_record
 
 COLUMNS = ("question", "options", "answer", "source", "round", "entropy", "source_index")
 
 
 # --- reading a run ----------------------------------------------------------------------------------
-
-def run_meta(run: Path) -> dict:
-    try:
-        return json.loads((Path(run) / "run.json").read_text())
-    except FileNotFoundError:
-        raise UserError(f"{run}: not a run folder (no run.json); give the --out of a `semievol run`") from None
-
 
 def rounds_done(run: Path) -> list[int]:
     """The rounds whose final fine-tune is sealed, in order."""
@@ -74,7 +68,7 @@ def _task_folder(run: Path, meta: dict, data: Path | None) -> Path:
 def training_rows(run: Path, data: Path | None = None) -> list[dict]:
     """Labeled rows, then each round's selected pseudo-labeled rows (answer = pseudo-label)."""
     run = Path(run)
-    meta = run_meta(run)
+    meta = run_record(run)
     folder = _task_folder(run, meta, data)
     labeled = load_split(find_split_file(folder, "labeled"), "labeled").items
     labeled = head(labeled, meta.get("run", {}).get("limit_labeled"))  # the rows the run trained on
@@ -272,7 +266,7 @@ def base_model(folder: Path) -> Path:
     still be there."""
     folder = Path(folder)
     if (folder / "run.json").exists() or not (folder / "adapter_config.json").is_file():
-        model = Path(run_meta(folder)["model"])
+        model = Path(run_record(folder)["model"])
     else:
         model = Path(json.loads((folder / "adapter_config.json").read_text())["model"])
     if not model.is_file():
@@ -294,7 +288,7 @@ def export_run(run: Path, out: Path, engine, *, data: Path | None = None, peft: 
     merge.check_outtype(outtype)
     if outtype and not merged:
         raise UserError("--outtype is the merged file's type; give --merged too")
-    meta = run_meta(run)
+    meta = run_record(run)
     model = base_model(run)
     adapter = final_adapter(run)
     rows = training_rows(run, data)

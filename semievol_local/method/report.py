@@ -17,6 +17,7 @@ from ..core.data import Item, find_split_file, head, load_heldout, load_split
 from ..core.errors import UserError
 from ..core.files import atomic_write_json, atomic_write_text
 from ..core.prompts import answers_match
+from ..core.runfolder import run_record
 
 
 def _json(path: Path):
@@ -128,9 +129,7 @@ def pseudo_label_stats(records: list[dict], held: dict[int, Item],
 
 def build_report(run: Path) -> dict:
     run = Path(run)
-    if not (run / "run.json").exists():
-        raise UserError(f"{run}: not a run folder (no run.json); run `semievol run --out {run}` first")
-    meta = _json(run / "run.json")
+    meta = run_record(run)
     stages = _stages(run)
     rounds = sorted({int(s.split("/")[0][5:]) for s in stages if s.startswith("round") and s.endswith("/eval")})
     evals = {name: _json(run / name / "eval.json") for name in stages if name.startswith(("eval/", "round")) and
