@@ -46,7 +46,7 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
-ROWS = 256  # positions per float64 pass: a 262k vocabulary (gemma) then takes ~0.5 GB at a time, not T times that
+ROWS = 64  # positions per float64 pass: under a 262k vocabulary (gemma) 134 MB per array, not T times that
 
 
 def position_kl(ref: np.ndarray, other: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -76,7 +76,7 @@ LOGITS_BUDGET = 1 << 30  # bytes of one model's float32 logits held at once by `
 def compare_llama(reference: tuple, other: tuple, sequences: list[list[int]], *, vocab: int,
                   n_threads: int | None = None, budget: int = LOGITS_BUDGET) -> dict:
     """`compare_logits` of two llama.cpp models, each a (GGUF, adapter or None), on `sequences`, in chunks whose
-    logits fit `budget` bytes per model: 32 fpb prompts under gemma's 262k vocabulary are ~5 GB of logits each,
+    logits fit `budget` bytes per model: 32 fpb prompts under gemma's 262k vocabulary are 2.7 GB of logits each,
     and holding both (plus their float64 softmax) at once ran a 24 GB machine out of memory."""
     per_chunk = max(1, budget // (4 * vocab))
     chunks, cur, n = [], [], 0
