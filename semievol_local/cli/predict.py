@@ -148,11 +148,11 @@ def export_cmd(
         export.final_adapter(run)  # a run without one fails here, before the model loads
     engine = llama_engine.load(model)
     if trained:
-        summary = export.export_trained(run, out, engine, items, outtype=outtype, say=ui.info)
+        summary = export.export_trained(run, out, engine, items, outtype=outtype, say=ui.info, progress=ui.progress)
         names = ["model.gguf", "merge.json", "Modelfile"]
     else:
         summary = export.export_run(run, out, engine, data=data, peft=peft, merged=merged, outtype=outtype,
-                                    say=ui.info)
+                                    say=ui.info, progress=ui.progress)
         names = ["train.csv", "train.jsonl", "chat.jsonl", "mlx-lm/train.jsonl", "adapter.gguf", "Modelfile",
                  *(["model.gguf", "merge.json"] if merged else []),
                  *(["peft/adapter_model.safetensors", "peft/adapter_config.json"] if peft else [])]

@@ -275,7 +275,7 @@ def base_model(folder: Path) -> Path:
 
 
 def export_run(run: Path, out: Path, engine, *, data: Path | None = None, peft: bool = False, merged: bool = False,
-               outtype: str | None = None, say=lambda msg: None) -> dict:
+               outtype: str | None = None, say=lambda msg: None, progress=None) -> dict:
     """Write train.csv, train.jsonl, chat.jsonl (and mlx-lm/train.jsonl, the same records where
     `mlx_lm.lora --data` looks), adapter.gguf and Modelfile into `out`, a new folder: built beside it and
     renamed into place, so a failure leaves nothing behind. `merged`: also model.gguf, the base with the
@@ -304,7 +304,7 @@ def export_run(run: Path, out: Path, engine, *, data: Path | None = None, peft: 
         if merged:
             test = run_test_items(run, meta, data)
             summary = merged_file(engine, model, adapter, tmp / "model.gguf", test, outtype=outtype, say=say,
-                                  reference=last_round_eval(run))
+                                  reference=last_round_eval(run), progress=progress)
             atomic_write_json(tmp / "merge.json", summary)
         atomic_write_text(tmp / "Modelfile", modelfile(model, None if merged else "adapter.gguf", engine.template,
                                                        engine.adds_bos))
@@ -316,7 +316,7 @@ def export_run(run: Path, out: Path, engine, *, data: Path | None = None, peft: 
 
 
 def export_trained(folder: Path, out: Path, engine, items: list[Item], *, outtype: str | None = None,
-                   say=lambda msg: None) -> dict:
+                   say=lambda msg: None, progress=None) -> dict:
     """A `semievol train` folder's adapter merged into its base: `out`/model.gguf and its Modelfile, checked on
     `items` (the split given with --data: its prompts, and its answers for both accuracies)."""
     from . import merge
@@ -327,7 +327,7 @@ def export_trained(folder: Path, out: Path, engine, items: list[Item], *, outtyp
     model = base_model(folder)
     with new_folder(out) as tmp:
         summary = merged_file(engine, model, folder / "adapter.gguf", tmp / "model.gguf", items, outtype=outtype,
-                              say=say, reference=None)
+                              say=say, reference=None, progress=progress)
         atomic_write_json(tmp / "merge.json", summary)
         atomic_write_text(tmp / "Modelfile", modelfile(model, None, engine.template, engine.adds_bos))
     return {"adapter": str(folder / "adapter.gguf"), "model": str(model), "out": str(out), **summary}
@@ -344,10 +344,11 @@ def last_round_eval(run: Path) -> dict:
 
 
 def merged_file(engine, model: Path, adapter: Path, dst: Path, items: list[Item], *, outtype: str | None, say,
-                reference: dict | None) -> dict:
+                reference: dict | None, progress=None) -> dict:
     """`merge.merge_model` on the prompts of `items`, then the test accuracy of the merged file (computing with
     the file itself, as another front end would) beside that of base + adapter (`reference`, the run's own
-    evaluation, or measured here), question by question."""
+    evaluation, or measured here), question by question. `progress(total, description)`: a context manager
+    yielding `advance(status=...)`, for a bar over each evaluation."""
     import dataclasses
 
     from ..core.data import Split
@@ -362,15 +363,21 @@ def merged_file(engine, model: Path, adapter: Path, dst: Path, items: list[Item]
             for it in items[:KL_PROMPTS]]
     summary = merge_model(model, adapter, dst, seqs, outtype=outtype, say=say)
     split = Split("test", Path("."), list(items))
+
+    def accuracy(eng, description: str) -> dict:
+        if progress is None:
+            say(f"{description} on {len(items)} questions")
+            return evaluate(eng, split).as_dict()
+        with progress(len(items), description) as advance:
+            return evaluate(eng, split, on_item=lambda p: advance(status="ok" if p.correct else "miss")).as_dict()
+
     if reference is None:
-        say(f"test accuracy of base + adapter on {len(items)} questions")
         engine.set_adapter(adapter)
-        reference = evaluate(engine, split).as_dict()
+        reference = accuracy(engine, "test accuracy of base + adapter")
         engine.set_adapter(None)
-    say(f"test accuracy of the merged file on {len(items)} questions")
     mine = Engine(dst, dataclasses.replace(engine.cfg, weights="file"))
     try:
-        got = evaluate(mine, split).as_dict()
+        got = accuracy(mine, "test accuracy of the merged file")
     finally:
         mine.close()
     pv = paired(got, reference) or {}
