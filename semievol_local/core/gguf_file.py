@@ -59,7 +59,6 @@ class GGUFFile:
         if version not in (2, 3):
             raise ValueError(f"GGUF version {version} is not supported")
         self._buf, self._off, self._max_array = buf, 24, max_array
-        self.version = version
         self.fields: dict[str, object] = {}
         self.spans: dict[str, tuple[int, int]] = {}  # each key's bytes in the file (key, type, value): `write_like`
         for _ in range(n_kv):

@@ -4,8 +4,8 @@ adapter support).
 
 1. `merge_tensors`: every adapted tensor becomes float32 W + (alpha / rank) B A, W from the base's float32 copy
    (the exact weights MLX trained on, `engines.weights`), as llama.cpp applies the adapter at scale 1; every
-   other tensor keeps the base file's bytes, every metadata key is copied (gguf-py), and three keys say where
-   the file came from (`semievol.merged`, `semievol.base`, `semievol.adapter_sha256`).
+   other tensor keeps the base file's bytes, every metadata key is copied byte for byte (`core.gguf_file`), and
+   three keys say where the file came from (`semievol.merged`, `semievol.base`, `semievol.adapter_sha256`).
 2. `quantize`: llama.cpp's own quantizer writes the adapted tensors in the base's type where that holds 8 bits
    or more, else in Q8_0 (`ADAPTED_FLOOR`), and copies the others as they are (each tensor's type pinned to
    the base's); `--outtype base` puts the adapted tensors back in the base's types too, another `--outtype`
@@ -106,8 +106,8 @@ def merge_tensors(base: Path, f32_base: Path, adapter: Path, dst: Path, *, base_
                             "base's float32 copy")
         a, b = lora[t.name + SUFFIX_A].astype(np.float32), lora[t.name + SUFFIX_B].astype(np.float32)
         scale = alpha / a.shape[0] if alpha else 1.0  # llama.cpp: adapter scale x alpha / rank
-        tensors.append((t.name, t.shape, gguf.GGMLQuantizationType.F32,
-                        lambda w=w, a=a, b=b, scale=scale: np.asarray(w.data, dtype=np.float32) + np.float32(scale) * (b @ a)))
+        tensors.append((t.name, t.shape, gguf.GGMLQuantizationType.F32,  # computed when written: one at a time
+                        lambda w=w, a=a, b=b, s=np.float32(scale): np.asarray(w.data, dtype=np.float32) + s * (b @ a)))
         merged.append(t.name)
     if len(merged) != sum(name.endswith(SUFFIX_A) for name in lora):
         raise UserError(f"{adapter}: some of its tensors have no base tensor in {base_name}; is it this model's "
@@ -190,12 +190,13 @@ def merge_model(model_path: Path, adapter: Path, out_file: Path, sequences: list
                 floor = int(gguf.GGMLQuantizationType[ADAPTED_FLOOR.upper()])
                 pinned.update({n: floor for n in changed
                                if gguf.GGMLQuantizationType(base_types[n]).name not in FINE_TYPES})
-            if want == outtypes()["f32"]:
+            if whole:
                 os.replace(tmp_merged, tmp_out)
             else:
                 say(f"quantizing with llama.cpp's quantizer ({outtype or 'the base file types, adapted tensors at least Q8_0'})")
                 # each tensor pinned; the file type (its label) where the base names none: Q8_0
-                quantize(tmp_merged, tmp_out, want if want is not None else (file_type(model_path) or outtypes()["q8_0"]),
+                quantize(tmp_merged, tmp_out,
+                         want if want is not None else (file_type(model_path) or outtypes()["q8_0"]),
                          None if want is not None else pinned, n_threads)
             seconds = time.perf_counter() - t0
             say(f"checking the merged file against base + adapter on {len(sequences)} prompts")
