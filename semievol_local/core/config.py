@@ -218,6 +218,10 @@ class TrainConfig:
                            "spikes on fpb.", min=0, stages=("train",))
     grad_checkpoint: bool = opt(False, "Recompute each block's activations in the backward pass: the same "
                                 "adapter with far less memory (SmolLM2 on fpb: peak 3.4 -> 1.9 GB), steps ~1.3x slower.")
+    frozen_base: str = opt("file", "How the frozen base is held while training on a CPU: file, the GGUF's own "
+                           "quantized bytes, each matrix dequantized to float32 (exactly) only where it is multiplied "
+                           "(memory about the file's size); f32, the whole base in float32 (about 8x a 4-bit file).",
+                           choices=("file", "f32"))
     memory_budget: float = opt(0.0, "GB the fine-tune may take: when its estimated peak (what the process holds, plus "
                                "the activations of the largest micro-batch) passes it, --grad-checkpoint turns on by "
                                "itself. 0: half of this machine's RAM.", min=0)

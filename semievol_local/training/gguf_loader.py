@@ -235,12 +235,15 @@ def mlx_quantized(t) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
 
 # ----------------------------------------------------------------------------- the model
 
-def load_model(gguf_path, *, dequantize: bool | None = None):
+def load_model(gguf_path, *, dequantize: bool | None = None, base: str = "file"):
     """An mlx-lm model (the class the architecture table names) holding the GGUF's weights.
 
-    On a CPU (`dequantize`, the default there) every tensor becomes float32: quantized matmuls there do
-    not use BLAS and train ~15x slower (SmolLM2 here: 8 against 125 tokens/s). On a GPU Q4_0/Q4_1/Q8_0 layers stay quantized
-    (QLoRA) and other quantized tensors are dequantized to float16.
+    On a CPU (`dequantize`, the default there) the model computes in float32: quantized matmuls there do not
+    use BLAS and train ~15x slower (SmolLM2 here: 8 against 125 tokens/s). With `base="file"` (the default)
+    every weight matrix of a type `quantized.KEPT` reads (and F16/BF16) stays as the file's bytes and is
+    dequantized exactly where it is multiplied (`quantized.QuantLinear`): memory about the file's size;
+    `base="f32"` dequantizes the whole base to float32 here (about 8x a 4-bit file). On a GPU Q4_0/Q4_1/Q8_0
+    layers stay quantized (QLoRA) and other quantized tensors are dequantized to float16.
     """
     import mlx.core as mx
     import mlx.nn as nn
@@ -280,7 +283,12 @@ def load_model(gguf_path, *, dequantize: bool | None = None):
             raise UserError(f"{path}: mlx-lm's {spec.mlx_module} parameter {mlx_name} has no GGUF tensor name.")
         to_mlx[gguf_name] = mlx_name
 
-    params, qbits = {}, {}
+    from mlx.utils import tree_unflatten
+
+    from . import quantized
+
+    modules = dict(model.named_modules())
+    params, qbits, kept = {}, {}, []
     for t in reader.tensors:
         target = to_mlx.get(t.name)
         if target is None:
@@ -288,6 +296,18 @@ def load_model(gguf_path, *, dequantize: bool | None = None):
                 log.debug("%s: tensor %s is not used by MLX", path, t.name)
             continue
         kind = t.tensor_type.name
+        mod = target[: -len(".weight")]
+        if (dequantize and base == "file" and quantized.keeps(kind) and target.endswith(".weight")
+                and len(t.shape) == 2 and isinstance(modules.get(mod), (nn.Linear, nn.Embedding))):
+            # the file's bytes, dequantized where multiplied: memory of the file's size, not 8x it
+            rows, cols = (int(n) for n in t.shape)
+            data = quantized.stored(kind, t.data)
+            cls = quantized.QuantEmbedding if isinstance(modules[mod], nn.Embedding) else quantized.QuantLinear
+            bias = modules[mod].bias if "bias" in modules[mod] else None  # the file's, set by load_weights
+            kept.append((mod, cls(kind, data, rows, cols) if cls is quantized.QuantEmbedding
+                         else cls(kind, data, rows, cols, bias)))
+            params[mod + ".qweight"] = data
+            continue
         if not dequantize and kind in KEPT_QUANTIZED and target.endswith(".weight"):
             w, s, b, bits = mlx_quantized(t)
             mod = target[: -len(".weight")]
@@ -300,6 +320,8 @@ def load_model(gguf_path, *, dequantize: bool | None = None):
         # a GPU keeps F32 tensors (norms) in float32 and dequantized ones in float16, as mx.load does
         keep32 = dequantize or kind == "F32"
         params[target] = mx.array(arr if keep32 else arr.astype(np.float16))
+    if kept:  # a kept linear keeps its bias (qwen2's q/k/v): given again by load_weights below
+        model.update_modules(tree_unflatten(kept))
     if qbits:
         nn.quantize(model, class_predicate=lambda p, m: {"group_size": GROUP_SIZE, "bits": qbits[p]} if p in qbits else False)
     if spec.rope_freqs and "rope_freqs.weight" in shapes:
@@ -311,7 +333,7 @@ def load_model(gguf_path, *, dequantize: bool | None = None):
         raise UserError(f"{path}: its tensors do not fit mlx-lm's {spec.mlx_module} model ({e}). "
                         "The file may be damaged.") from None
     mx.eval(model.parameters())
-    del reader
+    del reader, modules, kept
     if mx.default_device().type != mx.DeviceType.gpu:
         from . import mlx_fast
 

@@ -146,7 +146,7 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
 
     # ---- model + LoRA
     tune_malloc()
-    model = load_model(model_path)
+    model = load_model(model_path, base=cfg.frozen_base)
     if not cfg.lr:  # left to the model's family (`--lr 0`, the default): the rate measured to work for it
         cfg = dataclasses.replace(cfg, lr=gguf_loader.default_lr(model.args.model_type))
     adapter_cfg = lora.apply_lora(model, cfg)
