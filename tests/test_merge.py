@@ -109,7 +109,8 @@ def test_outtype_sets_the_merged_files_type(tmp_path, monkeypatch):
     adapter = random_adapter(tmp_path / "adapter.gguf", base, KEYS, -1, 8, 100.0)
     got = merge.merge_model(base, adapter, tmp_path / "f16.gguf", prompts(), outtype="f16")
     types = {t.tensor_type.name for t in read(tmp_path / "f16.gguf").tensors if len(t.shape) > 1}
-    assert types == {"F16"} and got["kl_mean"] < 1e-3
+    # against the Q4_K_M file + adapter (llama.cpp's quantized kernels): the base's own kernel floor, ~0.005
+    assert types == {"F16"} and got["kl_mean"] < 0.02
     # --outtype base: every tensor back in the base's own type, the adapted ones included (an adapter of a trained
     # one's size: see above)
     small = random_adapter(tmp_path / "small.gguf", base, KEYS, -1, 8, 2.0)
@@ -161,6 +162,7 @@ def test_export_merged_of_a_run(tiny_q4, tiny_task, tmp_path):
     assert ev.exit_code == 0, ev.stderr
     summary = json.loads((dest / "merge.json").read_text())  # what export printed, kept beside the file
     assert json.loads(js.read_text())["accuracy"] == summary["accuracy_merged"]
-    assert summary["questions"] == 10 and summary["kl_mean"] < 1e-6 and summary["top1_agreement"] == 1.0
+    # against the Q4_1 file + adapter in llama.cpp's kernels (quantized activations): their floor (KL 6e-5, top-1 0.986)
+    assert summary["questions"] == 10 and summary["kl_mean"] < 1e-3 and summary["top1_agreement"] >= 0.95
     run_acc = json.loads((out / "round1" / "eval" / "eval.json").read_text())["accuracy"]
     assert summary["accuracy_base_adapter"] == run_acc  # the run's own evaluation of base + adapter

@@ -98,3 +98,30 @@ def test_training_on_the_kept_base_gives_the_float32_base_adapter(files, tmp_pat
     np.testing.assert_allclose([s["loss"] for s in s_file], [s["loss"] for s in s_f32], rtol=1e-4)
     for k in a_f32:
         np.testing.assert_allclose(np.array(a_file[k]), np.array(a_f32[k]), rtol=1e-3, atol=1e-5)
+
+
+def test_a_run_this_machine_cannot_hold_stops_before_anything_is_written(files, tmp_path, monkeypatch):
+    from semievol_local.core.errors import UserError
+    from semievol_local.engines import llama_engine
+    from semievol_local.core.config import EngineConfig
+    from semievol_local.method import finetune
+    from semievol_local.core.data import Item
+
+    path = files["Q4_K_M"]
+    exs = toy_examples(path, "Question number {i} of the toy set?")
+    cfg = TrainConfig(batch_size=4, num_layers=-1)
+    fits = me.memory_check(path, exs, cfg)
+    kept, dense = fits["base_gb"], me.memory_check(path, exs, TrainConfig(frozen_base="f32"))["base_gb"]
+    assert kept < dense / 4  # the file's bytes, not float32
+    one = me.memory_check(path, exs, TrainConfig(batch_size=4, num_layers=1))["estimated_peak_bytes"]
+    ram = fits["estimated_peak_bytes"] - 1
+    hint = "try --num-layers 1" if one <= ram else "pick a smaller model file"  # 1 block: the frozen one's outputs kept
+    with pytest.raises(UserError, match=r"training needs about .* GB .* more than this machine's .* RAM; " + hint):
+        me.memory_check(path, exs, cfg, ram=ram)
+    monkeypatch.setattr(me, "ram_bytes", lambda: 100_000_000)
+    engine = llama_engine.Engine(path, EngineConfig(n_ctx=256))
+    items = [Item(index=i, question=f"Question {i}?", options=("yes", "no"), answer="A") for i in range(4)]
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match="more than this machine's 0.1 GB of RAM"):
+        finetune.train_adapter(engine, items, cfg, out)
+    assert not out.exists() or not any(out.iterdir())

@@ -12,6 +12,28 @@ SMALL = Shape(n_layer=2, dim=256, n_ff=512, n_head=4, n_head_kv=2, rope_base=500
               rope_scaling=(32.0, 1.0, 4.0, 8192), n_ctx=4096, tied=True)
 
 
+def test_a_padded_vocabulary_and_an_untied_output_load_in_both_engines(tiny_q4, tmp_path):
+    import dataclasses
+
+    from semievol_local.core import gguf_file
+    from semievol_local.engines.llama_engine import Engine
+    from semievol_local.training import mlx_engine
+
+    src = gguf_file.read(tiny_q4)
+    n_tok = next(t.shape[0] for t in src.tensors if t.name == "token_embd.weight")
+    shape = dataclasses.replace(SMALL, tied=False, n_vocab=n_tok + 37)  # the 8B shape's layout, small
+    out = synthetic.write_random_model(tmp_path / "r.gguf", shape, tiny_q4, "Q4_K_M")
+    tensors = {t.name: t for t in gguf_file.read(out).tensors}
+    assert tensors["token_embd.weight"].shape[0] == tensors["output.weight"].shape[0] == n_tok + 37
+    eng = Engine(out, EngineConfig(n_ctx=64, weights="file"))
+    try:
+        assert eng.llm.n_vocab() == n_tok + 37
+        toks = eng.tokenize("<|im_start|>user\nWhich is red?<|im_end|>\nAnswer:")
+        assert mlx_engine.logits(mlx_engine.load_model(out), toks).shape == (len(toks), n_tok + 37)
+    finally:
+        eng.close()
+
+
 def test_a_random_model_loads_in_both_engines_alike(tiny_q4, tmp_path):
     import gguf
 

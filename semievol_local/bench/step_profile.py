@@ -47,7 +47,7 @@ def split(model_path, *, batch_size: int = 4, seq_len: int = 128, rank: int = 8,
     """Milliseconds per trained block for the whole block (its modules as trained here, and with q/k/v and gate/up
     joined) and for each part, with the FLOPs of the frozen products over their time as a GEMM fraction."""
     gflops = gemm_gflops()
-    model = mlx_engine.load_model(model_path)
+    model = mlx_engine.load_model(model_path, base="f32")  # float32 weights: the joined products need them
     lora_layers.apply_lora(model, TrainConfig(rank=rank, num_layers=1))
     layer = model.layers[-1]
     attn, mlp = layer.self_attn, layer.mlp

@@ -27,11 +27,11 @@ def bench_train(model_path, steps: int = 8, *, batch_size: int = 4, seq_len: int
     FLOPs (`flops_per_token_steps`) at `tokens_per_s`. `roofline_tokens_per_s`: tokens/s at GEMM speed.
     Not counted: attention, LoRA's own matrices, the optimizer (small at these lengths and rank).
     `shape` is what a peer benchmark needs to build the same model (`bench.peft`)."""
-    from mlx.utils import tree_flatten
+    from ..training.quantized import n_weights
 
     gflops_before = gemm_gflops()
     base = load_model(model_path)
-    n_params = sum(v.size for _, v in tree_flatten(base.parameters()))
+    n_params = n_weights(base)
     a = base.args
     shape = {"vocab_size": a.vocab_size, "hidden_size": a.hidden_size, "intermediate_size": a.intermediate_size,
              "num_hidden_layers": a.num_hidden_layers, "num_attention_heads": a.num_attention_heads,

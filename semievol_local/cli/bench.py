@@ -57,7 +57,9 @@ def bench_train_cmd(
 def bench_model_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="The GGUF file to write (must not exist)."),
     shape: str = typer.Option("llama-1b", "--shape", help="The shape: llama-1b (Llama 3.2 1B: 16 blocks, width 2048, "
-                              "FFN 8192, 32/8 heads, llama3 rope scaling; 1.07 B weights)."),
+                              "FFN 8192, 32/8 heads, llama3 rope scaling; the tokenizer's own vocabulary), llama-3b "
+                              "(Llama 3.2 3B: 28 blocks, width 3072, FFN 8192, 24/8 heads, 128256 tokens, tied) or "
+                              "llama-8b (Llama 3.1 8B: 32 blocks, width 4096, FFN 14336, 32/8 heads, 128256 tokens)."),
     qtype: str = typer.Option("Q4_K_M", "--type", help="Quantization, by llama.cpp's own quantizer: F16, Q8_0, Q4_0, "
                               "Q4_1, Q4_K_M, Q5_K_M or Q6_K."),
     tokenizer_from: str = typer.Option(DEFAULT_MODEL, "--tokenizer-from", help="The model whose tokenizer and chat "
@@ -65,7 +67,7 @@ def bench_model_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed of the random weights."),
 ):
     """Write a random-weight model of a released shape, to measure speed and memory at the sizes users bring
-    (its answers mean nothing; a 1B file takes about 2 GB of disk while it is made)."""
+    (its answers mean nothing; while it is made it takes 2 bytes of disk per weight: 16 GB for the 8B shape)."""
     from ..bench import synthetic
     from ..method import models
 

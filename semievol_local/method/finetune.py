@@ -23,7 +23,8 @@ from ..training.blas import trim_malloc
 
 log = logging.getLogger(__name__)
 
-# Parity bounds between MLX (mlx-lm adapter) and llama.cpp (adapter.gguf); beyond them training fails.
+# Bounds for a merged file against base + adapter (both in llama.cpp: `merge`); the training gate judges an adapter
+# against the engines' own floor instead (`training.parity.judge`).
 MAX_KL = 0.1
 MIN_TOP1 = 0.9
 REJECTED_NAME = "adapter.gguf.parity-failed"  # where a failed gate moves adapter.gguf
@@ -67,6 +68,7 @@ def train_adapter(engine: InferenceEngine, items: Sequence[Item], cfg: TrainConf
     from ..training import batching, distributed, mlx_engine
 
     exs = examples(engine, items)
+    mlx_engine.memory_check(engine.model_path, exs, cfg)  # a run this machine cannot hold stops before anything
     # which rows train and which (with --val-fraction) only choose the checkpoint: written down, by position
     held = batching.validation_positions(len(exs), cfg.val_fraction, cfg.seed)
     held_set = set(held)
@@ -101,9 +103,10 @@ def lead_process() -> bool:
 
 
 def check_adapter(engine: InferenceEngine, adapter_dir: Path, sequences: list[list[int]]) -> dict:
-    """MLX vs llama.cpp on the same token sequences; raise when they disagree beyond the bounds."""
+    """MLX vs llama.cpp on the same token sequences, the base alone (the engines' floor) and with the adapter
+    (`training.parity.judge`); raise when the adapter adds more than the floor allows, or the base itself differs."""
     from ..training import mlx_engine
-    from ..training.parity import compare_logits
+    from ..training.parity import compare_logits, judge
 
     if engine.remote:  # forward passes run elsewhere (llama-servers): llama.cpp here, once
         from ..engines.weights import inference_weights
@@ -112,22 +115,28 @@ def check_adapter(engine: InferenceEngine, adapter_dir: Path, sequences: list[li
         # what the servers compute with (the float32 copy made here where they use one)
         weights = engine.weights.path if engine.weights.kind != "f32" else \
             inference_weights(engine.model_path, dataclasses.replace(engine.cfg, weights="f32")).path
+        ref_base = np.concatenate(llama_logits_many(weights, None, sequences))
         ref = np.concatenate(llama_logits_many(weights, Path(adapter_dir) / "adapter.gguf", sequences))
     else:  # llama.cpp's side on the engine this process already holds (no second model load), adapter at scale 1
         previous = engine.adapter
-        engine.set_adapter(Path(adapter_dir) / "adapter.gguf", 1.0)
         try:
+            engine.set_adapter(None, None)
+            ref_base = np.concatenate([engine.logits(s) for s in sequences])
+            engine.set_adapter(Path(adapter_dir) / "adapter.gguf", 1.0)
             ref = np.concatenate([engine.logits(s) for s in sequences])
         finally:
             engine.set_adapter(Path(previous[0]) if previous else None, previous[1] if previous else None)
-    parity = compare_logits(ref, mlx_engine.adapter_logits(engine.model_path, adapter_dir, sequences))
-    if parity["kl_mean"] > MAX_KL or parity["top1_agreement"] < MIN_TOP1:
+    mlx_base, mlx_adapted = mlx_engine.parity_logits(engine.model_path, adapter_dir, sequences)
+    floor = compare_logits(ref_base, mlx_base)
+    del ref_base, mlx_base
+    parity = judge(floor, compare_logits(ref, mlx_adapted), engine.weights.kind)
+    reason = parity.pop("failed")
+    if reason is not None:
         # no usable-looking adapter.gguf may stay behind for a script to pick up
         gguf_file = Path(adapter_dir) / "adapter.gguf"
         rejected = gguf_file.with_name(REJECTED_NAME)
         if gguf_file.exists():
             gguf_file.replace(rejected)
-        raise UserError(f"{adapter_dir}: adapter parity check failed: KL {parity['kl_mean']:.4f} (max {MAX_KL}), "
-                        f"top-1 agreement {parity['top1_agreement']:.3f} (min {MIN_TOP1}); llama.cpp does not "
-                        f"reproduce the MLX adapter, so it was moved to {rejected.name} (not for use)")
+        raise UserError(f"{adapter_dir}: adapter parity check failed: {reason}; llama.cpp does not reproduce the "
+                        f"MLX adapter, so it was moved to {rejected.name} (not for use)")
     return parity

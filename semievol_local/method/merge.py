@@ -2,23 +2,24 @@
 front ends that load no adapter (Ollama 0.34.1 and later refuse `ADAPTER`; LM Studio and others have no
 adapter support).
 
-1. `merge_tensors`: every adapted tensor becomes float32 W + (alpha / rank) B A, W from the base's float32 copy
-   (the exact weights MLX trained on, `engines.weights`), as llama.cpp applies the adapter at scale 1; every
-   other tensor keeps the base file's bytes, every metadata key is copied byte for byte (`core.gguf_file`), and
+1. `merge_tensors`: every adapted tensor becomes float32 W + (alpha / rank) B A, W dequantized from the base file
+   one tensor at a time by gguf-py (bit for bit the weights MLX trained on, `training.quantized`; no float32 copy
+   of the model on disk or in memory), as llama.cpp applies the adapter at scale 1; every other tensor keeps the
+   base file's bytes, every metadata key is copied byte for byte (`core.gguf_file`), and
    three keys say where the file came from (`semievol.merged`, `semievol.base`, `semievol.adapter_sha256`).
 2. `quantize`: llama.cpp's own quantizer writes the adapted tensors in the base's type where that holds 8 bits
    or more, else in Q8_0 (`ADAPTED_FLOOR`), and copies the others as they are (each tensor's type pinned to
    the base's); `--outtype base` puts the adapted tensors back in the base's types too, another `--outtype`
-   writes the whole file in that type. A float32 result is the merge on the whole float32 copy.
-3. `agreement`: llama.cpp's logits of the merged file against the base's float32 copy with the adapter, on
-   the run's own prompts (mean KL, top-1), within the parity gate's bounds or refused.
+   writes the whole file in that type. A float32 result is every tensor dequantized (one at a time) with the adapted ones merged.
+3. `agreement`: llama.cpp's logits of the merged file against the base file with the adapter (the same kernels),
+   on the run's own prompts (mean KL, top-1), within the parity gate's bounds or refused.
 
 Why this rather than llama.cpp's `export-lora` tool, measured on gemma-3-270m Q4_K_M with an 8-block fpb adapter
 (2 cores): `export-lora` merges in 1.0 s but needs a second build of llama.cpp's tools (3.5 min and a compiler) and
 writes the adapted tensors in F16 (312 MB, mean KL 0.0062 against base + adapter); requantized to these types by
 the same quantizer, 270 MB and KL 0.0074. This merge and quantization take 1.4 s with what is installed and give
-the same 270 MB file at KL 0.0074. (The base file itself is KL 0.0059 from its own float32 copy on those prompts:
-llama.cpp computes quantized weights with quantized activations; that is the check's floor.)
+the same 270 MB file at KL 0.0074 (those figures against the base's float32 copy + adapter; the check now compares
+with the base file + adapter, computed by the same kernels as the merged file, so no float32 copy is made).
 """
 from __future__ import annotations
 
@@ -83,31 +84,31 @@ def file_type(path: Path) -> int | None:
     return None if v is None else int(v)
 
 
-def merge_tensors(base: Path, f32_base: Path, adapter: Path, dst: Path, *, base_name: str) -> list[str]:
+def merge_tensors(base: Path, adapter: Path, dst: Path, *, base_name: str, whole: bool = False) -> list[str]:
     """Write `dst`: `base`'s metadata and tensors, each byte as it is, except that every tensor `adapter` adapts
-    becomes float32 W + (alpha / rank) B A with W read from `f32_base` (the base's float32 copy, the weights MLX
-    trained on; `base` itself where it is float32). Returns the tensors changed."""
+    becomes float32 W + (alpha / rank) B A, W dequantized from `base` by gguf-py (the weights MLX trained on),
+    one tensor at a time; `whole`: every tensor in float32. Returns the tensors changed."""
     import gguf
 
     from ..core.gguf_file import read, write_like
+    from ..training.gguf_loader import dequantized
 
     meta, lora = read_lora_gguf(adapter)
     alpha = float(meta.get(KEY_LORA_ALPHA) or 0.0)
     src = read(base)
-    f32 = {t.name: t for t in (read(f32_base) if Path(f32_base) != Path(base) else src).tensors}
+    f32 = gguf.GGMLQuantizationType.F32
     tensors, merged = [], []
     for t in src.tensors:
         if t.name + SUFFIX_A not in lora:
-            tensors.append((t.name, t.shape, t.tensor_type, t.data))
+            if whole and t.tensor_type != f32:
+                tensors.append((t.name, t.shape, f32, lambda t=t: dequantized(t)))
+            else:
+                tensors.append((t.name, t.shape, t.tensor_type, t.data))
             continue
-        w = f32[t.name]
-        if w.tensor_type != gguf.GGMLQuantizationType.F32:
-            raise UserError(f"{f32_base}: {t.name} is {w.tensor_type.name}, not float32; the merge needs the "
-                            "base's float32 copy")
         a, b = lora[t.name + SUFFIX_A].astype(np.float32), lora[t.name + SUFFIX_B].astype(np.float32)
         scale = alpha / a.shape[0] if alpha else 1.0  # llama.cpp: adapter scale x alpha / rank
-        tensors.append((t.name, t.shape, gguf.GGMLQuantizationType.F32,  # computed when written: one at a time
-                        lambda w=w, a=a, b=b, s=np.float32(scale): np.asarray(w.data, dtype=np.float32) + s * (b @ a)))
+        tensors.append((t.name, t.shape, f32,  # computed when written: one at a time
+                        lambda t=t, a=a, b=b, s=np.float32(scale): dequantized(t) + s * (b @ a)))
         merged.append(t.name)
     if len(merged) != sum(name.endswith(SUFFIX_A) for name in lora):
         raise UserError(f"{adapter}: some of its tensors have no base tensor in {base_name}; is it this model's "
@@ -164,27 +165,23 @@ def merge_model(model_path: Path, adapter: Path, out_file: Path, sequences: list
 
     import gguf
 
-    from ..core.config import EngineConfig
     from ..core.files import atomic_target
-    from ..engines.weights import default_threads, inference_weights
+    from ..engines.weights import default_threads
     from .finetune import MAX_KL, MIN_TOP1
 
     n_threads = n_threads or default_threads()
     want = check_outtype(outtype)
     t0 = time.perf_counter()
     base_types = tensor_types(model_path)
-    # the weights MLX trained on: the file where it is float32, else its float32 copy (made once, cached)
-    f32 = inference_weights(Path(model_path), EngineConfig(weights="f32", n_threads=n_threads))
-    if want is None and f32.kind == "file":  # a float32 base stays float32
+    if want is None and set(base_types.values()) <= {int(gguf.GGMLQuantizationType.F32)}:  # float32 stays float32
         want = outtypes()["f32"]
     tmp_merged = out_file.with_name(f".{out_file.name}.merged-{os.getpid()}")
     try:
         with atomic_target(out_file) as tmp_out:
             say("merging the adapter into the float32 weights")
-            # a float32 result: every tensor from the float32 copy; else the untouched ones keep the base's bytes
+            # a float32 result: every tensor dequantized one at a time; else the untouched ones keep the base's bytes
             whole = want == outtypes()["f32"]
-            changed = merge_tensors(f32.path if whole else model_path, f32.path, adapter, tmp_merged,
-                                    base_name=Path(model_path).name)
+            changed = merge_tensors(model_path, adapter, tmp_merged, base_name=Path(model_path).name, whole=whole)
             pinned = dict(base_types)
             if outtype is None:  # an adapted tensor in a type under 8 bits goes to Q8_0
                 floor = int(gguf.GGMLQuantizationType[ADAPTED_FLOOR.upper()])
@@ -200,7 +197,7 @@ def merge_model(model_path: Path, adapter: Path, out_file: Path, sequences: list
                          None if want is not None else pinned, n_threads)
             seconds = time.perf_counter() - t0
             say(f"checking the merged file against base + adapter on {len(sequences)} prompts")
-            got = agreement((f32.path, adapter), tmp_out, sequences, n_threads)
+            got = agreement((Path(model_path), adapter), tmp_out, sequences, n_threads)
             if not (got["kl_mean"] <= MAX_KL and got["top1_agreement"] >= MIN_TOP1):
                 raise UserError(f"the merged file differs from base + adapter beyond the parity gate's bounds (mean KL "
                                 f"{got['kl_mean']:.3g}, limit {MAX_KL}; top-1 {got['top1_agreement']:.3f}, limit "

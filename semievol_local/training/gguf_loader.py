@@ -342,6 +342,25 @@ def load_model(gguf_path, *, dequantize: bool | None = None, base: str = "file")
     return model
 
 
+def held_bytes(gguf_path, base: str = "file") -> tuple[int, dict]:
+    """Bytes of weights `load_model` holds on a CPU for this file (the file's bytes where kept, float32 where not:
+    every tensor with `base="f32"`), and the model's ModelArgs fields, from the tensor table alone (no load)."""
+    from . import quantized
+
+    path = Path(gguf_path)
+    reader = gguf_file.read(path)
+    shapes, types = shapes_and_types(reader)
+    reason = support(path, reader.fields, shapes, types)
+    if reason:
+        raise UserError(reason)
+    meta = Meta(path, reader.fields)
+    held = 0
+    for t in reader.tensors:
+        keep = base == "file" and len(t.shape) == 2 and quantized.keeps(t.tensor_type.name)
+        held += t.data.nbytes if keep else 4 * t.n_elements
+    return held, ARCHITECTURES[meta.arch].args(meta, shapes)
+
+
 def _use_rope_freqs(model, factors: np.ndarray, base: float) -> None:
     """Llama 3 rope scaling as llama.cpp applies it: rotary frequency i divided by factors[i]. mx.fast.rope's
     `freqs` are the inverse frequencies (periods), so they are base^(2i/d) * factors[i]."""

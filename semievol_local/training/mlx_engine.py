@@ -336,6 +336,47 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
             "out_dir": str(out_dir), "adapter_gguf": str(out_dir / "adapter.gguf")}
 
 
+RUNTIME_BYTES = 600e6  # Python, MLX and llama.cpp's libraries, the tokenizer: what a training process holds besides
+
+
+def memory_check(model_path, examples: list[Example], cfg: TrainConfig, ram: int | None = None) -> dict:
+    """Before anything loads or is written: the peak a training of `examples` needs on this machine (the base as
+    `cfg.frozen_base` holds it, the LoRA blocks' activations with gradient checkpointing, the frozen trunk's
+    cached outputs, one slice of float32 weights in each direction), or a one-line `UserError` naming what would
+    fit (fewer LoRA blocks, a shorter --max-seq-len) where this machine's RAM cannot hold it."""
+    from types import SimpleNamespace
+
+    from . import quantized
+
+    ram = ram_bytes() if ram is None else ram
+    held, fields = gguf_loader.held_bytes(model_path, cfg.frozen_base)
+    args = SimpleNamespace(**fields)
+    n_blocks = args.num_hidden_layers
+
+    def need(num_layers: int, max_len: int) -> float:
+        blocks = n_blocks if num_layers == -1 else min(num_layers, n_blocks)
+        lengths = sorted(min(len(p) + len(a), max_len) - 1 for p, a in examples)[-cfg.batch_size:] or [0]
+        acts = lora.activation_bytes(args, len(lengths), batching.padded_length(np.array(lengths)), blocks,
+                                     checkpoint=True)
+        trunk = min(frozen.TRUNK_CACHE_BYTES, 4.0 * args.hidden_size * sum(min(len(p) + len(a), max_len)
+                                                                          for p, a in examples))
+        return held + acts + (trunk if blocks < n_blocks else 0) + 2 * quantized.CHUNK_BYTES + RUNTIME_BYTES
+
+    want = need(cfg.num_layers, cfg.max_seq_len)
+    out = {"estimated_peak_gb": round(want / 1e9, 2), "estimated_peak_bytes": int(want), "base_gb": round(held / 1e9, 2),
+           "ram_gb": round(ram / 1e9, 1)}
+    if not ram or want <= ram:
+        return out
+    fits = [n for n in range(min(cfg.num_layers if cfg.num_layers > 0 else n_blocks, n_blocks) - 1, 0, -1)
+            if need(n, cfg.max_seq_len) <= ram]
+    lens = [m for m in (256, 128, 64) if m < cfg.max_seq_len and need(cfg.num_layers, m) <= ram]
+    hint = (f"--num-layers {fits[0]}" if fits else "") + (" or " if fits and lens else "") + \
+        (f"--max-seq-len {lens[0]}" if lens else "")
+    raise UserError(f"{model_path}: training needs about {want / 1e9:.1f} GB (the base {held / 1e9:.1f} GB as "
+                    f"{'the file holds it' if cfg.frozen_base == 'file' else 'float32'}), more than this machine's "
+                    f"{ram / 1e9:.1f} GB of RAM; " + (f"try {hint}" if hint else "pick a smaller model file"))
+
+
 def _val_loss(model: Model, seqs, batch_size: int) -> float:
     """Token-mean answer loss over a validation set, batches of similar length, dropout off."""
     model.eval()
@@ -373,6 +414,15 @@ def adapter_check(model_path, adapter_dir, token_sequences: list[list[int]]) -> 
     mlx_out = adapter_logits(model_path, adapter_dir, token_sequences)
     ref = np.concatenate(llama_logits_many(model_path, Path(adapter_dir) / "adapter.gguf", token_sequences))
     return compare_logits(ref, mlx_out)
+
+
+@_releasing
+def parity_logits(model_path, adapter_dir, token_sequences: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """MLX's logits (sum T, vocab) of the base alone and with the mlx-lm adapter of `adapter_dir` (one load)."""
+    model = load_model(model_path)
+    base = np.concatenate([logits(model, s) for s in token_sequences])
+    load_adapters(model, str(adapter_dir))
+    return base, np.concatenate([logits(model, s) for s in token_sequences])
 
 
 @_releasing

@@ -96,3 +96,34 @@ def compare_llama(reference: tuple, other: tuple, sequences: list[list[int]], *,
         kls.append(kl)
         agrees.append(agree)
     return summarize(np.concatenate(kls), np.concatenate(agrees))
+
+
+# ---- the gate: the adapter judged against the engines' own floor
+# The base alone, MLX (exact float32 weights) against llama.cpp, already differs where llama.cpp computes with the
+# file's quantized kernels (quantized activations): tiny Q4_K_M models sit at KL ~0.005, top-1 ~0.9 on near-flat
+# logits; gemma-3-270m Q4_K_M at KL 0.0059, top-1 0.93. With the float32 copy the two agree to KL ~1e-6. So the base
+# must agree within what its weights allow (a wrong rope or tensor layout fails here), and the adapter may add
+# little to that floor (a transposed, mis-scaled or mis-signed adapter moves the logits far beyond it).
+FLOOR_LIMITS = {"f32": (0.01, 0.95), "file": (0.1, 0.8)}  # weights kind -> the base's (max mean KL, min top-1)
+KL_FACTOR, KL_SLACK, TOP1_SLACK = 2.0, 0.02, 0.05
+
+
+def judge(floor: dict, adapter: dict, weights: str) -> dict:
+    """The gate's verdict from `summarize` of the base alone (`floor`) and with the adapter, llama.cpp computing
+    with `weights` ("f32": a float32 copy; anything else: the file's kernels): the figures, the bounds, and
+    `failed`, one phrase or None."""
+    max_floor_kl, min_floor_top1 = FLOOR_LIMITS["f32" if weights == "f32" else "file"]
+    kl_bound = KL_FACTOR * floor["kl_mean"] + KL_SLACK
+    top1_bound = floor["top1_agreement"] - TOP1_SLACK
+    out = {**adapter, "floor_kl_mean": floor["kl_mean"], "floor_top1_agreement": floor["top1_agreement"],
+           "kl_bound": kl_bound, "top1_bound": top1_bound, "weights": weights, "failed": None}
+    if floor["kl_mean"] > max_floor_kl or floor["top1_agreement"] < min_floor_top1:
+        out["failed"] = (f"the base alone already differs: KL {floor['kl_mean']:.4f} (max {max_floor_kl} with "
+                         f"{'float32' if weights == 'f32' else 'the file' + chr(39) + 's'} weights), top-1 agreement "
+                         f"{floor['top1_agreement']:.3f} (min {min_floor_top1}): MLX and llama.cpp do not compute "
+                         "the same model from this file")
+    elif adapter["kl_mean"] > kl_bound or adapter["top1_agreement"] < top1_bound:
+        out["failed"] = (f"with the adapter KL {adapter['kl_mean']:.4f} (max {kl_bound:.4f}: {KL_FACTOR:g} x the base's "
+                         f"own {floor['kl_mean']:.4f} + {KL_SLACK}), top-1 agreement {adapter['top1_agreement']:.3f} "
+                         f"(min {top1_bound:.3f}: the base's own {floor['top1_agreement']:.3f} - {TOP1_SLACK})")
+    return out
