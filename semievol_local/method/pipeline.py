@@ -84,6 +84,11 @@ def _run(model_path, data, out, cfg, tcfg, ecfg, reporter, share):
     mode = resolve_mode(None if cfg.mode == "auto" else cfg.mode, labeled + unlabeled + test)
     engine = load(model_path, ecfg)
     tcfg = family_defaults(tcfg, engine.architecture)  # --lr left to the family: the value that trains, recorded
+    if labeled:  # a machine that cannot hold the warm-up hears it now, before any stage runs or anything is written
+        from ..training.mlx_engine import memory_check
+        from .finetune import examples
+
+        memory_check(model_path, examples(engine, labeled), tcfg)
     run = RunFolder(out, share)
     atomic_write_json(out / "run.json", {"model": str(model_path), "data": str(data), "mode": mode,
                                           "run": dataclasses.asdict(cfg), "train": dataclasses.asdict(tcfg),

@@ -177,15 +177,19 @@ def support(path: Path, fields: dict, tensor_shapes: dict, tensor_types: set[str
 
 def describe(fields: dict, tensor_types: set[str], reason: str | None) -> str:
     """`models info`'s one phrase for MLX support."""
+    from . import quantized
+
     if reason:
         return "no: " + reason.split(": ", 1)[-1]
     arch = str(fields.get("general.architecture"))
-    numpy_types = sorted(tensor_types - set(KEPT_QUANTIZED) - set(PLAIN))
     how = f"{arch} via mlx_lm.models.{ARCHITECTURES[arch].mlx_module}"
-    if numpy_types:
-        return (f"yes ({how}); {', '.join(numpy_types)} dequantized with gguf-py (float32 on a CPU, float16 on a GPU), "
-                "Q4_0/Q4_1/Q8_0 kept quantized on a GPU")
-    return f"yes ({how}); quantized layers kept on a GPU, float32 base on a CPU"
+    loose = sorted(t for t in tensor_types - set(PLAIN) if not quantized.keeps(t))
+    cpu = "on a CPU the file's weights kept as they are, dequantized exactly where multiplied"
+    if loose:
+        cpu += f" ({', '.join(loose)} as float32)"
+    gpu = [t for t in tensor_types - set(PLAIN) - set(KEPT_QUANTIZED)]
+    return (f"yes ({how}); {cpu}; on a GPU Q4_0/Q4_1/Q8_0 kept quantized"
+            + (f", {', '.join(sorted(gpu))} as float16" if gpu else ""))
 
 
 # ----------------------------------------------------------------------------- reading tensors
@@ -342,9 +346,10 @@ def load_model(gguf_path, *, dequantize: bool | None = None, base: str = "file")
     return model
 
 
-def held_bytes(gguf_path, base: str = "file") -> tuple[int, dict]:
-    """Bytes of weights `load_model` holds on a CPU for this file (the file's bytes where kept, float32 where not:
-    every tensor with `base="f32"`), and the model's ModelArgs fields, from the tensor table alone (no load)."""
+def held_bytes(gguf_path, base: str = "file", gpu: bool = False) -> tuple[int, dict]:
+    """Bytes of weights `load_model` holds for this file (on a CPU the file's bytes where kept, float32 where not,
+    every tensor with `base="f32"`; on a GPU Q4_0/Q4_1/Q8_0 as the file, F32 as it is, the rest float16), and the
+    model's ModelArgs fields, from the tensor table alone (no load)."""
     from . import quantized
 
     path = Path(gguf_path)
@@ -356,7 +361,11 @@ def held_bytes(gguf_path, base: str = "file") -> tuple[int, dict]:
     meta = Meta(path, reader.fields)
     held = 0
     for t in reader.tensors:
-        keep = base == "file" and len(t.shape) == 2 and quantized.keeps(t.tensor_type.name)
+        kind = t.tensor_type.name
+        if gpu:
+            held += t.data.nbytes if kind in KEPT_QUANTIZED or kind == "F32" else 2 * t.n_elements
+            continue
+        keep = base == "file" and len(t.shape) == 2 and quantized.keeps(kind)
         held += t.data.nbytes if keep else 4 * t.n_elements
     return held, ARCHITECTURES[meta.arch].args(meta, shapes)
 

@@ -349,7 +349,7 @@ def memory_check(model_path, examples: list[Example], cfg: TrainConfig, ram: int
     from . import quantized
 
     ram = ram_bytes() if ram is None else ram
-    held, fields = gguf_loader.held_bytes(model_path, cfg.frozen_base)
+    held, fields = gguf_loader.held_bytes(model_path, cfg.frozen_base, gpu=mx.default_device().type == mx.DeviceType.gpu)
     args = SimpleNamespace(**fields)
     n_blocks = args.num_hidden_layers
 
@@ -372,6 +372,10 @@ def memory_check(model_path, examples: list[Example], cfg: TrainConfig, ram: int
     lens = [m for m in (256, 128, 64) if m < cfg.max_seq_len and need(cfg.num_layers, m) <= ram]
     hint = (f"--num-layers {fits[0]}" if fits else "") + (" or " if fits and lens else "") + \
         (f"--max-seq-len {lens[0]}" if lens else "")
+    if cfg.frozen_base == "f32" and not hint:
+        kept = memory_check(model_path, examples, dataclasses.replace(cfg, frozen_base="file"), ram=0)
+        if kept["estimated_peak_bytes"] <= ram:
+            hint = f"--frozen-base file (about {kept['estimated_peak_gb']:.1f} GB)"
     raise UserError(f"{model_path}: training needs about {want / 1e9:.1f} GB (the base {held / 1e9:.1f} GB as "
                     f"{'the file holds it' if cfg.frozen_base == 'file' else 'float32'}), more than this machine's "
                     f"{ram / 1e9:.1f} GB of RAM; " + (f"try {hint}" if hint else "pick a smaller model file"))

@@ -47,9 +47,9 @@ def _nibbles(qs: mx.array, n: int) -> mx.array:
 
 
 def _high_bits(qh: mx.array, n_blocks: int) -> mx.array:
-    """Q5_0/Q5_1: bit i of the little-endian uint32 `qh` is weight i's fifth bit -> (nb, 32) uint8."""
-    word = mx.view(qh, mx.uint32).reshape(n_blocks, 1)
-    return ((word >> mx.arange(32, dtype=mx.uint32).reshape(1, 32)) & 1).astype(mx.uint8)
+    """Q5_0/Q5_1: bit i of the little-endian uint32 `qh` is weight i's fifth bit -> (nb, 32) uint8 (read byte by
+    byte: bit i is bit i % 8 of byte i // 8; bytes, not 32-bit words, pass through memory)."""
+    return ((qh.reshape(n_blocks, 4, 1) >> mx.arange(8, dtype=mx.uint8).reshape(1, 1, 8)) & 1).reshape(n_blocks, 32)
 
 
 def _q8_0(b):
