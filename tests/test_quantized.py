@@ -75,7 +75,7 @@ def test_chunked_matmul_and_its_gradient_equal_the_dense_ones(files, monkeypatch
     quantized._MATMULS.clear()
     try:
         lin = quantized.QuantLinear("Q4_K", data, rows, cols)
-        assert len(quantized._slices("Q4_K", rows, cols)) > 1
+        assert len(quantized._slices(rows, cols)) > 1
         np.testing.assert_allclose(np.array(lin(x)), np.array(x @ w.T), rtol=1e-5, atol=1e-5)
         g = mx.grad(lambda x: (lin(x) ** 2).sum())(x)
         ref = mx.grad(lambda x: ((x @ w.T) ** 2).sum())(x)

@@ -4,9 +4,10 @@ No model hub is reachable here, and speed depends on a model's shape and quantiz
 weights learned. So a benchmark writes a model of a released shape (Llama 3.2 1B: 16 blocks, width 2048,
 FFN 8192, 32 query and 8 KV heads, llama3 rope scaling; Llama 3.2 3B; Llama 3.1 8B) with random weights and a
 real tokenizer copied from a GGUF at hand (its token list padded with reserved tokens up to the shape's
-vocabulary, so the embedding and output tables have their released size), laid out as llama.cpp's converter lays out a llama file (Q/K rows in its rope order,
-`rope_freqs` for the llama3 scaling), then quantized by llama.cpp's own quantizer. The answers such a
-model gives mean nothing; this module does not evaluate or train anything.
+vocabulary, so the embedding and output tables have their released size), laid out as llama.cpp's converter
+lays out a llama file (Q/K rows in its rope order, `rope_freqs` for the llama3 scaling), then quantized by
+llama.cpp's own quantizer. The answers such a model gives mean nothing; this module does not evaluate or train
+anything.
 """
 from __future__ import annotations
 

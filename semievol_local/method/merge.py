@@ -10,7 +10,8 @@ adapter support).
 2. `quantize`: llama.cpp's own quantizer writes the adapted tensors in the base's type where that holds 8 bits
    or more, else in Q8_0 (`ADAPTED_FLOOR`), and copies the others as they are (each tensor's type pinned to
    the base's); `--outtype base` puts the adapted tensors back in the base's types too, another `--outtype`
-   writes the whole file in that type. A float32 result is every tensor dequantized (one at a time) with the adapted ones merged.
+   writes the whole file in that type. A float32 result is every tensor dequantized (one at a time), the adapted
+   ones merged.
 3. `agreement`: llama.cpp's logits of the merged file against the base file with the adapter (the same kernels),
    on the run's own prompts (mean KL, top-1), within the parity gate's bounds or refused.
 

@@ -306,15 +306,15 @@ def load_model(gguf_path, *, dequantize: bool | None = None, base: str = "file")
             # the file's bytes, dequantized where multiplied: memory of the file's size, not 8x it
             rows, cols = (int(n) for n in t.shape)
             data = quantized.stored(kind, t.data)
-            cls = quantized.QuantEmbedding if isinstance(modules[mod], nn.Embedding) else quantized.QuantLinear
-            bias = modules[mod].bias if "bias" in modules[mod] else None  # the file's, set by load_weights
-            kept.append((mod, cls(kind, data, rows, cols) if cls is quantized.QuantEmbedding
-                         else cls(kind, data, rows, cols, bias)))
+            if isinstance(modules[mod], nn.Embedding):
+                layer = quantized.QuantEmbedding(kind, data, rows, cols)
+            else:  # a bias (qwen2's q/k/v) is a placeholder here: load_weights below sets the file's
+                layer = quantized.QuantLinear(kind, data, rows, cols, modules[mod].bias if "bias" in modules[mod] else None)
+            kept.append((mod, layer))
             params[mod + ".qweight"] = data
             continue
         if not dequantize and kind in KEPT_QUANTIZED and target.endswith(".weight"):
             w, s, b, bits = mlx_quantized(t)
-            mod = target[: -len(".weight")]
             params[target], params[mod + ".scales"], params[mod + ".biases"] = (mx.array(w), mx.array(s), mx.array(b))
             qbits[mod] = bits
             continue
@@ -324,7 +324,7 @@ def load_model(gguf_path, *, dequantize: bool | None = None, base: str = "file")
         # a GPU keeps F32 tensors (norms) in float32 and dequantized ones in float16, as mx.load does
         keep32 = dequantize or kind == "F32"
         params[target] = mx.array(arr if keep32 else arr.astype(np.float16))
-    if kept:  # a kept linear keeps its bias (qwen2's q/k/v): given again by load_weights below
+    if kept:
         model.update_modules(tree_unflatten(kept))
     if qbits:
         nn.quantize(model, class_predicate=lambda p, m: {"group_size": GROUP_SIZE, "bits": qbits[p]} if p in qbits else False)

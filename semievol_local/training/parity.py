@@ -113,13 +113,14 @@ def judge(floor: dict, adapter: dict, weights: str) -> dict:
     with `weights` ("f32": a float32 copy; anything else: the file's kernels): the figures, the bounds, and
     `failed`, one phrase or None."""
     max_floor_kl, min_floor_top1 = FLOOR_LIMITS["f32" if weights == "f32" else "file"]
+    held = "float32" if weights == "f32" else "the file's"
     kl_bound = KL_FACTOR * floor["kl_mean"] + KL_SLACK
     top1_bound = floor["top1_agreement"] - TOP1_SLACK
     out = {**adapter, "floor_kl_mean": floor["kl_mean"], "floor_top1_agreement": floor["top1_agreement"],
            "kl_bound": kl_bound, "top1_bound": top1_bound, "weights": weights, "failed": None}
     if floor["kl_mean"] > max_floor_kl or floor["top1_agreement"] < min_floor_top1:
         out["failed"] = (f"the base alone already differs: KL {floor['kl_mean']:.4f} (max {max_floor_kl} with "
-                         f"{'float32' if weights == 'f32' else 'the file' + chr(39) + 's'} weights), top-1 agreement "
+                         f"{held} weights), top-1 agreement "
                          f"{floor['top1_agreement']:.3f} (min {min_floor_top1}): MLX and llama.cpp do not compute "
                          "the same model from this file")
     elif adapter["kl_mean"] > kl_bound or adapter["top1_agreement"] < top1_bound:

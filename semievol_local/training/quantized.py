@@ -5,7 +5,7 @@ pass and again in the backward pass.
 Training on a CPU multiplies float32 (MLX's quantized matmul there does not use BLAS and trains ~15x slower),
 but a float32 copy of the whole base is ~8x a 4-bit file: a 1B Q4_K_M file trained at a 6.7 GB peak. Here the
 base costs its file size, and at most one slice of float32 weights (`CHUNK_BYTES`) lives at a time:
-`QuantLinear` multiplies through `_matmul`, an `mx.custom_function` whose forward is x @ W.T and whose
+`QuantLinear` multiplies through `matmul_fn`'s `mx.custom_function`, whose forward is x @ W.T and whose
 backward is dy @ W with W dequantized again (frozen weights get no gradient, so nothing of W is kept between
 the two). The embedding table gathers the rows of the tokens it looks up and dequantizes only those; as the
 tied output projection it multiplies like `QuantLinear`.
@@ -161,7 +161,7 @@ def stored(kind: str, data) -> mx.array:
 _MATMULS: dict[tuple, Callable] = {}
 
 
-def _slices(kind: str, rows: int, cols: int) -> list[tuple[int, int]]:
+def _slices(rows: int, cols: int) -> list[tuple[int, int]]:
     per = max(1, CHUNK_BYTES // (4 * cols))
     return [(r, min(r + per, rows)) for r in range(0, rows, per)]
 
@@ -171,7 +171,7 @@ def matmul_fn(kind: str, rows: int, cols: int) -> Callable[[mx.array, mx.array],
     key = (kind, rows, cols)
     if key in _MATMULS:
         return _MATMULS[key]
-    parts = _slices(kind, rows, cols)
+    parts = _slices(rows, cols)
 
     # MLX evaluates a graph's shallow branches early: a dequantization depends on nothing but the file's bytes,
     # so without `mx.depends` every slice of every layer was computed up front and held until its product (8
@@ -222,14 +222,6 @@ class QuantLinear(nn.Linear):
     def weight(self) -> Dims:
         return Dims((self._rows, self._cols))
 
-    @property
-    def kind(self) -> str:
-        return self._kind
-
-    def dense(self) -> mx.array:
-        """The float32 weight matrix (rows, cols): for checks, never during training."""
-        return to_float32(self._kind, self.qweight, self._cols)
-
     def __call__(self, x: mx.array) -> mx.array:
         y = matmul_fn(self._kind, self._rows, self._cols)(x, self.qweight)
         return y + self.bias if "bias" in self else y
@@ -247,9 +239,6 @@ class QuantEmbedding(nn.Embedding):
     @property
     def weight(self) -> Dims:
         return Dims((self._rows, self._cols))
-
-    def dense(self) -> mx.array:
-        return to_float32(self._kind, self.qweight, self._cols)
 
     def __call__(self, ids: mx.array) -> mx.array:
         rows = to_float32(self._kind, self.qweight[ids.reshape(-1)], self._cols)
