@@ -131,6 +131,7 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
     `mx.distributed.all_sum` before each optimizer step, so every process holds the same weights and the
     step is the one-process step up to float rounding. Rank 0 alone writes files, validates and reports.
     """
+    memory_check(model_path, list(train_examples) + list(valid_examples or []), cfg)  # before anything is written
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     g = collectives.group()
