@@ -1,6 +1,8 @@
 """blas: an optimized BLAS loaded before MLX, and OpenBLAS's core type chosen from the CPU's flags."""
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -60,3 +62,18 @@ def test_openblas_core_type_is_chosen_from_the_cpu_flags_and_results_stay_exact(
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(300, 500)).astype(np.float32), rng.normal(size=(500, 200)).astype(np.float32)
     np.testing.assert_allclose(np.array(mx.array(a) @ mx.array(b)), a.astype(np.float64) @ b, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("module", ["mlx_fast", "quantized", "lora", "mlx_engine"])
+def test_any_training_module_loads_blas_before_mlx(module):
+    """Importing any module of the training package (as the first thing a process does) loads the fast BLAS
+    before MLX: the package's import does it once, and no module needs its own call."""
+    import subprocess
+
+    code = (f"import logging; logging.basicConfig(level=logging.WARNING)\n"
+            f"import semievol_local.training.{module}\n"
+            "import sys; from semievol_local.training import blas\n"
+            "assert 'mlx.core' in sys.modules and blas._state['done']\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "imported before" not in res.stderr

@@ -60,10 +60,19 @@ def test_eval_limit(tiny_q4, tiny_task, tmp_path):
     assert len(json.loads(out.read_text())["predictions"]) == 3
 
 
-def test_models_info_on_a_gguf(tiny_q4):
+def test_models_info_on_a_gguf(tiny_q4, tmp_path, monkeypatch):
+    """`info` writes and measures nothing (a float32 copy can be GBs); once a run's `auto` measured the file,
+    it shows the rates and the choice."""
+    from semievol_local.core.config import EngineConfig
+    from semievol_local.engines.weights import plan_weights
+
+    monkeypatch.setenv("SEMIEVOL_WEIGHTS", str(tmp_path / "weights"))
     res = run("models", "info", tiny_q4)
     assert "llama" in res.stdout and "Q4_1" in res.stdout and "yes" in res.stdout
-    # the prompt rates auto measured on this machine, and its choice
+    assert "not measured here yet" in res.stdout and "prompt tok/s here" not in res.stdout
+    assert not (tmp_path / "weights").exists() or not any((tmp_path / "weights").rglob("*.gguf"))
+    plan_weights(tiny_q4, EngineConfig())  # what the first run does
+    res = run("models", "info", tiny_q4)
     assert "prompt tok/s here" in res.stdout and "float32 copy" in res.stdout and "the file" in res.stdout
     assert "measured" in res.stdout
 

@@ -16,6 +16,7 @@ import pytest
 from conftest import write_split, write_task
 
 from semievol_local.core.config import RunConfig, TrainConfig
+from semievol_local.core.errors import UserError
 from semievol_local.method.collaboration import Learner, learner_configs
 from semievol_local.method.pipeline import run_semievol
 
@@ -354,6 +355,18 @@ def test_entropy_is_that_of_the_final_answer():
     unsure = {"justified": True, "entropy": 0.2, "justification": {"probs": [1 / 3, 1 / 3, 1 / 3]}}
     assert label_entropy(sure) < 1e-6 and math.isclose(label_entropy(unsure), math.log(3))
     assert label_entropy({"justified": True, "entropy": 9.0, "justification": {"nll": 0.7, "text": "Answer: B"}}) == 0.7
+
+
+def test_report_waits_for_no_writer(full_run):
+    """`report` writes report.json/md into the run folder: not while another command holds the folder."""
+    from semievol_local.core.runfolder import exclusive
+    from semievol_local.method.report import build_report
+
+    out = full_run[1]
+    with exclusive(out):  # a second open of the lock file conflicts, as another process would
+        with pytest.raises(UserError, match="in use by another semievol command"):
+            build_report(out)
+    assert build_report(out)["accuracy"] == report(out)["accuracy"]  # and once it is free, as before
 
 
 def test_report_compares_semievol_and_sft_question_by_question(full_run):

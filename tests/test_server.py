@@ -79,7 +79,8 @@ def test_scores_and_greedy_answers_equal_the_in_process_engine(tiny_q4, warm, se
         local.set_adapter(path)
         fleet.set_adapter(path)
         for toks, n in prompts(local, task):
-            assert fleet.tokenize(local.detokenize(toks)) is not None
+            text = local.detokenize(toks)
+            assert fleet.tokenize(text) == local.tokenize(text) and len(local.tokenize(text)) > 0
             a, b = local.score(toks, n), fleet.score(toks, n)
             np.testing.assert_allclose(b.probs, a.probs, rtol=1e-5, atol=1e-7)  # float32 softmax on the server
             assert abs(a.mass - b.mass) <= 1e-5 * a.mass and abs(a.entropy - b.entropy) <= 1e-5

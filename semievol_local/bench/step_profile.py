@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import time
 
-from ..training import mlx_engine  # first: it loads the fast BLAS before mlx.core
-from ..core.config import TrainConfig  # noqa: I001
-from ..training import lora as lora_layers, mlx_fast
+from ..core.config import TrainConfig
+from ..training import lora as lora_layers, mlx_engine, mlx_fast  # the package loads the fast BLAS: before MLX
 from ..training.blas import gemm_gflops
 
-import mlx.core as mx  # noqa: E402, I001
+import mlx.core as mx  # noqa: I001
 
 
 def _best(fn, repeats: int) -> float:

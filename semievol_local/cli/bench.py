@@ -93,8 +93,9 @@ def bench_quality_cmd(
                                     "sensitivity, rounds and baselines use the first)."),
     out: Path = typer.Option(Path("runs/bench"), "--out", "-o", help="Folder for the runs (one per task and variant)."),
     suite: list[str] = typer.Option(list(("main", "ablation", "sensitivity", "rounds")), "--suite",
-                                    help="Tables to build: main, ablation, sensitivity, rounds, baselines (repeat "
-                                    "the flag; the default is all but baselines)."),
+                                    help="Tables to build: main, ablation, sensitivity, rounds, baselines, headline "
+                                    "(SemiEvol, the self-consistency vote and w/o ICP: the table --seeds is for); "
+                                    "repeat the flag; the default is the first four."),
     reuse: list[Path] = typer.Option([], "--reuse", help="Finished run folders whose identical stages may be copied "
                                      "(e.g. an earlier `semievol run` on the same task)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the tables, machine and command here."),

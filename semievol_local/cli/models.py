@@ -44,12 +44,17 @@ def models_info(model: str = typer.Argument(DEFAULT_MODEL, help="Alias or .gguf 
     d["parameters"] = f"{info.n_params / 1e6:.1f} M"
     d["chat_template"] = "yes" if info.chat_template else "no (a plain fallback format is used)"
     d["training lr (default)"] = f"{default_lr(info.architecture):g} for {info.architecture} (--lr overrides it)"
-    w = plan_weights(info.path, EngineConfig())  # auto: measured on this machine the first time (cached)
+    # what --weights auto chose, if it has measured this file here; `info` itself writes and measures nothing
+    w = plan_weights(info.path, EngineConfig(), measure=False)
     names = {"file": "the file", "f32": "float32 copy"}
     if w.rates:
         d["prompt tok/s here"] = ", ".join(f"{names[k]} {v:.0f}" for k, v in w.rates if v)
-    d["llama.cpp computes with"] = (f"{w.why}: {w.path}" + ("" if w.path.is_file() else " (made on first use)")
-                                    if w.kind == "f32" else f"the file ({w.why}; --weights f32 for a float32 copy)")
+    if w.kind == "unmeasured":
+        d["llama.cpp computes with"] = (f"not measured here yet: the first run with --weights auto writes a float32 "
+                                        f"copy ({w.f32_bytes / 1e9:.2f} GB) and times it against the file, once")
+    else:
+        d["llama.cpp computes with"] = (f"{w.why}: {w.path}" + ("" if w.path.is_file() else " (made on first use)")
+                                        if w.kind == "f32" else f"the file ({w.why}; --weights f32 for a float32 copy)")
     ui.kv_table(f"model {model}", d)
 
 

@@ -165,7 +165,7 @@ class EngineConfig:
 
     n_ctx: int = opt(2048, "Context window in tokens for llama.cpp (0: the model's own).", min=0,
                      stages=("collaboration", "eval"))  # decides which demonstrations fit, and prompt cuts
-    n_threads: int = opt(0, "CPU threads for llama.cpp (0: one per physical core).", min=0)
+    n_threads: int = opt(0, "CPU threads for llama.cpp (0: one per CPU this process may use, at most 8).", min=0)
     n_gpu_layers: int = opt(-1, "Layers to offload to a GPU when llama.cpp was built with one (-1: all).", min=-1)
     weights: str = opt("auto", "Weights llama.cpp computes with: auto (on a CPU, a quantized file or its float32 "
                        "copy, whichever evaluates prompts faster on this machine: measured once per file, machine "

@@ -7,7 +7,9 @@ constants, GGUF v2/v3, little-endian) and keeps arrays longer than `max_array` a
 (type and length), so opening any model takes milliseconds. Tensor data comes out in the layout
 gguf-py's dequantizers take (`gguf.quants.dequantize(t.data, t.tensor_type)`).
 
-What it does NOT do: write GGUF files (gguf-py's `GGUFWriter` does), or interpret any key.
+`write_like` writes a new file with this one's metadata (some keys dropped or replaced) and new tensors.
+
+What it does NOT do: interpret any key.
 """
 from __future__ import annotations
 

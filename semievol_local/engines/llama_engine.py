@@ -105,7 +105,7 @@ class Engine:
         # decode's shape sets llama.cpp's rate, so `bench run`'s yardstick takes each shape
         self.decode_shapes: dict[str, dict[tuple[int, int], int]] = {}
         self._adapters: dict[str, object] = {}
-        self.adapter: tuple[str, float] | None = None
+        self.adapter: tuple[str, float, str] | None = None  # (resolved path, scale, the file's size and mtime)
         self._embedder = None
         self._letters: dict[int, list[int]] = {}
 
@@ -120,10 +120,6 @@ class Engine:
     @property
     def tokens_by_adapter(self) -> dict[str, int]:
         return {a: sum(d.values()) for a, d in self.decode_shapes.items()}
-
-    @property
-    def tokens_computed(self) -> int:
-        return sum(self.tokens_by_adapter.values())
 
     def _count(self, n: int, adapter: str = "", past: int = 0) -> None:
         shapes = self.decode_shapes.setdefault(adapter, {})

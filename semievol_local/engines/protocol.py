@@ -2,8 +2,9 @@
 
 Two implementations with the same operations: `llama_engine.Engine` (llama.cpp in this process, the
 default) and `server_engine.Fleet` (one or more llama-servers, `--server`). What the pipeline, eval,
-predict and bench use of an engine is `InferenceEngine` below; the parity gate's full logits and the
-embedding context exist only in process (a fleet embeds with a local copy of the model).
+predict and bench use of an engine is `InferenceEngine` below. A fleet cannot give full logits (the
+parity gate computes its reference with llama.cpp in this process instead) and embeds with a local copy
+of the model.
 """
 from __future__ import annotations
 

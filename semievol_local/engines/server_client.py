@@ -84,7 +84,7 @@ class Server:
         finally:
             if own:
                 c.close()
-        if r.status >= 500 or r.status == 503:
+        if r.status >= 500:
             raise ServerDown(f"{self.url}{path}: HTTP {r.status}: {data[:200]!r}")
         if r.status == 401:  # a wrong key is the user's to fix: never retried elsewhere as if the server were down
             said = (f"the API key from {self.key.source} is not its key" if self.key is not None

@@ -1,7 +1,7 @@
 """Collaborative learning, one question at a time: the learners (base or warm model, 0-3 demonstrations),
 their answers, the self-justification where they disagree (or a majority vote: self-consistency), and the
 uncertainty of the answer that became the pseudo-label. What a stage does with many questions is in
-`pipeline`; nothing here reads or writes files, and nothing here sees the unlabeled split's answers."""
+`stages`; nothing here reads or writes files, and nothing here sees the unlabeled split's answers."""
 from __future__ import annotations
 
 import dataclasses

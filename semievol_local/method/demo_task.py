@@ -109,8 +109,8 @@ def _demo_configs():
 
     The final fine-tune is the paper's (Eq. 9): from the base model on labeled + selected, global
     threshold. With LoRA on the last 16 blocks (frozen blocks cached), measured on 2 AMD EPYC cores: SFT
-    0.896, SemiEvol 0.938 (3 questions gained, 1 lost: McNemar p 0.63), in about 7 minutes. On this
-    project's 2-core Intel Xeon CI machine the same training ran 5x slower (69 tokens/s: warm-up 824 s, the
+    0.896, SemiEvol 0.938 (3 questions gained, 1 lost: McNemar p 0.63), in about 7 minutes. On a 2-core
+    Intel Xeon machine (an earlier CI host) the same training ran 5x slower (69 tokens/s: warm-up 824 s, the
     whole demo about 37 minutes, SFT 0.896 with every row). LoRA on the last 8 blocks ran 1.7x faster per
     step there but learned nothing in the warm-up's 128 steps (SFT 0.500); so the demo keeps 16 blocks and
     gives the final fine-tune 6 epochs (132 steps over labeled + about 24 selected reviews, as many as the

@@ -1,6 +1,6 @@
 """Accuracy of a model (optionally with a LoRA adapter) on a split, with the majority-class baseline.
 
-`predict` asks every item through the llama.cpp engine, in score mode (exact option distribution from
+`predict` asks every item through the engine (llama.cpp in process, or llama-servers), in score mode (exact option distribution from
 one forward pass) or sample mode (greedy generation, answer extracted from the text). Pure bookkeeping
 otherwise: no printing; progress goes to a callback.
 """

@@ -187,9 +187,7 @@ def peft_adapter(adapter_dir: Path, model_path: Path) -> tuple[dict[str, np.ndar
     W x + scale (x a) b with a (in, r) and b (r, out): A = a^T, B = b^T, lora_alpha = scale x r. On an
     architecture whose GGUF permutes Q/K rows for interleaved rope (llama), B's rows of q_proj and k_proj are
     put back in the Hugging Face order, so the adapter applies to the Hugging Face base model."""
-    from ..training.blas import ensure_fast_blas
-
-    ensure_fast_blas()  # before MLX's first import (blas.py says why)
+    from .. import training  # noqa: F401  its import loads the fast BLAS before MLX's
     import mlx.core as mx
 
     from ..core.gguf_file import read
@@ -224,9 +222,7 @@ def peft_adapter(adapter_dir: Path, model_path: Path) -> tuple[dict[str, np.ndar
 
 
 def write_peft(folder: Path, tensors: dict[str, np.ndarray], config: dict) -> None:
-    from ..training.blas import ensure_fast_blas
-
-    ensure_fast_blas()
+    from .. import training  # noqa: F401  its import loads the fast BLAS before MLX's
     import mlx.core as mx
 
     folder.mkdir()

@@ -17,7 +17,7 @@ from ..core.data import Item, find_split_file, head, load_heldout, load_split
 from ..core.errors import UserError
 from ..core.files import atomic_write_json, atomic_write_text
 from ..core.prompts import answers_match
-from ..core.runfolder import run_record
+from ..core.runfolder import exclusive, run_record
 
 
 def _json(path: Path):
@@ -128,8 +128,16 @@ def pseudo_label_stats(records: list[dict], held: dict[int, Item],
 
 
 def build_report(run: Path) -> dict:
+    """The run's report (accuracies, paired comparison, pseudo-label quality, classes, warnings, stage figures),
+    written as report.json, report.md and plots under the run folder's lock (a run still writing the folder:
+    one line naming its PID)."""
     run = Path(run)
-    meta = run_record(run)
+    meta = run_record(run)  # not a run folder: one line, before any lock or file
+    with exclusive(run):
+        return _build(run, meta)
+
+
+def _build(run: Path, meta: dict) -> dict:
     stages = _stages(run)
     rounds = sorted({int(s.split("/")[0][5:]) for s in stages if s.startswith("round") and s.endswith("/eval")})
     evals = {name: _json(run / name / "eval.json") for name in stages if name.startswith(("eval/", "round")) and

@@ -6,6 +6,11 @@ training loop (`mlx_engine`), checkpoints (`checkpoint`), data-parallel training
 before it is used (`parity`).
 
 This package may import `core` and nothing else of semievol_local (the parity gate loads llama.cpp
-itself). `blas` must be imported before `mlx.core` anywhere in a process: the modules here that import MLX
-import it first.
+itself). The optimized BLAS must be loaded before `mlx.core` is first imported anywhere in a process
+(`blas` says why): importing this package loads it, and Python imports a package before any of its modules,
+so every module here imports MLX freely; code elsewhere that imports MLX imports this package first.
 """
+from .blas import ensure_fast_blas
+
+ensure_fast_blas()
+

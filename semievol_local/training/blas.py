@@ -99,8 +99,7 @@ def ensure_fast_blas() -> str | None:
         # Python loads extensions with RTLD_NOW: MLX's cblas_* calls are already bound to its bundled
         # reference BLAS, and loading OpenBLAS now changes nothing.
         log.warning("mlx.core was imported before semievol_local set up OpenBLAS: MLX training will be about "
-                    "29x slower. Import semievol_local (or call semievol_local.training.blas.ensure_fast_blas()) "
-                    "before importing mlx.")
+                    "29x slower. Import semievol_local.training before importing mlx.")
     _choose_coretype()
     for path in _candidates():
         try:

@@ -17,14 +17,10 @@ import re
 import shutil
 from pathlib import Path
 
-from .blas import ensure_fast_blas
+import mlx.core as mx
 
-ensure_fast_blas()  # before the first `import mlx.core` (blas.py says why)
-
-import mlx.core as mx  # noqa: E402
-
-from ..core.errors import UserError  # noqa: E402
-from ..core.files import sha256_file  # noqa: E402
+from ..core.errors import UserError
+from ..core.files import sha256_file
 
 log = logging.getLogger(__name__)
 

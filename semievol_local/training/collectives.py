@@ -3,15 +3,11 @@ group, its share of a micro-batch, gradients summed over every process, rank 0's
 the check that every process trains the same thing. One process alone: each is a no-op."""
 from __future__ import annotations
 
-from .blas import ensure_fast_blas
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
-ensure_fast_blas()  # before the first `import mlx.core` (blas.py says why)
-
-import mlx.core as mx  # noqa: E402
-import numpy as np  # noqa: E402
-from mlx.utils import tree_flatten, tree_map, tree_map_with_path  # noqa: E402
-
-from ..core.errors import UserError  # noqa: E402
+from ..core.errors import UserError
 
 
 def group():

@@ -3,22 +3,18 @@ fine-tune, so their output for each sequence is computed before the first step (
 sequence for the next fine-tune), and every step runs only the blocks that carry LoRA."""
 from __future__ import annotations
 
-from .blas import ensure_fast_blas
+import hashlib
+import logging
+from pathlib import Path
+from typing import Callable
 
-ensure_fast_blas()  # before the first `import mlx.core` (blas.py says why)
+import mlx.core as mx
+import numpy as np
+from mlx.nn import Module as Model
+from mlx_lm.models.base import create_attention_mask
 
-import hashlib  # noqa: E402
-import logging  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Callable  # noqa: E402
-
-import mlx.core as mx  # noqa: E402
-import numpy as np  # noqa: E402
-from mlx.nn import Module as Model  # noqa: E402
-from mlx_lm.models.base import create_attention_mask  # noqa: E402
-
-from ..core.files import atomic_target  # noqa: E402
-from . import batching  # noqa: E402
+from ..core.files import atomic_target
+from . import batching
 
 log = logging.getLogger(__name__)
 

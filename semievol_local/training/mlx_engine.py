@@ -18,36 +18,33 @@ dict to `on_step` every optimizer step); no llama.cpp inference of its own.
 """
 from __future__ import annotations
 
-from .blas import ensure_fast_blas, tune_malloc, untune_malloc
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import time
+from functools import partial
+from pathlib import Path
+from typing import Callable
 
-ensure_fast_blas()  # must run before the first `import mlx.core` (blas.py says why)
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_map_with_path
+from mlx.nn import Module as Model  # any mlx-lm model class of gguf_loader's table
+from mlx_lm.tuner.utils import load_adapters
 
-import dataclasses  # noqa: E402
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import math  # noqa: E402
-import time  # noqa: E402
-from functools import partial  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Callable  # noqa: E402
-
-import mlx.core as mx  # noqa: E402
-import mlx.nn as nn  # noqa: E402
-import mlx.optimizers as optim  # noqa: E402
-import numpy as np  # noqa: E402
-from mlx.utils import tree_flatten, tree_map, tree_map_with_path  # noqa: E402
-from mlx.nn import Module as Model  # noqa: E402  any mlx-lm model class of gguf_loader's table
-from mlx_lm.tuner.utils import load_adapters  # noqa: E402
-
-from ..core import config  # noqa: E402
-from ..core.config import TrainConfig  # noqa: E402
-from ..core.errors import UserError  # noqa: E402
-from ..core.files import atomic_write_text  # noqa: E402
-from ..core.runfolder import ram_bytes, rss_mb  # noqa: E402
-from . import batching, collectives, frozen, gguf_loader, lora, train_flops  # noqa: E402
-from .batching import Example  # noqa: E402
-from .checkpoint import discard_partial, load_latest_checkpoint, save_checkpoint  # noqa: E402
+from ..core import config
+from ..core.config import TrainConfig
+from ..core.errors import UserError
+from ..core.files import atomic_write_text
+from ..core.runfolder import ram_bytes, rss_mb
+from . import batching, collectives, frozen, gguf_loader, lora, train_flops
+from .blas import tune_malloc, untune_malloc
+from .batching import Example
+from .checkpoint import discard_partial, load_latest_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 

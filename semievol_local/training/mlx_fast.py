@@ -19,11 +19,7 @@ from __future__ import annotations
 
 import math
 
-from .blas import ensure_fast_blas
-
-ensure_fast_blas()  # before the first `import mlx.core` (blas.py says why)
-
-import mlx.core as mx  # noqa: E402
+import mlx.core as mx
 
 _LOG2E = 1.4426950408889634
 _ROUND = 12582912.0  # 1.5 * 2**23: adding and subtracting it rounds a float32 to the nearest integer

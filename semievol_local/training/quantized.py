@@ -20,14 +20,10 @@ What it does NOT do: read files, build models or train (that is `gguf_loader` an
 """
 from __future__ import annotations
 
-from .blas import ensure_fast_blas
+from typing import Callable, NamedTuple
 
-ensure_fast_blas()  # before the first `import mlx.core` (blas.py says why)
-
-from typing import Callable, NamedTuple  # noqa: E402
-
-import mlx.core as mx  # noqa: E402
-import mlx.nn as nn  # noqa: E402
+import mlx.core as mx
+import mlx.nn as nn
 
 QK_K = 256
 CHUNK_BYTES = 64 << 20  # the float32 weights one multiplication dequantizes at a time

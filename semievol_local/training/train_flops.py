@@ -2,13 +2,9 @@
 of `bench train`'s and `bench run`'s fractions of float32 GEMM."""
 from __future__ import annotations
 
-from .blas import ensure_fast_blas
-
-ensure_fast_blas()  # before the first `import mlx.core` (blas.py says why)
-
-import mlx.nn as nn  # noqa: E402
-from mlx.nn import Module as Model  # noqa: E402
-from mlx.utils import tree_flatten  # noqa: E402
+import mlx.nn as nn
+from mlx.nn import Module as Model
+from mlx.utils import tree_flatten
 
 
 def block_weights(layers) -> list[int]:
