@@ -73,3 +73,16 @@ def test_bench_train_against_peft_needs_a_python_with_torch(tiny_q4, tmp_path, p
                  "--json", tmp_path / "b.json")
     assert res.exit_code == 2 and says in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert not (tmp_path / "b.json").exists()
+
+
+@pytest.mark.parametrize("command", [["train"], ["bench", "pseudo-label"], ["bench", "sizes"], ["bench", "servers"]])
+def test_in_process_commands_offer_no_server_options(command):
+    """Commands that compute in this process (or start their own servers) do not offer --server: they would
+    ignore it. `run` does offer it."""
+    from typer.testing import CliRunner
+
+    from semievol_local.cli import app
+
+    res = CliRunner().invoke(app, [*command, "--server", "http://127.0.0.1:1"])
+    assert res.exit_code == 2 and "no such option: --server" in (res.stdout + res.stderr)
+    assert "--server " in CliRunner().invoke(app, ["run", "--help"]).stdout

@@ -11,7 +11,7 @@ from ..core.config import EngineConfig, RunConfig, TrainConfig
 from ..core.errors import UserError
 from ..method.models import DEFAULT_MODEL
 from . import ui
-from .common import bench_app, command, invocation, model_option, option_of, options_from
+from .common import SERVER_FIELDS, bench_app, command, invocation, model_option, option_of, options_from
 
 
 @command(bench_app, "train")
@@ -139,7 +139,7 @@ def bench_run_cmd(
 
 
 @command(bench_app, "pseudo-label")
-@options_from(RunConfig, TrainConfig, EngineConfig)
+@options_from(RunConfig, TrainConfig, EngineConfig, skip=SERVER_FIELDS)  # in process
 def bench_pseudo_label_cmd(
     ctx: typer.Context,
     model: str = model_option(),
@@ -164,7 +164,7 @@ def bench_pseudo_label_cmd(
 
 
 @command(bench_app, "servers")
-@options_from(RunConfig, TrainConfig, EngineConfig)
+@options_from(RunConfig, TrainConfig, EngineConfig, skip=("server", "api_key_file"))  # its own servers, its own key
 def bench_servers_cmd(
     ctx: typer.Context,
     model: str = model_option(),
@@ -182,15 +182,13 @@ def bench_servers_cmd(
     from ..bench import servers
     from ..method import models
 
-    if engine_config.server:
-        raise UserError("--server: this benchmark starts its own local llama-servers; leave it out")
     result = servers.servers(models.resolve(model), data, n_items, out, run_config, train_config, engine_config,
                              reporter=ui.Reporter(), adapter=adapter, n_servers=n_servers, command=invocation(ctx))
     _publish(result, json_out)
 
 
 @command(bench_app, "sizes")
-@options_from(RunConfig, TrainConfig, EngineConfig)
+@options_from(RunConfig, TrainConfig, EngineConfig, skip=SERVER_FIELDS)  # in process
 def bench_sizes_cmd(
     ctx: typer.Context,
     model: list[str] = typer.Option(..., "--model", "-m", help="A model to measure; repeat for more (alias or .gguf; "

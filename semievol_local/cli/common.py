@@ -113,11 +113,16 @@ def command(group: typer.Typer, name: str | None = None):
     return wrap
 
 
-def options_from(*classes):
+# EngineConfig's fields for llama-servers: offered only by the commands that can ask them
+SERVER_FIELDS = ("server", "server_timeout", "api_key_file")
+
+
+def options_from(*classes, skip: tuple[str, ...] = ()):
     """Add each dataclass field of `classes` to a command as `--field-name` (default and help from the field).
 
     The command receives them as one instance per class, in a keyword argument named after the class
-    in snake case (`EngineConfig` -> `engine_config`).
+    in snake case (`EngineConfig` -> `engine_config`). Fields named in `skip` are not offered (the command
+    would ignore them) and keep their defaults.
     """
 
     def deco(fn):
@@ -125,6 +130,8 @@ def options_from(*classes):
         params = [p for p in sig.parameters.values() if p.name not in {_arg(c) for c in classes}]
         for cls in classes:
             for f in dataclasses.fields(cls):
+                if f.name in skip:
+                    continue
                 default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
                 flag = config.flag(f, toggle=True)
                 params.append(inspect.Parameter(_param(flag), inspect.Parameter.KEYWORD_ONLY, annotation=type(default),
@@ -134,7 +141,8 @@ def options_from(*classes):
         @functools.wraps(fn)
         def run(**kwargs):
             for cls in classes:
-                kwargs[_arg(cls)] = cls(**{f.name: kwargs.pop(_param(config.flag(f, toggle=True))) for f in dataclasses.fields(cls)})
+                kwargs[_arg(cls)] = cls(**{f.name: kwargs.pop(_param(config.flag(f, toggle=True)))
+                                           for f in dataclasses.fields(cls) if f.name not in skip})
                 config.check(kwargs[_arg(cls)])  # every option within its declared range, before anything runs
             return fn(**kwargs)
 

@@ -10,13 +10,13 @@ import typer
 from ..core.config import EngineConfig, TrainConfig
 from ..core.errors import UserError
 from . import ui
-from .common import adapter_app, app, command, model_option, options_from
+from .common import SERVER_FIELDS, adapter_app, app, command, model_option, options_from
 
 
 # --- train / adapter check / bench -------------------------------------------------------------
 
 @command(app, "train")
-@options_from(TrainConfig, EngineConfig)
+@options_from(TrainConfig, EngineConfig, skip=SERVER_FIELDS)  # MLX and llama.cpp in this process
 def train_cmd(
     model: str = model_option(),
     data: Path = typer.Option(..., "--data", "-d", help="Task folder or split file (CSV/JSONL)."),
