@@ -202,7 +202,7 @@ def test_serve_then_eval_through_it_equals_eval_in_process(server_bin, tiny_q4, 
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
     monkeypatch.delenv(apikey.ENV, raising=False)
     serve = subprocess.Popen([sys.executable, "-m", "semievol_local.cli", "serve", "--model", str(tiny_q4),
-                              "--run", str(run), "--n-ctx", "512", "--threads", "1"],
+                              "--run", str(run), "--n-ctx", "512", "--n-threads", "1"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         url = serve.stdout.readline().strip()
@@ -275,7 +275,7 @@ def test_a_whole_run_through_a_served_fleet_equals_the_run_in_process(server_bin
     run = tmp_path / "served"
     run.mkdir()
     serve = subprocess.Popen([sys.executable, "-m", "semievol_local.cli", "serve", "--model", str(tiny_q4), "--run",
-                              str(run), "--n-ctx", "512", "--threads", "1", "--servers", "2",
+                              str(run), "--n-ctx", "512", "--n-threads", "1", "--servers", "2",
                               "--api-key-file", str(key_file)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:

@@ -21,11 +21,11 @@ def serve_cmd(
                                        "a `semievol train` folder."),
     run: Optional[Path] = typer.Option(None, "--run", help="A run folder: load the adapter of every finished stage, "
                                        "and restart the servers with each new one the run trains."),
-    servers: int = typer.Option(1, "--servers", "-n", min=1, help="How many llama-server processes to start."),
+    servers: int = typer.Option(1, "--servers", min=1, help="How many llama-server processes to start."),
     port: int = typer.Option(0, "--port", "-p", min=0, max=65535, help="Port of the first server (the next "
                              "ones count up); 0: free ports."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; 0.0.0.0 for other machines."),
-    threads: int = typer.Option(0, "--threads", "-t", min=0, help="CPU threads per server (0: the cores, shared "
+    threads: int = typer.Option(0, "--n-threads", "-t", min=0, help="CPU threads per server (0: the cores, shared "
                                 "among the servers)."),
     parallel: int = typer.Option(1, "--parallel", min=1, help="Slots per server (questions it works on at once)."),
     n_ctx: int = option_of(EngineConfig, "n_ctx", help=" Here: per slot, at least the run's --n-ctx."),

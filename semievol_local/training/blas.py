@@ -42,8 +42,8 @@ _CANDIDATE_GLOBS = (
     "/usr/lib/libopenblas.so.0",
 )
 _SLOW_BLAS_WARNING = (
-    "No optimized BLAS found: MLX will use its bundled reference BLAS and LoRA training will be about "
-    "29x slower (7 vs 202 GFLOPS float32 GEMM on 2 cores). Fix: `sudo apt-get install libopenblas0-pthread` "
+    "No optimized BLAS found: MLX will use its bundled reference BLAS and LoRA training will be many times "
+    "slower (docs/engines.md has the figures). Fix: `sudo apt-get install libopenblas0-pthread` "
     "(Debian/Ubuntu) or your distribution's OpenBLAS package, then start again.")
 
 _state: dict = {"done": False, "path": None}
@@ -98,8 +98,8 @@ def ensure_fast_blas() -> str | None:
     if "mlx.core" in sys.modules:
         # Python loads extensions with RTLD_NOW: MLX's cblas_* calls are already bound to its bundled
         # reference BLAS, and loading OpenBLAS now changes nothing.
-        log.warning("mlx.core was imported before semievol_local set up OpenBLAS: MLX training will be about "
-                    "29x slower. Import semievol_local.training before importing mlx.")
+        log.warning("mlx.core was imported before semievol_local set up OpenBLAS: MLX training will be many "
+                    "times slower. Import semievol_local.training before importing mlx.")
     _choose_coretype()
     for path in _candidates():
         try:
