@@ -40,3 +40,4 @@ def test_demo_runs_the_whole_loop(default_model, tmp_path):
     # the majority class, and the pseudo-labels the run selected are mostly right
     assert acc["sft"] > max(acc["vanilla"], acc["majority"]) and acc["semievol"] > acc["majority"], acc
     assert rep["pseudo_labels"]["round1"]["accuracy_selected"] > 0.7, rep["pseudo_labels"]
+    assert not any("loss jumped" in w for w in rep["warnings"]), rep["warnings"]  # the default lr trains smoothly

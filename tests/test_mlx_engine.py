@@ -5,6 +5,7 @@ Real engines only (no mocks): llama.cpp tokenizes and serves, MLX trains, on 2-b
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -338,3 +339,37 @@ def test_parity_gate_uses_the_live_engine(tiny_q4, toy, trained, tmp_path):
     assert engine.adapter is None
     # no usable-looking adapter stays behind for a script to pick up
     assert not (bad / "adapter.gguf").exists() and (bad / finetune.REJECTED_NAME).is_file()
+
+
+# ---------------------------------------------------------------------------- the divergence guard
+
+def test_divergence_guard_trips_on_a_jump_not_on_noise():
+    # a real 1.5B model at the default lr: 0.46, 0.2, 0.11, then 13.5 at the first step at the peak rate
+    assert me.diverged(13.5, [0.46, 0.2, 0.11]) == 0.11
+    assert me.diverged(9.1, [2.06]) == 2.06  # SmolLM2 at lr 1e-2, its second step
+    # a hard batch late in training, a slow start, a loss still falling: not a divergence
+    assert me.diverged(1.9, [0.05, 0.08, 0.04]) is None
+    assert me.diverged(6.6, [2.06]) is None and me.diverged(0.3, [0.5, 0.4]) is None
+    assert me.diverged(50.0, []) is None  # nothing to compare with
+
+
+@pytest.mark.slow
+def test_a_planted_divergence_is_rolled_back(default_model, tmp_path):
+    """SmolLM2 on the demo's labeled rows at lr 4e-3 (13x its default): the loss jumps (2.06 -> 6.6 -> 17 measured);
+    training returns to the best kept weights at half the rate until it holds, finishes, and says so."""
+    from semievol_local.core import data
+    from semievol_local.engines import llama_engine
+    from semievol_local.method import finetune
+    from semievol_local.method.demo_task import demo_folder
+
+    engine = llama_engine.load(default_model)
+    items = data.load_split(data.find_split_file(demo_folder(False), "labeled"), "labeled").items
+    exs = finetune.examples(engine, items)
+    engine.close()
+    info = me.train(default_model, exs, TrainConfig(lr=4e-3, epochs=1.0, num_layers=8, val_fraction=0.0,
+                                                    save_every=1000), tmp_path)
+    assert info["rollbacks"] >= 1 and "then lr x0.5" in info["rollback_steps"]
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, info["steps"] + 1))  # the steps redone replace the diverged
+    assert math.isfinite(log[-1]["loss"]) and log[-1]["loss"] < 2.0
+    assert log[-1]["lr"] < 4e-3 * 0.5  # the rate stays lowered

@@ -573,3 +573,12 @@ def test_force_is_refused_where_there_is_no_collapse_check(tiny_q4, tiny_task):
 
     res = CliRunner().invoke(app, ["eval", "--model", str(tiny_q4), "--data", str(tiny_task), "--force"])
     assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1 and "--force" in res.stderr, res.stderr
+
+
+def test_report_warns_of_a_rolled_back_fine_tune(tmp_path):
+    from semievol_local.method.report import warnings
+
+    stages = {"warmup": {"figures": {"rollbacks": 2, "rollback_steps": "step 3: loss 17 against 2.06, then lr x0.5"}},
+              "round1/train": {"figures": {"rollbacks": 0, "rollback_steps": ""}}}
+    said = warnings(tmp_path, stages, None, None, {})
+    assert len(said) == 1 and said[0].startswith("warmup: the training loss jumped") and "2 time(s)" in said[0]

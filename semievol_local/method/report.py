@@ -216,8 +216,8 @@ def class_distributions(run: Path, meta: dict, stages: dict, evals: dict) -> dic
 def warnings(run: Path, stages: dict, van: dict | None, sft: dict | None, classes: dict) -> list[str]:
     """What says the method could not help: an SFT not shown better than answering the labeled split's majority
     class everywhere (one-sided exact binomial p >= 0.05), a collapsed warm-up (where the run stopped, or went on
-    with --force), and
-    a selection with at least `collapse.SHARE` of one class."""
+    with --force), a fine-tune whose loss jumped and was rolled back (`mlx_engine.diverged`), and a selection
+    with at least `collapse.SHARE` of one class."""
     out = []
     if sft and van and van.get("majority_accuracy") is not None:
         marks = [p["correct"] for p in sft["predictions"] if p.get("correct") is not None]
@@ -233,6 +233,11 @@ def warnings(run: Path, stages: dict, van: dict | None, sft: dict | None, classe
             out.append(f"the warm-up answered {found['top']} on {found['top_share']:.0%} of {found['n']} probed "
                        "unlabeled questions (collapsed; " + ("the run went on with --force)" if went_on else
                                                              "the run stopped before collaboration)"))
+    for name, stage in stages.items():
+        done = stage.get("figures", {})
+        if done.get("rollbacks"):
+            out.append(f"{name}: the training loss jumped far above its level {done['rollbacks']} time(s); each time "
+                       f"training went back two steps at half the rate ({done.get('rollback_steps', '')})")
     for name, dist in classes.items():
         if name.endswith("(selected)"):
             top, share = collapse.largest(dist)

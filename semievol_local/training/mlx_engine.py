@@ -167,8 +167,15 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
     if split:
         log.info("%d of %d batches split into pieces of at most %d padded tokens", split, len(plan), max_tokens)
 
-    optimizer = optim.AdamW(learning_rate=_schedule(cfg, total_steps), weight_decay=cfg.weight_decay)
+    schedule = _schedule(cfg, total_steps)
+    optimizer = None  # the schedule reads the divergence guard's scale from the optimizer's state (a compiled input)
+
+    def scaled(step):
+        return schedule(step) * (optimizer.state["lr_scale"] if optimizer is not None else 1.0)
+
+    optimizer = optim.AdamW(learning_rate=scaled, weight_decay=cfg.weight_decay)
     optimizer.init(model.trainable_parameters())  # before compiling: the state tree must not change shape later
+    optimizer.state["lr_scale"] = mx.array(1.0)  # halved at each rollback (`diverged`)
 
     # ---- resume
     identity = {"config": config.identity("train", cfg),  # the options that change the adapter, declared in config
@@ -183,6 +190,7 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
         for stale in out_dir.glob(".*.tmp-*"):
             stale.unlink(missing_ok=True)
     records: list[dict] = []
+    rollbacks: list[dict] = []  # the divergence guard's, in order (`diverged`)
     start = 0
     best, best_adapters = None, None  # the end-of-epoch adapter with the lowest validation loss so far
     if resume and lead:
@@ -193,9 +201,10 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
             arrays, state = found
             _check_same_run(state["identity"], identity, ckpt_root)
             model.load_weights(list(arrays["adapters"].items()), strict=False)
-            saved = arrays["optimizer"]
-            optimizer.state.update(tree_map_with_path(lambda p, _: saved[p], optimizer.state))  # in place
+            saved = arrays["optimizer"]  # (a checkpoint older than the guard has no lr_scale: 1.0)
+            optimizer.state.update(tree_map_with_path(lambda p, v: saved.get(p, v), optimizer.state))  # in place
             records, start, best = state["log"], state["step"], state.get("best")
+            rollbacks = state.get("rollbacks", [])
             if best is not None:
                 best_adapters = dict(arrays["best"])
             log.info("resuming from step %d of %d", start, total_steps)
@@ -258,12 +267,15 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
         atomic_write_text(out_dir / "train_log.jsonl", "".join(json.dumps(r) + "\n" for r in records))
 
     model.train()
-    good = prev_good = dict(tree_flatten(model.trainable_parameters()))
+    # {step: (LoRA weights, optimizer state)} at the start of the last KEPT_STEPS steps: references, not copies (MLX
+    # arrays are immutable), for NaN recovery and the divergence guard's rollback
+    kept: dict[int, tuple[dict, dict]] = {}
     t_run = time.perf_counter()
-    for s in range(start, total_steps):
+    s = start
+    while s < total_steps:
         tic = time.perf_counter()
-        # references, not copies (MLX arrays are immutable): the weights of the last two steps, for NaN recovery
-        prev_good, good = good, dict(tree_flatten(model.trainable_parameters()))
+        kept[s] = dict(tree_flatten(model.trainable_parameters())), tree_map(lambda x: x, optimizer.state)
+        kept = {k: v for k, v in kept.items() if k > s - KEPT_STEPS}
         mx.random.seed(cfg.seed * 1_000_003 + s)  # dropout masks: a function of (seed, step), so resuming needs no RNG state
         step_plan = plan[s * cfg.grad_accum: (s + 1) * cfg.grad_accum]
         n_answer = float(sum(batching.collate(seqs, idx)[3].sum() for idx in step_plan))  # the whole step's
@@ -291,12 +303,37 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
         loss_v = loss.item()
         lr = optimizer.learning_rate.item()  # the rate this step used
         if not math.isfinite(loss_v):
-            if lead:
-                lora.write_adapter(out_dir, prev_good, adapter_cfg, arch, len(model.layers), cfg)
+            if lead:  # the weights this step started from gave the non-finite loss: the ones before them
+                lora.write_adapter(out_dir, kept[max(s - 1, min(kept))][0], adapter_cfg, arch, len(model.layers), cfg)
                 write_log()
             raise UserError(f"Training loss became {loss_v} at step {s + 1} of {total_steps} (lr {lr:.2e}); the adapter "
                             f"as it was after step {max(s - 1, 0)} (the last finite loss) is saved in {out_dir}. "
                             f"Lower the learning rate (now {cfg.lr:g}) or set grad_clip.")
+        # a step's loss measures the weights it started from: the kept steps' losses, this one's beside them
+        losses = {k: r["loss"] for k in kept if k < s for r in records if r["step"] == k + 1}
+        if losses and diverged(loss_v, list(losses.values())) is not None:
+            back = min(losses, key=losses.get)  # the kept start whose loss was lowest: from there at half the rate
+            if len(rollbacks) == MAX_ROLLBACKS:
+                if lead:
+                    lora.write_adapter(out_dir, kept[back][0], adapter_cfg, arch, len(model.layers), cfg)
+                    write_log()
+                raise UserError(f"Training diverged at step {s + 1} of {total_steps}: loss {loss_v:.3g} against "
+                                f"{losses[back]:.3g} at step {back + 1}, after {MAX_ROLLBACKS} rollbacks at halved "
+                                f"rates (now lr {lr:.2e}); the adapter as it was after step {back} is saved in "
+                                f"{out_dir}. Lower the learning rate (now {cfg.lr:g}) or the LoRA scale ({cfg.scale:g}).")
+            rollbacks.append({"step": s + 1, "loss": loss_v, "level": losses[back], "back_to": back,
+                              "lr_scale": float(optimizer.state["lr_scale"].item()) / 2})
+            log.warning("loss jumped to %.3g at step %d (%.3g at step %d): back to the weights after step %d at %g x "
+                        "the rate", loss_v, s + 1, losses[back], back + 1, back, rollbacks[-1]["lr_scale"])
+            weights, opt_state = kept[back]
+            model.load_weights(list(weights.items()), strict=False)
+            optimizer.state.update(opt_state)
+            optimizer.state["lr_scale"] = mx.array(rollbacks[-1]["lr_scale"])
+            mx.eval(model.trainable_parameters(), optimizer.state)
+            records = [r for r in records if r["step"] <= back]  # the steps from `back` on run again
+            kept = {k: v for k, v in kept.items() if k < back}
+            s = back
+            continue
         rec = {"step": s + 1, "total_steps": total_steps, "epoch": (s + 1) * cfg.grad_accum / batches_per_epoch,
                "loss": loss_v, "lr": lr, "tokens": n_input, "tokens_per_s": n_input / (time.perf_counter() - tic)}
         epoch_end = int((s + 1) * cfg.grad_accum / batches_per_epoch) > int(s * cfg.grad_accum / batches_per_epoch)
@@ -313,8 +350,10 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
             arrays = {"adapters": adapters, "optimizer": dict(tree_flatten(optimizer.state))}
             if best is not None:
                 arrays["best"] = best_adapters
-            save_checkpoint(ckpt_root, s + 1, arrays, {"step": s + 1, "identity": identity, "log": records, "best": best})
+            save_checkpoint(ckpt_root, s + 1, arrays, {"step": s + 1, "identity": identity, "log": records, "best": best,
+                                                      "rollbacks": rollbacks})
         on_step(dict(rec))
+        s += 1
     model.eval()
     if lead and best is not None and best["step"] != total_steps:  # an earlier epoch validated better: that is the adapter
         lora.write_adapter(out_dir, best_adapters, adapter_cfg, arch, len(model.layers), cfg)
@@ -330,8 +369,28 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
             "trainable_params": sum(v.size for _, v in tree_flatten(model.trainable_parameters())),
             "processes": world, "flops": train_flops.needed(model, seqs, first if trunk is not None else 0, steps_run, trunk_reused),
             "grad_checkpoint": checkpointed, "estimated_peak_gb": round(estimate / 1e9, 2),
+            # the divergence guard's rollbacks: how many, and each in a phrase (the CLI's table and the report show it)
+            "rollbacks": len(rollbacks),
+            "rollback_steps": "; ".join(f"step {r['step']}: loss {r['loss']:.3g} against {r['level']:.3g}, then lr "
+                                        f"x{r['lr_scale']:g}" for r in rollbacks),
             "max_batch_tokens": max_tokens, "batches_split": split,
             "out_dir": str(out_dir), "adapter_gguf": str(out_dir / "adapter.gguf")}
+
+
+DIVERGE_RATIO, DIVERGE_MARGIN = 4.0, 2.0  # a loss this many times its running floor, and this many nats above it
+KEPT_STEPS = 3  # the steps whose starting weights a rollback can return to
+MAX_ROLLBACKS = 3
+
+
+def diverged(loss: float, before: list[float]) -> float | None:
+    """The running floor (the lowest of the recent step losses `before`) where `loss` jumped far above it, else
+    None. A real 1.5B model at the default lr went 0.46, 0.2, 0.11, then 13.5 at the first step at the peak
+    rate, and ended at 3.5 answering one letter everywhere; SmolLM2 at lr 1e-2 went 2.06, 9.1, 42. A batch's
+    mean answer loss more than 2 nats above the floor is the batch mostly wrong with confidence, not noise."""
+    if not before:
+        return None
+    floor = float(min(before))
+    return floor if loss > DIVERGE_RATIO * floor and loss > floor + DIVERGE_MARGIN else None
 
 
 RUNTIME_BYTES = 600e6  # Python, MLX and llama.cpp's libraries, the tokenizer: what a training process holds besides
