@@ -373,3 +373,14 @@ def test_a_planted_divergence_is_rolled_back(default_model, tmp_path):
     assert [r["step"] for r in log] == list(range(1, info["steps"] + 1))  # the steps redone replace the diverged
     assert math.isfinite(log[-1]["loss"]) and log[-1]["loss"] < 2.0
     assert log[-1]["lr"] < 4e-3 * 0.5  # the rate stays lowered
+
+
+def test_trainable_count_matches_the_lora_layers(tiny_model):
+    from semievol_local.training import lora
+
+    model = me.load_model(tiny_model)
+    lora.apply_lora(model, toy_cfg(num_layers=-1))
+    from mlx.utils import tree_flatten
+
+    n = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    assert lora.trainable_count(model.args, len(model.layers), toy_cfg().rank) == n

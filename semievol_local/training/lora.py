@@ -72,6 +72,15 @@ def activation_bytes(args, batch: int, length: int, blocks: int, checkpoint: boo
     return tokens * per_token_block * blocks
 
 
+def trainable_count(args, blocks: int, rank: int) -> int:
+    """LoRA weights on all seven projections of `blocks` blocks (an upper bound for fewer keys): r x (in + out) each."""
+    d, h = args.hidden_size, args.num_attention_heads
+    hd = getattr(args, "head_dim", None) or d // h
+    kv = getattr(args, "num_key_value_heads", None) or h
+    f = getattr(args, "intermediate_size", 4 * d)
+    return blocks * rank * (2 * (d + h * hd) + 2 * (d + kv * hd) + 3 * (d + f))
+
+
 # A checkpointed step holds more than one block's worth at its peak: the block being recomputed, the cotangents
 # of its backward, and the buffers MLX's CPU stream allocates ahead of the computation. Measured on the 1B
 # shape (Q4_K_M, 8 x 112-131 tokens, compiled step, MLX's peak less the model): 0.76 GB with 2 LoRA blocks, 0.98

@@ -417,7 +417,9 @@ def memory_check(model_path, examples: list[Example], cfg: TrainConfig, ram: int
                                      checkpoint=True)
         trunk = min(frozen.TRUNK_CACHE_BYTES, 4.0 * args.hidden_size * sum(min(len(p) + len(a), max_len)
                                                                           for p, a in examples))
-        return held + acts + (trunk if blocks < n_blocks else 0) + 2 * quantized.CHUNK_BYTES + RUNTIME_BYTES
+        # LoRA weights and AdamW's two moments, live and at the start of each kept step (the divergence guard's)
+        lora_state = (KEPT_STEPS + 1) * 3 * 4.0 * lora.trainable_count(args, blocks, cfg.rank)
+        return held + acts + (trunk if blocks < n_blocks else 0) + 2 * quantized.CHUNK_BYTES + RUNTIME_BYTES + lora_state
 
     want = need(cfg.num_layers, cfg.max_seq_len)
     out = {"estimated_peak_gb": round(want / 1e9, 2), "estimated_peak_bytes": int(want), "base_gb": round(held / 1e9, 2),
