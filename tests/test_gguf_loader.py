@@ -222,3 +222,18 @@ def test_the_family_learning_rate_trains_where_lr_is_left_out(family, tmp_path, 
     cfg = TrainConfig(epochs=1, batch_size=4, warmup=0.0, val_fraction=0.0, save_every=100, max_seq_len=64)
     me.train(path, toy(path), cfg, tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["semievol_train_config"]["lr"] == lr
+
+
+def test_forget_drops_only_copied_pages_and_keeps_the_data(tiny_q4):
+    """`GGUFFile.forget` drops a tensor's pages from this process's memory: the data reads the same after (the
+    pages come back from the file), and an array not in the file is left alone."""
+    import numpy as np
+
+    from semievol_local.core.gguf_file import read
+
+    f = read(tiny_q4)
+    before = {t.name: np.array(t.data) for t in f.tensors}
+    for t in f.tensors:
+        f.forget(t)
+    f.forget(np.zeros(4))
+    assert all(np.array_equal(before[t.name], np.asarray(t.data)) for t in f.tensors)

@@ -126,6 +126,9 @@ def check_adapter(engine: InferenceEngine, adapter_dir: Path, sequences: list[li
             ref = np.concatenate([engine.logits(s) for s in sequences])
         finally:
             engine.set_adapter(Path(previous[0]) if previous else None, previous[1] if previous else None)
+        # MLX loads its own copy next: llama.cpp's weights leave first (not both at once: the 8B shape's check
+        # held 14.4 GB with both), and the next forward pass loads them again
+        engine.release()
     mlx_base, mlx_adapted = mlx_engine.parity_logits(engine.model_path, adapter_dir, sequences)
     floor = compare_logits(ref_base, mlx_base)
     del ref_base, mlx_base

@@ -99,17 +99,23 @@ def merge_tensors(base: Path, adapter: Path, dst: Path, *, base_name: str, whole
     src = read(base)
     f32 = gguf.GGMLQuantizationType.F32
     tensors, merged = [], []
+
+    def widened(t):  # float32 from the file's bytes, whose pages then leave this process's memory
+        w = dequantized(t)
+        src.forget(t)
+        return w
+
     for t in src.tensors:
         if t.name + SUFFIX_A not in lora:
             if whole and t.tensor_type != f32:
-                tensors.append((t.name, t.shape, f32, lambda t=t: dequantized(t)))
+                tensors.append((t.name, t.shape, f32, lambda t=t: widened(t)))
             else:
                 tensors.append((t.name, t.shape, t.tensor_type, t.data))
             continue
         a, b = lora[t.name + SUFFIX_A].astype(np.float32), lora[t.name + SUFFIX_B].astype(np.float32)
         scale = alpha / a.shape[0] if alpha else 1.0  # llama.cpp: adapter scale x alpha / rank
         tensors.append((t.name, t.shape, f32,  # computed when written: one at a time
-                        lambda t=t, a=a, b=b, s=np.float32(scale): dequantized(t) + s * (b @ a)))
+                        lambda t=t, a=a, b=b, s=np.float32(scale): widened(t) + s * (b @ a)))
         merged.append(t.name)
     if len(merged) != sum(name.endswith(SUFFIX_A) for name in lora):
         raise UserError(f"{adapter}: some of its tensors have no base tensor in {base_name}; is it this model's "

@@ -312,6 +312,7 @@ def load_model(gguf_path, *, dequantize: bool | None = None, base: str = "file")
                 layer = quantized.QuantLinear(kind, data, rows, cols, modules[mod].bias if "bias" in modules[mod] else None)
             kept.append((mod, layer))
             params[mod + ".qweight"] = data
+            reader.forget(t)  # copied: its pages of the file need not stay resident too
             continue
         if not dequantize and kind in KEPT_QUANTIZED and target.endswith(".weight"):
             w, s, b, bits = mlx_quantized(t)
@@ -324,6 +325,7 @@ def load_model(gguf_path, *, dequantize: bool | None = None, base: str = "file")
         # a GPU keeps F32 tensors (norms) in float32 and dequantized ones in float16, as mx.load does
         keep32 = dequantize or kind == "F32"
         params[target] = mx.array(arr if keep32 else arr.astype(np.float16))
+        reader.forget(t)
     if kept:
         model.update_modules(tree_unflatten(kept))
     if qbits:
