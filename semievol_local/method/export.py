@@ -357,6 +357,9 @@ def merged_file(engine, model: Path, adapter: Path, dst: Path, items: list[Item]
         raise UserError("no questions to check the merged file on; give a split with rows")
     seqs = [engine.tokenize(engine.template.prompt(question_messages(it), answer_prefix=it.closed))
             for it in items[:KL_PROMPTS]]
+    # one model in memory at a time: the merge's check loads its own (the 8B shape's export held 17.7 GB with the
+    # base engine loaded beside them); the engine loads its weights again when next asked
+    engine.release()
     summary = merge_model(model, adapter, dst, seqs, outtype=outtype, say=say)
     split = Split("test", Path("."), list(items))
 
@@ -371,6 +374,7 @@ def merged_file(engine, model: Path, adapter: Path, dst: Path, items: list[Item]
         engine.set_adapter(adapter)
         reference = accuracy(engine, "test accuracy of base + adapter")
         engine.set_adapter(None)
+        engine.release()
     mine = Engine(dst, dataclasses.replace(engine.cfg, weights="file"))
     try:
         got = accuracy(mine, "test accuracy of the merged file")
