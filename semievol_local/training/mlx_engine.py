@@ -266,15 +266,23 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
     def write_log():
         atomic_write_text(out_dir / "train_log.jsonl", "".join(json.dumps(r) + "\n" for r in records))
 
+    def give_up(weights: dict, message: str):
+        """Keep `weights` as the adapter and the log so far, then stop with `message`."""
+        if lead:
+            lora.write_adapter(out_dir, weights, adapter_cfg, arch, len(model.layers), cfg)
+            write_log()
+        raise UserError(message)
+
     model.train()
-    # {step: (LoRA weights, optimizer state)} at the start of the last KEPT_STEPS steps: references, not copies (MLX
-    # arrays are immutable), for NaN recovery and the divergence guard's rollback
-    kept: dict[int, tuple[dict, dict]] = {}
+    # {step: [LoRA weights, optimizer state, the step's loss]} at the start of the last KEPT_STEPS steps: references,
+    # not copies (MLX arrays are immutable), for NaN recovery and the divergence guard's rollback; every process
+    # holds the same (the loss is summed over processes), so all of them roll back together
+    kept: dict[int, list] = {}
     t_run = time.perf_counter()
     s = start
     while s < total_steps:
         tic = time.perf_counter()
-        kept[s] = dict(tree_flatten(model.trainable_parameters())), tree_map(lambda x: x, optimizer.state)
+        kept[s] = [dict(tree_flatten(model.trainable_parameters())), tree_map(lambda x: x, optimizer.state), None]
         kept = {k: v for k, v in kept.items() if k > s - KEPT_STEPS}
         mx.random.seed(cfg.seed * 1_000_003 + s)  # dropout masks: a function of (seed, step), so resuming needs no RNG state
         step_plan = plan[s * cfg.grad_accum: (s + 1) * cfg.grad_accum]
@@ -302,30 +310,27 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
             loss = mx.distributed.all_sum(loss, group=g)
         loss_v = loss.item()
         lr = optimizer.learning_rate.item()  # the rate this step used
-        if not math.isfinite(loss_v):
-            if lead:  # the weights this step started from gave the non-finite loss: the ones before them
-                lora.write_adapter(out_dir, kept[max(s - 1, min(kept))][0], adapter_cfg, arch, len(model.layers), cfg)
-                write_log()
-            raise UserError(f"Training loss became {loss_v} at step {s + 1} of {total_steps} (lr {lr:.2e}); the adapter "
-                            f"as it was after step {max(s - 1, 0)} (the last finite loss) is saved in {out_dir}. "
-                            f"Lower the learning rate (now {cfg.lr:g}) or set grad_clip.")
+        if not math.isfinite(loss_v):  # the weights this step started from gave it: keep the ones before them
+            give_up(kept[max(s - 1, min(kept))][0],
+                    f"Training loss became {loss_v} at step {s + 1} of {total_steps} (lr {lr:.2e}); the adapter "
+                    f"as it was after step {max(s - 1, 0)} (the last finite loss) is saved in {out_dir}. "
+                    f"Lower the learning rate (now {cfg.lr:g}) or set grad_clip.")
         # a step's loss measures the weights it started from: the kept steps' losses, this one's beside them
-        losses = {k: r["loss"] for k in kept if k < s for r in records if r["step"] == k + 1}
+        losses = {k: v[2] for k, v in kept.items() if k < s}
         if losses and diverged(loss_v, list(losses.values())) is not None:
             back = min(losses, key=losses.get)  # the kept start whose loss was lowest: from there at half the rate
-            if len(rollbacks) == MAX_ROLLBACKS:
-                if lead:
-                    lora.write_adapter(out_dir, kept[back][0], adapter_cfg, arch, len(model.layers), cfg)
-                    write_log()
-                raise UserError(f"Training diverged at step {s + 1} of {total_steps}: loss {loss_v:.3g} against "
-                                f"{losses[back]:.3g} at step {back + 1}, after {MAX_ROLLBACKS} rollbacks at halved "
-                                f"rates (now lr {lr:.2e}); the adapter as it was after step {back} is saved in "
-                                f"{out_dir}. Lower the learning rate (now {cfg.lr:g}) or the LoRA scale ({cfg.scale:g}).")
+            # the rate's scale counts the rollbacks so far, on every process alike (resumed, it came from rank 0)
+            if optimizer.state["lr_scale"].item() <= 0.5 ** MAX_ROLLBACKS:
+                give_up(kept[back][0],
+                        f"Training diverged at step {s + 1} of {total_steps}: loss {loss_v:.3g} against "
+                        f"{losses[back]:.3g} at step {back + 1}, after {MAX_ROLLBACKS} rollbacks at halved rates (now "
+                        f"lr {lr:.2e}); the adapter as it was after step {back} is saved in {out_dir}. Lower the "
+                        f"learning rate (now {cfg.lr:g}) or the LoRA scale ({cfg.scale:g}).")
             rollbacks.append({"step": s + 1, "loss": loss_v, "level": losses[back], "back_to": back,
                               "lr_scale": float(optimizer.state["lr_scale"].item()) / 2})
             log.warning("loss jumped to %.3g at step %d (%.3g at step %d): back to the weights after step %d at %g x "
                         "the rate", loss_v, s + 1, losses[back], back + 1, back, rollbacks[-1]["lr_scale"])
-            weights, opt_state = kept[back]
+            weights, opt_state, _ = kept[back]
             model.load_weights(list(weights.items()), strict=False)
             optimizer.state.update(opt_state)
             optimizer.state["lr_scale"] = mx.array(rollbacks[-1]["lr_scale"])
@@ -334,6 +339,7 @@ def train(model_path, train_examples: list[Example], cfg: TrainConfig, out_dir, 
             kept = {k: v for k, v in kept.items() if k < back}
             s = back
             continue
+        kept[s][2] = loss_v
         rec = {"step": s + 1, "total_steps": total_steps, "epoch": (s + 1) * cfg.grad_accum / batches_per_epoch,
                "loss": loss_v, "lr": lr, "tokens": n_input, "tokens_per_s": n_input / (time.perf_counter() - tic)}
         epoch_end = int((s + 1) * cfg.grad_accum / batches_per_epoch) > int(s * cfg.grad_accum / batches_per_epoch)
