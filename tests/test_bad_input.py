@@ -220,3 +220,15 @@ def test_an_out_folder_that_is_a_file_is_one_line(tmp_path, tiny_model, tiny_tas
                                        "--out", str(out)])
         _one_line_exit_2(res, f"{f} is a file, not a folder")
         assert f.read_text() == "mine\n"
+
+
+def test_report_of_a_file_is_one_line(tmp_path):
+    """`semievol report` given a file (not a run folder): one line, exit 2, no traceback."""
+    from typer.testing import CliRunner
+
+    from semievol_local.cli import app
+
+    f = tmp_path / "labeled.csv"
+    f.write_text("question,answer\nq,A\n")
+    res = CliRunner().invoke(app, ["report", str(f)])
+    assert res.exit_code == 2 and "not a run folder" in res.stderr and "Traceback" not in res.stderr

@@ -143,7 +143,7 @@ def run_record(run: Path) -> dict:
 
     try:
         meta = json.loads((Path(run) / "run.json").read_text())
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no such folder, or a file given for one
         raise UserError(f"{run}: not a run folder (no run.json); give the --out of a `semievol run`") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{run}/run.json: not readable JSON ({e}); the run folder is damaged: run it again "
