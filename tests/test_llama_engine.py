@@ -192,7 +192,7 @@ def test_the_run_computes_with_the_weights_auto_chose(tiny_q4, tmp_path, monkeyp
         eng = Engine(tiny_q4, EngineConfig(n_ctx=256))
         try:
             assert eng.weights.kind == kind and eng.llm.model_path == str(eng.weights.path)
-            assert weights_identity(eng) == file_digest(tiny_q4) + ("" if kind == "file" else "+f32")
+            assert weights_identity(eng.model_path, eng.weights_kind) == file_digest(tiny_q4) + ("" if kind == "file" else "+f32")
             assert 0 < eng.score(prompt(eng), 3).mass <= 1
         finally:
             eng.close()

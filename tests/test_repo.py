@@ -96,3 +96,25 @@ def test_imports_run_one_way():
                 if LAYERS.index(b) > LAYERS.index(a) or {a, b} == {"engines", "training"}:
                     upward.append(f"{mod} -> {t}")
     assert not upward, upward
+
+
+def test_only_the_engines_package_names_an_engine():
+    """Stages, bench, training and cli reach llama.cpp and the llama-servers through `engines.protocol` (its
+    `load`, `InferenceEngine`, `Score`, `Sample`): no module outside `engines` imports either implementation."""
+    import ast
+
+    concrete = {"llama_engine", "server_engine"}
+    found, read = [], 0
+    for f in (ROOT / "semievol_local").rglob("*.py"):
+        if f.parent.name == "engines":
+            continue
+        read += 1
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                parts = (node.module or "").split(".")
+                if concrete & set(parts) or (parts[-1] == "engines" and concrete & {a.name for a in node.names}):
+                    found.append(f"{f.relative_to(ROOT)}:{node.lineno}")
+            elif isinstance(node, ast.Import):
+                if any(concrete & set(a.name.split(".")) for a in node.names):
+                    found.append(f"{f.relative_to(ROOT)}:{node.lineno}")
+    assert read > 40 and not found, found

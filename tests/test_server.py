@@ -19,7 +19,8 @@ from semievol_local.core.config import EngineConfig
 from semievol_local.core.data import load_task
 from semievol_local.core.errors import UserError
 from semievol_local.core.prompts import question_messages
-from semievol_local.engines import llama_engine, llama_server, protocol, server_engine, weights
+from semievol_local import engines
+from semievol_local.engines import llama_engine, llama_server, server_engine, weights
 
 
 @pytest.fixture(scope="session")
@@ -73,7 +74,7 @@ def test_scores_and_greedy_answers_equal_the_in_process_engine(tiny_q4, warm, se
     adapter, task = warm
     (url,), _ = servers(1)
     local = llama_engine.Engine(tiny_q4, EngineConfig(n_ctx=512))
-    fleet = protocol.load(tiny_q4, EngineConfig(n_ctx=512, server=url))
+    fleet = engines.load(tiny_q4, EngineConfig(n_ctx=512, server=url))
     assert isinstance(fleet, server_engine.Fleet) and fleet.n_ctx == 512
     for path in (None, adapter):
         local.set_adapter(path)
@@ -114,13 +115,13 @@ def test_collaboration_over_two_servers_equals_in_process_and_survives_a_killed_
         return collaboration.collaborate_one(eng, unlabeled[pos], labeled[:3], learners, "score", cfg, adapter)
 
     local = llama_engine.Engine(tiny_q4, EngineConfig(n_ctx=512))
-    want = dict(protocol.each(local, range(len(unlabeled)), one))
+    want = dict(local.each(range(len(unlabeled)), one))
     local.close()
 
     urls, procs = servers(2)
-    fleet = protocol.load(tiny_q4, EngineConfig(n_ctx=512, server=",".join(urls)))
+    fleet = engines.load(tiny_q4, EngineConfig(n_ctx=512, server=",".join(urls)))
     got, killed = {}, False
-    for pos, rec in protocol.each(fleet, range(len(unlabeled)), one):
+    for pos, rec in fleet.each(range(len(unlabeled)), one):
         got[pos] = rec
         if len(got) == len(unlabeled) // 3 and not killed:
             procs[0].send_signal(signal.SIGKILL)
@@ -135,34 +136,34 @@ def test_collaboration_over_two_servers_equals_in_process_and_survives_a_killed_
 
 def test_a_run_that_loses_every_server_stops_with_one_line(tiny_q4, warm, servers):
     (url,), (proc,) = servers(1)
-    fleet = protocol.load(tiny_q4, EngineConfig(n_ctx=512, server=url, server_timeout=5))
+    fleet = engines.load(tiny_q4, EngineConfig(n_ctx=512, server=url, server_timeout=5))
     toks = fleet.tokenize("hello")
     llama_server.stop(proc)
     with pytest.raises(UserError, match="every llama-server stopped answering"):
-        list(server_engine.each(fleet, range(3), lambda lane, i: lane.score(toks + [i], 2), max_wait=2))
+        list(fleet.each(range(3), lambda lane, i: lane.score(toks + [i], 2), max_wait=2))
 
 
 def test_a_server_with_another_model_or_without_the_adapter_is_refused(tiny_q4, warm, servers, tmp_path):
     (url,), _ = servers(1)  # serves what `auto` picked for the Q4_1 file (measured here: on a busy machine either)
     served = weights.inference_weights(tiny_q4, EngineConfig()).kind
     with pytest.raises(UserError, match="serves other weights"):  # the other of the file and its float32 copy
-        protocol.load(tiny_q4, EngineConfig(n_ctx=512, server=url, weights="f32" if served == "file" else "file"))
+        engines.load(tiny_q4, EngineConfig(n_ctx=512, server=url, weights="f32" if served == "file" else "file"))
     from tinymodel import write_tiny_gguf
 
     other_q4 = write_tiny_gguf(tmp_path / "other-q4_1.gguf", qtype="Q4_1", seed=1)  # same shapes, other weights
     with pytest.raises(UserError, match="not the float32 copy|serves other weights"):
-        protocol.load(other_q4, EngineConfig(n_ctx=512, server=url))
+        engines.load(other_q4, EngineConfig(n_ctx=512, server=url))
     (q4_url,), _ = servers(1, model=tiny_q4)
     with pytest.raises(UserError, match="serves other weights"):
-        protocol.load(tiny_q4, EngineConfig(n_ctx=512, server=q4_url, weights="f32"))
-    fleet = protocol.load(tiny_q4, EngineConfig(n_ctx=512, server=url, server_timeout=1))
+        engines.load(tiny_q4, EngineConfig(n_ctx=512, server=q4_url, weights="f32"))
+    fleet = engines.load(tiny_q4, EngineConfig(n_ctx=512, server=url, server_timeout=1))
     other = tmp_path / "other.gguf"
     other.write_bytes(warm[0].read_bytes())
     fleet.set_adapter(other)
     with pytest.raises(UserError, match="has not loaded the adapter"):
         fleet.score(fleet.tokenize("Answer:"), 2)
     with pytest.raises(UserError, match="no llama-server answers there"):
-        protocol.load(tiny_q4, EngineConfig(server="http://127.0.0.1:9"))
+        engines.load(tiny_q4, EngineConfig(server="http://127.0.0.1:9"))
 
 
 @pytest.mark.parametrize("value, message", [("ftp://x:1", "http://HOST:PORT"), ("http://", "http://HOST:PORT")])

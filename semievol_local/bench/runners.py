@@ -25,7 +25,7 @@ from ..core.errors import UserError
 from ..core.files import atomic_write_text
 from ..core.prompts import answers_match
 from ..core.runfolder import RunFolder
-from ..engines.llama_engine import load
+from ..engines import load
 from ..method import collaboration, estimate, pipeline
 from ..method.report import build_report, error_reduction, paired, paired_pooled, stage_label, stage_seconds
 from .results import machine
@@ -244,7 +244,7 @@ def size_row(model_path: Path, data: Path, cfg: RunConfig, tcfg: TrainConfig, ec
     its peak RSS; and the estimate `semievol run --plan` prints for `data` (time and peak)."""
     from ..core import gguf_file
     from ..core.runfolder import PeakMemory
-    from ..engines.llama_engine import unload
+    from ..engines import unload
     from ..engines.weights import plan_weights
     from ..method.estimate import clock
     from . import train

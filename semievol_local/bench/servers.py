@@ -15,9 +15,9 @@ import numpy as np
 from ..core import apikey
 from ..core.config import EngineConfig, RunConfig, TrainConfig
 from ..core.runfolder import RunFolder
-from ..engines import llama_engine, llama_server, protocol
-from ..engines.llama_engine import load
-from ..engines.weights import default_threads
+from .. import engines
+from ..engines import llama_server
+from ..engines.weights import default_threads, inference_weights
 from ..method import collaboration, pipeline
 from .results import machine
 from .runners import refuse_force, score_mode_questions
@@ -34,7 +34,7 @@ def servers(model_path: Path, data: Path, n_items: int, out: Path, cfg: RunConfi
     reporter = reporter or pipeline.Quiet()
     labeled, unlabeled = score_mode_questions(data, n_items, adapter, "this benchmark runs score mode")
     exe = llama_server.binary(say=lambda msg: reporter.stage(msg, False))
-    engine = load(model_path, ecfg)
+    engine = engines.load(model_path, ecfg)
     run = RunFolder(out)
     warm_path = Path(adapter) if adapter else \
         pipeline.stage_train(run, "warmup", engine, labeled, tcfg, reporter).path("adapter.gguf")
@@ -49,7 +49,7 @@ def servers(model_path: Path, data: Path, n_items: int, out: Path, cfg: RunConfi
     def collaborate(eng, label: str, kill=None) -> tuple[dict, float]:
         recs, t0 = {}, time.perf_counter()
         with reporter.progress(len(unlabeled), label, "questions") as advance:
-            for pos, rec in protocol.each(eng, range(len(unlabeled)), one):
+            for pos, rec in eng.each(range(len(unlabeled)), one):
                 recs[pos] = rec
                 advance()
                 if kill is not None and len(recs) == len(unlabeled) // 3:
@@ -64,11 +64,12 @@ def servers(model_path: Path, data: Path, n_items: int, out: Path, cfg: RunConfi
               "adapter": str(warm_path), "llama_server": str(exe), "rows": []}
     threads = ecfg.n_threads or default_threads()
     base, secs = collaborate(engine, f"in process ({threads} threads)")
-    llama_engine.unload()  # its threads and memory must not compete with the servers'
+    engines.unload()  # its threads and memory must not compete with the servers'
     want = selected(base)
     result["rows"].append({"engine": f"in process, {threads} threads", "seconds": secs,
                            "questions_per_s": len(base) / secs, "speedup": 1.0, "labels_equal": len(base),
                            "max_entropy_diff": 0.0, "selection_equal": True, "questions_lost": 0})
+    served = inference_weights(model_path, ecfg).path  # what the in-process engine computed with
     logs = Path(out) / "servers"
     logs.mkdir(parents=True, exist_ok=True)
     private = tempfile.TemporaryDirectory(prefix="semievol-bench-")  # the servers' API key, as `serve` keeps one
@@ -77,11 +78,11 @@ def servers(model_path: Path, data: Path, n_items: int, out: Path, cfg: RunConfi
         procs, urls = [], []
         try:
             for i in range(n):
-                proc, url = llama_server.start(engine.weights.path, adapters=[warm_path], n_ctx=ecfg.n_ctx, threads=1,
+                proc, url = llama_server.start(served, adapters=[warm_path], n_ctx=ecfg.n_ctx, threads=1,
                                                log_path=logs / f"server-{n}-{i}.log", key_file=Path(key_file))
                 procs.append(proc)
                 urls.append(url)
-            fleet = protocol.load(model_path, dataclasses.replace(ecfg, server=",".join(urls), api_key_file=key_file))
+            fleet = engines.load(model_path, dataclasses.replace(ecfg, server=",".join(urls), api_key_file=key_file))
             name = f"{n} server{'s' if n > 1 else ''} x 1 thread" + (", 1 killed at 1/3" if kill else "")
             recs, secs = collaborate(fleet, name, kill=(lambda: procs[0].kill()) if kill else None)
             fleet.close()

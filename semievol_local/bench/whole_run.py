@@ -12,7 +12,7 @@ import numpy as np
 
 from ..core.config import EngineConfig, RunConfig, TrainConfig
 from ..core.errors import UserError
-from ..engines.llama_engine import load
+from ..engines import load
 from ..method import estimate, pipeline
 from ..method.finetune import family_defaults
 from ..method.report import build_report, stage_label
@@ -69,7 +69,7 @@ def llama_flops(m: ModelShape, decode_shapes: dict[str, dict[str, int]], logits_
 
     `decode_shapes`: {adapter: {"cached:size": tokens}}, a stage's figures: a decode of `size` tokens after
     `cached` ones attends to cached+1 ... cached+size positions, cached + (size+1)/2 per token on average.
-    The figures' shapes are binned (`llama_engine.decode_shape`: cached to 128, size to 8 or 32), so the
+    The figures' shapes are binned (`protocol.decode_shape`: cached to 128, size to 8 or 32), so the
     attention term is an estimate; the weights terms are exact. Not counted: LoRA adapters (rank 8, a few
     per mille of a block's weights), norms, activations, softmax; sliding-window layers (gemma3) are counted
     as attending to the whole cache, an overcount past the window. On quantized weights the count is the
@@ -177,7 +177,7 @@ def whole_run(model_path: Path, data: Path, out: Path, cfg: RunConfig, tcfg: Tra
             flops[name] = float(f["flops"])
             tokens[name] = sum(r.get("tokens", 0) for r in _train_log(Path(out) / name)) or None
     fraction, whole = gemm_fractions(seconds, flops, gflops)
-    quantized = engine.weights.kind != "f32" and not _float_file(model_path)
+    quantized = engine.weights_kind != "f32" and not _float_file(model_path)
     rows = []
     for name, st in rep["stages"].items():
         sec, n = st["seconds"], tokens.get(name)
@@ -197,7 +197,7 @@ def whole_run(model_path: Path, data: Path, out: Path, cfg: RunConfig, tcfg: Tra
     ref_flops = llama_flops(shape, {"": {f"0:{REFERENCE_DECODE}": REFERENCE_DECODE}}, 1) / REFERENCE_DECODE
     every = [*stick.before.values(), after]
     return {"benchmark": "run", "machine": where, "command": command, "model": str(model_path), "task": str(data),
-            "weights": engine.weights.kind, "run": dataclasses.asdict(cfg),
+            "weights": engine.weights_kind, "run": dataclasses.asdict(cfg),
             "train": dataclasses.asdict(family_defaults(tcfg, engine.architecture)),  # the lr that trained
             "gemm_gflops": sum(every) / len(every),  # the run's mean, for a reader; no stage is rated at it
             "yardstick": {"what": "float32 GEMM GFLOPS (MLX, (512 x 2048) @ (2048 x 2048), best of 5)",

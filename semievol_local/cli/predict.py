@@ -36,7 +36,7 @@ def eval_cmd(
 def run_eval(model, data, adapter, split, mode, limit, category_column, max_tokens, json_out, engine_config):
     from ..core import data as data_mod
     from ..core.files import atomic_write_json
-    from ..engines import protocol
+    from .. import engines
     from ..method import evaluate, export, models
 
     adapter = export.adapter_path(adapter) if adapter is not None else None
@@ -46,7 +46,7 @@ def run_eval(model, data, adapter, split, mode, limit, category_column, max_toke
     if data.is_dir() and split != "labeled" and any((data / f"labeled{e}").exists() for e in data_mod.EXTENSIONS):
         prior = [it.answer for it in data_mod.load_split(data_mod.find_split_file(data, "labeled"), "labeled").items]
     model_path = models.resolve(model)
-    engine = protocol.load(model_path, engine_config)  # in process, or the llama-servers of --server
+    engine = engines.load(model_path, engine_config)  # in process, or the llama-servers of --server
     engine.set_adapter(adapter)
     category_column = category_column or task_split.category_column()
     n = min(limit or len(task_split), len(task_split))
@@ -82,7 +82,7 @@ def predict_cmd(
     its entropy, in input order. An interrupted run resumes when the same command runs again."""
     from ..core import config as cfg_mod, data as data_mod
     from ..core.runfolder import file_digest, weights_identity
-    from ..engines import protocol
+    from .. import engines
     from ..method import export, models, predict
     from ..method.evaluate import resolve_mode
 
@@ -93,8 +93,8 @@ def predict_cmd(
     adapter_file = export.adapter_path(adapter) if adapter is not None else None
     mode = resolve_mode(None if mode == "auto" else mode, rows.items)
     model_path = models.resolve(model)
-    engine = protocol.load(model_path, engine_config)  # in process, or the llama-servers of --server
-    identity = {"model": weights_identity(engine), "adapter": file_digest(adapter_file) if adapter_file else None,
+    engine = engines.load(model_path, engine_config)  # in process, or the llama-servers of --server
+    identity = {"model": weights_identity(engine.model_path, engine.weights_kind), "adapter": file_digest(adapter_file) if adapter_file else None,
                 "data": file_digest(path), "mode": mode, "max_tokens": max_tokens if mode == "sample" else None,
                 "options": cfg_mod.identity("eval", engine_config)}
     engine.set_adapter(adapter_file)
@@ -129,7 +129,7 @@ def export_cmd(
     """Export a run: train.csv/.jsonl (labeled + selected pseudo-labels), chat.jsonl for mlx-lm, the adapter and
     an Ollama Modelfile; with --merged, one GGUF with the adapter merged in."""
     from ..core import data as data_mod
-    from ..engines import llama_engine
+    from .. import engines
     from ..method import export, merge
 
     export.check_out(out)  # a bad --out or --outtype before anything loads
@@ -146,7 +146,7 @@ def export_cmd(
     model = export.base_model(run)
     if not trained:
         export.final_adapter(run)  # a run without one fails here, before the model loads
-    engine = llama_engine.load(model)
+    engine = engines.load(model)
     if trained:
         summary = export.export_trained(run, out, engine, items, outtype=outtype, say=ui.info, progress=ui.progress)
         names = ["model.gguf", "merge.json", "Modelfile"]

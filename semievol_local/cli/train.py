@@ -29,16 +29,15 @@ def train_cmd(
     import time
 
     from ..core import data as data_mod
-    from ..engines import llama_engine
-    from ..method import finetune, models
-
+    from .. import engines
     from ..core.runfolder import check_folder, exclusive
+    from ..method import finetune, models
 
     if not resume and (check_folder(out) / "adapter_config.json").exists():
         raise UserError(f"{out}: already holds a trained adapter; pass --resume to continue it or choose another --out")
 
     items = data_mod.load_split(data_mod.find_split_file(data, split), split).items
-    engine = llama_engine.load(models.resolve(model), engine_config)
+    engine = engines.load(models.resolve(model), engine_config)
     train_config = finetune.family_defaults(train_config, engine.architecture)
     if not finetune.lead_process():  # started by `mlx.launch`, not rank 0: compute its share, write and draw nothing
         finetune.train_adapter(engine, items, train_config, out, resume=resume)
@@ -67,7 +66,7 @@ def adapter_check_cmd(
     """MLX (mlx-lm adapter) vs llama.cpp (adapter.gguf) on the same prompts: mean KL and top-1 agreement."""
     from ..core import data as data_mod
     from ..core.files import atomic_write_json
-    from ..engines import llama_engine
+    from .. import engines
     from ..method import finetune, models
     from ..method.demo_task import demo_folder
 
@@ -77,7 +76,7 @@ def adapter_check_cmd(
         if not (adapter / f).exists():
             raise UserError(f"{adapter}: no {f}; give the folder `semievol train --out` wrote")
     split = data_mod.load_split(data_mod.find_split_file(data or demo_folder(), "test"), "test")
-    engine = llama_engine.load(models.resolve(model))
+    engine = engines.load(models.resolve(model))
     seqs = [p + a for p, a in finetune.examples(engine, split.items[:n])]
     try:
         result = finetune.check_adapter(engine, adapter, seqs)

@@ -1,5 +1,5 @@
 """Whether a model answers by its questions or by the label prior, from class distributions alone: NumPy-free
-counting, and exact binomial tails. Nothing here reads files or a model.
+counting, and exact binomial tails (scipy). Nothing here reads files or a model.
 
 The collapse rule (`collapsed`): the warm-up model's answers on the unlabeled questions fall on one option at
 least `SHARE` of the time while the labeled split's largest class is at most `LABELED_MAX`. A model that
@@ -9,7 +9,6 @@ Set from measurements on fpb, the demo task and tasks built to collapse: docs/me
 """
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
@@ -49,20 +48,10 @@ def check(predicted: Sequence[str | None], labeled: Sequence[str], *, share: flo
 
 
 def binomial_tail(k: int, n: int, p: float) -> float:
-    """P(X >= k) for X ~ Binomial(n, p), exactly (summed in log space, so n in the thousands is fine)."""
-    if k <= 0:
-        return 1.0
-    if k > n:
-        return 0.0
-    if p <= 0.0:
-        return 0.0
-    if p >= 1.0:
-        return 1.0
-    lp, lq = math.log(p), math.log1p(-p)
-    terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * lp + (n - i) * lq
-             for i in range(k, n + 1)]
-    m = max(terms)
-    return min(1.0, math.exp(m) * sum(math.exp(t - m) for t in terms))
+    """P(X >= k) for X ~ Binomial(n, p), exactly (scipy's survival function)."""
+    from scipy.stats import binom
+
+    return float(binom.sf(k - 1, n, p)) if k > 0 else 1.0
 
 
 def beats_majority(correct: int, n: int, majority_share: float) -> float:

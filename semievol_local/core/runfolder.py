@@ -47,10 +47,10 @@ def file_digest(path: Path) -> str:
     return _file_digests[key]
 
 
-def weights_identity(engine) -> str:
-    """What llama.cpp computes with: the model file's digest, marked when it is the file's float32 copy."""
-    kind = engine.weights.kind
-    return file_digest(engine.model_path) + ("" if kind == "file" else f"+{kind}")
+def weights_identity(model_path: Path, kind: str) -> str:
+    """What llama.cpp computes with: the model file's digest, marked when it is not the file itself (`kind`:
+    "f32", its float32 copy)."""
+    return file_digest(model_path) + ("" if kind == "file" else f"+{kind}")
 
 
 def items_digest(items, with_answers: bool) -> str:

@@ -10,10 +10,10 @@ from __future__ import annotations
 import ctypes
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy.special import log_softmax
 
 from llama_cpp._utils import suppress_stdout_stderr
 
@@ -21,51 +21,10 @@ from ..core.adapter_gguf import check_adapter
 from ..core.config import EngineConfig
 from ..core.errors import UserError
 from ..core.prompts import ANSWER_PREFIX, ChatTemplate
-from ..core.selection import entropy
+from .protocol import N_BATCH, AdapterKey, Counts, Sample, Score, decode_shape
 from .weights import default_threads, inference_weights, plan_weights
 
 log = logging.getLogger(__name__)
-
-
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    m = x.max(axis=-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
-
-
-@dataclass
-class Score:
-    """An option distribution from one forward pass."""
-
-    probs: np.ndarray  # (n_options,) renormalized over the option letters
-    entropy: float  # nats, of `probs`
-    mass: float  # probability the model put on the option letters before renormalizing
-
-    @classmethod
-    def from_letter_probs(cls, p: np.ndarray) -> "Score":
-        """The score of the next-token probabilities `p` of the option letters (renormalized; uniform if 0)."""
-        mass = float(p.sum())
-        probs = p / mass if mass > 0 else np.full(len(p), 1.0 / len(p))
-        return cls(probs=probs, entropy=entropy(probs), mass=mass)
-
-
-@dataclass
-class Sample:
-    text: str
-    tokens: list[int]
-    logprobs: np.ndarray  # (n_tokens,) log P(token) under the model (temperature 1)
-
-    @property
-    def mean_nll(self) -> float:
-        """The paper's 'entropy' of a response (Eq. 6): mean negative log-likelihood of its tokens."""
-        return float(-self.logprobs.mean()) if len(self.logprobs) else float("inf")
-
-
-def decode_shape(past: int, n: int) -> tuple[int, int]:
-    """A decode's shape, binned: (cached tokens before it, to 128; tokens in it: exact up to 8, to 8 up to 64,
-    then to 32). llama.cpp's tokens/s depends on both (attention over the cache, matrix sizes)."""
-    size = n if n <= 8 else 8 * round(n / 8) if n <= 64 else 32 * round(n / 32)
-    return 128 * round(past / 128), size
 
 
 class Engine:
@@ -105,17 +64,17 @@ class Engine:
         # decode's shape sets llama.cpp's rate, so `bench run`'s yardstick takes each shape
         self.decode_shapes: dict[str, dict[tuple[int, int], int]] = {}
         self._adapters: dict[str, object] = {}
-        self.adapter: tuple[str, float, str] | None = None  # (resolved path, scale, the file's size and mtime)
+        self.adapter: AdapterKey | None = None
         self._embedder = None
         self._letters: dict[int, list[int]] = {}
 
     @property
-    def remote(self) -> bool:
-        return self.vocab_only
+    def weights_kind(self) -> str:
+        return self.weights.kind
 
-    def counts(self) -> tuple[int, dict]:
-        """(llama_decode calls, tokens by adapter and decode shape) so far in this process (a copy)."""
-        return self.decodes, {a: dict(d) for a, d in self.decode_shapes.items()}
+    def counts(self) -> Counts:
+        """llama_decode calls and tokens by adapter and decode shape so far in this process (a copy)."""
+        return Counts(self.decodes, {a: dict(d) for a, d in self.decode_shapes.items()})
 
     @property
     def tokens_by_adapter(self) -> dict[str, int]:
@@ -132,7 +91,7 @@ class Engine:
             with suppress_stdout_stderr(disable=False):  # llama.cpp logs from C even with verbose=False
                 return self._lc.Llama(
                     model_path=str(self.model_path if vocab_only else self.weights.path),
-                    n_ctx=64 if vocab_only else cfg.n_ctx, n_batch=512,
+                    n_ctx=64 if vocab_only else cfg.n_ctx, n_batch=N_BATCH,
                     n_threads=self.n_threads, n_threads_batch=self.n_threads, n_gpu_layers=cfg.n_gpu_layers,
                     logits_all=False, vocab_only=vocab_only, verbose=False)
         except (ValueError, RuntimeError) as e:
@@ -272,6 +231,21 @@ class Engine:
         self.reset()
         return self._decode(list(tokens), all_logits=True)
 
+    def reference_logits(self, sequences: list[list[int]], adapter: Path | None) -> np.ndarray:
+        """(sum T, vocab) logits of each sequence from a clean cache, with `adapter` at scale 1 or none (the
+        parity gate's reference; the adapter applied before is applied again after)."""
+        previous = self.adapter
+        try:
+            self.set_adapter(adapter, 1.0)
+            return np.concatenate([self.logits(s) for s in sequences])
+        finally:
+            self.set_adapter(Path(previous[0]) if previous else None, previous[1] if previous else None)
+
+    def each(self, work, fn):
+        """(item, fn(self, item)) for every item, in order."""
+        for item in work:
+            yield item, fn(self, item)
+
     def prefill_rate(self, n_tokens: int, repeats: int = 3, seed: int = 0, past: int = 0) -> float:
         """Raw llama.cpp prompt evaluation, tokens/s: `n_tokens` random tokens decoded after `past` cached ones
         (decoded first, not timed) with the adapter now applied, best of `repeats` (`bench run`'s reference and
@@ -296,7 +270,7 @@ class Engine:
     def score(self, prompt: list[int], n_options: int) -> Score:
         """The distribution over option letters after a prompt that ends in `Answer:`: one forward pass."""
         ids = self.letter_tokens(n_options)
-        logp = log_softmax(self._prefill(prompt))  # (V,)
+        logp = log_softmax(self._prefill(prompt).astype(np.float64))  # (V,)
         return Score.from_letter_probs(np.exp(logp[ids]))
 
     def sample(self, prompt: list[int], seeds: list[int], *, temperature: float = 1.0,
@@ -312,7 +286,7 @@ class Engine:
             del self._kv[len(prompt):]
             logits, toks, lps = first, [], []
             for _ in range(max_tokens):
-                logp = log_softmax(logits)
+                logp = log_softmax(logits.astype(np.float64))
                 if temperature <= 0:
                     tok = int(np.argmax(logp))
                 else:

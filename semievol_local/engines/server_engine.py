@@ -8,7 +8,7 @@ probability of each sampled token under the model. Adapters are loaded by the se
 matched here by path) and chosen per request with zero scale for the others.
 
 One `Lane` is one slot of one server (`server_client.Server`): the pipeline runs questions concurrently over a `Fleet`'s lanes
-(`each`), and a server that stops answering has its questions asked again on the others.
+(`Fleet.each`), and a server that stops answering has its questions asked again on the others.
 
 Equal to the in-process engine (same llama.cpp source and build flags): a score's probabilities are the
 server's float32 softmax (relative difference to the in-process float64 one ~1e-7), the option chosen
@@ -16,6 +16,7 @@ and the selection are the same unless two values tie to that precision.
 """
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import logging
 import math
@@ -32,7 +33,8 @@ from ..core import apikey
 from ..core.adapter_gguf import check_adapter
 from ..core.config import EngineConfig
 from ..core.errors import UserError
-from .llama_engine import Engine as LocalEngine, Sample, Score
+from .llama_engine import Engine as LocalEngine
+from .protocol import AdapterKey, Sample, Score
 from .server_client import Server, ServerDown
 
 log = logging.getLogger(__name__)
@@ -47,7 +49,7 @@ class Lane:
     def __init__(self, fleet: "Fleet", server: Server, slot: int):
         self.fleet, self.server, self.slot = fleet, server, slot
         self._conn: http.client.HTTPConnection | None = None
-        self.adapter: tuple[str, float, str] | None = None
+        self.adapter: AdapterKey | None = None
 
     # the vocabulary and the prompt format are the fleet's (one local vocabulary load)
     def __getattr__(self, name):
@@ -298,7 +300,22 @@ class Fleet:
         """Retrieval vectors from the local copy of the model (as in process): the servers serve completions."""
         return self.vocab.embed(texts)
 
-    remote = True  # forward passes run on the servers
+    @property
+    def weights_kind(self) -> str:
+        return self.weights.kind
+
+    def reference_logits(self, sequences: list[list[int]], adapter: Path | None) -> np.ndarray:
+        """Full logits do not travel over HTTP: llama.cpp in this process, on what the servers compute with (the
+        float32 copy made here where they use one), loaded for this call."""
+        local = LocalEngine(self.model_path, dataclasses.replace(self.cfg, server=None, weights=self.weights.kind,
+                                                                 n_ctx=self.n_ctx))
+        try:
+            return local.reference_logits(sequences, adapter)
+        finally:
+            local.close()
+
+    def prefill_rate(self, n_tokens: int, repeats: int = 3, seed: int = 0, past: int = 0) -> None:
+        return None  # the servers' rates are not measured from here
 
     def release(self) -> None:
         """Nothing to free here: the servers hold the weights (this process holds only the vocabulary)."""
@@ -309,73 +326,69 @@ class Fleet:
     def close(self) -> None:
         self.vocab.close()
 
-
-def each(engine, work: Iterable, fn: Callable, *, retry_wait: float = 1.0, max_wait: float = 30.0) -> Iterator:
-    """(item, fn(lane, item)) for every item, as they finish: over the lanes of a `Fleet` concurrently, or in
-    order on an in-process engine. A lane whose server stops answering is retired and its item is asked
-    again on another; when every server is gone they are probed with growing waits, and a run that
-    cannot reach any within `max_wait` seconds stops with one line (what finished is kept by the caller)."""
-    items = list(work)
-    if not isinstance(engine, Fleet):
+    def each(self, work: Iterable, fn: Callable, *, retry_wait: float = 1.0, max_wait: float = 30.0) -> Iterator:
+        """(item, fn(lane, item)) for every item, as they finish, over the lanes concurrently. A lane whose
+        server stops answering is retired and its item is asked again on another; when every server is gone
+        they are probed with growing waits, and a run that cannot reach any within `max_wait` seconds stops
+        with one line (what finished is kept by the caller)."""
+        items = list(work)
+        engine = self
+        engine.revive()
+        todo: queue.Queue = queue.Queue()
         for item in items:
-            yield item, fn(engine, item)
-        return
-    engine.revive()
-    todo: queue.Queue = queue.Queue()
-    for item in items:
-        todo.put(item)
-    results: queue.Queue = queue.Queue()
-    stop = threading.Event()
+            todo.put(item)
+        results: queue.Queue = queue.Queue()
+        stop = threading.Event()
 
-    def worker(lane: Lane):
-        while not stop.is_set() and lane.server.alive:
-            try:
-                item = todo.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                results.put(("ok", item, fn(lane, item)))
-            except ServerDown as e:
-                log.warning("%s stopped answering (%s): its questions go to the other servers", lane.server.url, e)
-                lane.server.alive = False
-                todo.put(item)
-                results.put(("down", item, None))
-                return
-            except BaseException as e:  # noqa: BLE001  handed to the caller's thread
-                results.put(("error", item, e))
-                return
+        def worker(lane: Lane):
+            while not stop.is_set() and lane.server.alive:
+                try:
+                    item = todo.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    results.put(("ok", item, fn(lane, item)))
+                except ServerDown as e:
+                    log.warning("%s stopped answering (%s): its questions go to the other servers", lane.server.url, e)
+                    lane.server.alive = False
+                    todo.put(item)
+                    results.put(("down", item, None))
+                    return
+                except BaseException as e:  # noqa: BLE001  handed to the caller's thread
+                    results.put(("error", item, e))
+                    return
 
-    def start_workers():
-        threads = [threading.Thread(target=worker, args=(ln,), daemon=True) for ln in engine.lanes if ln.server.alive]
-        for t in threads:
-            t.start()
-        return threads
+        def start_workers():
+            threads = [threading.Thread(target=worker, args=(ln,), daemon=True) for ln in engine.lanes if ln.server.alive]
+            for t in threads:
+                t.start()
+            return threads
 
-    threads = start_workers()
-    left, wait = len(items), retry_wait
-    try:
-        while left:
-            try:
-                kind, item, value = results.get(timeout=0.5)
-            except queue.Empty:
-                kind = None
-            if kind == "ok":
-                left -= 1
-                wait = retry_wait
-                yield item, value
-            elif kind == "error":
-                raise value
-            if left and not any(t.is_alive() for t in threads) and results.empty():
-                # every worker left: servers died (or the queue emptied while a retry was pending)
-                deadline = time.monotonic() + max_wait
-                while not any(s.alive for s in engine.servers):
-                    if time.monotonic() > deadline:
-                        raise UserError("every llama-server stopped answering ("
-                                        + ", ".join(s.url for s in engine.servers)
-                                        + "); start them again and run the same command: finished work is kept")
-                    time.sleep(wait)
-                    wait = min(wait * 2, max_wait)
-                    engine.revive()
-                threads = start_workers()
-    finally:
-        stop.set()
+        threads = start_workers()
+        left, wait = len(items), retry_wait
+        try:
+            while left:
+                try:
+                    kind, item, value = results.get(timeout=0.5)
+                except queue.Empty:
+                    kind = None
+                if kind == "ok":
+                    left -= 1
+                    wait = retry_wait
+                    yield item, value
+                elif kind == "error":
+                    raise value
+                if left and not any(t.is_alive() for t in threads) and results.empty():
+                    # every worker left: servers died (or the queue emptied while a retry was pending)
+                    deadline = time.monotonic() + max_wait
+                    while not any(s.alive for s in engine.servers):
+                        if time.monotonic() > deadline:
+                            raise UserError("every llama-server stopped answering ("
+                                            + ", ".join(s.url for s in engine.servers)
+                                            + "); start them again and run the same command: finished work is kept")
+                        time.sleep(wait)
+                        wait = min(wait * 2, max_wait)
+                        engine.revive()
+                    threads = start_workers()
+        finally:
+            stop.set()

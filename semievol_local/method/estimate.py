@@ -67,7 +67,7 @@ def calibrate(engine, model_path: Path, stages: list[Stage], exs: list, tcfg: Tr
 
         memory_check(model_path, exs, tcfg)
     rates, tic = Rates(), time.perf_counter()
-    if not engine.remote:  # in process; llama-servers (`--server`) are not measured here
+    if engine.prefill_rate(16, repeats=1) is not None:  # a warm-up (threads, buffers); None: llama-servers
         total = Counter()  # (lora, shape) -> tokens
         for s in stages:
             if s.kind == "llama":
@@ -76,8 +76,6 @@ def calibrate(engine, model_path: Path, stages: list[Stage], exs: list, tcfg: Tr
         with PeakMemory() as peak, tempfile.TemporaryDirectory(prefix="semievol-plan-") as tmp:
             lora = random_adapter(Path(tmp) / "adapter.gguf", model_path, tcfg.keys, tcfg.num_layers, tcfg.rank,
                                   tcfg.scale) if any(k[0] for k in total) else None
-            engine.set_adapter(None)
-            engine.prefill_rate(16, repeats=1)  # warm-up: threads, buffers
             for key, _ in total.most_common():
                 if time.perf_counter() - tic > 0.4 * budget:
                     break
@@ -227,7 +225,7 @@ def plan(model_path: Path, data: Path, cfg: RunConfig, tcfg: TrainConfig, ecfg: 
     calibrated on this machine with the engine the run will use. Nothing is written into a run folder."""
     from ..core import config
     from ..core.data import load_task
-    from ..engines.protocol import load
+    from ..engines import load
     from .evaluate import resolve_mode
 
     for c in (cfg, tcfg, ecfg):

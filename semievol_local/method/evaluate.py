@@ -17,7 +17,6 @@ from ..core.data import LETTERS, Item, Split
 from ..core.errors import UserError
 from ..core.prompts import answers_match, extract_answer, fit_prompt, justify_messages
 from ..core.selection import entropy
-from ..engines import protocol
 from ..engines.protocol import InferenceEngine
 
 MODES = ("score", "sample")
@@ -151,7 +150,7 @@ def evaluate(engine: InferenceEngine, split: Split, *, mode: str | None = None, 
     engine.reset()  # results depend on this split alone, not on what the engine ran before
     t0 = time.perf_counter()
     by_pos, truncated = {}, 0
-    asked = protocol.each(engine, range(len(items)),
+    asked = engine.each(range(len(items)),
                          lambda eng, i: predict_item(eng, items[i], mode=mode, max_tokens=max_tokens))
     for i, (pred, cut) in asked:  # over a fleet of llama-servers they finish out of order
         item = items[i]

@@ -345,10 +345,9 @@ def merged_file(engine, model: Path, adapter: Path, dst: Path, items: list[Item]
     the file itself, as another front end would) beside that of base + adapter (`reference`, the run's own
     evaluation, or measured here), question by question. `progress(total, description)`: a context manager
     yielding `advance(status=...)`, for a bar over each evaluation."""
-    import dataclasses
-
+    from ..core.config import EngineConfig
     from ..core.data import Split
-    from ..engines.llama_engine import Engine
+    from ..engines import load
     from .evaluate import evaluate
     from .merge import KL_PROMPTS, merge_model
     from .report import paired
@@ -375,7 +374,7 @@ def merged_file(engine, model: Path, adapter: Path, dst: Path, items: list[Item]
         reference = accuracy(engine, "test accuracy of base + adapter")
         engine.set_adapter(None)
         engine.release()
-    mine = Engine(dst, dataclasses.replace(engine.cfg, weights="file"))
+    mine = load(dst, EngineConfig(weights="file", n_ctx=engine.n_ctx), shared=False)  # as another front end would
     try:
         got = accuracy(mine, "test accuracy of the merged file")
     finally:

@@ -11,8 +11,6 @@ import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
-
 from ..core.config import TrainConfig
 from ..core.data import Item
 from ..core.errors import UserError
@@ -108,31 +106,15 @@ def check_adapter(engine: InferenceEngine, adapter_dir: Path, sequences: list[li
     from ..training import mlx_engine
     from ..training.parity import compare_logits, judge
 
-    if engine.remote:  # forward passes run elsewhere (llama-servers): llama.cpp here, once
-        from ..engines.weights import inference_weights
-        from ..training.parity import llama_logits_many
-
-        # what the servers compute with (the float32 copy made here where they use one)
-        weights = engine.weights.path if engine.weights.kind != "f32" else \
-            inference_weights(engine.model_path, dataclasses.replace(engine.cfg, weights="f32")).path
-        ref_base = np.concatenate(llama_logits_many(weights, None, sequences))
-        ref = np.concatenate(llama_logits_many(weights, Path(adapter_dir) / "adapter.gguf", sequences))
-    else:  # llama.cpp's side on the engine this process already holds (no second model load), adapter at scale 1
-        previous = engine.adapter
-        try:
-            engine.set_adapter(None, None)
-            ref_base = np.concatenate([engine.logits(s) for s in sequences])
-            engine.set_adapter(Path(adapter_dir) / "adapter.gguf", 1.0)
-            ref = np.concatenate([engine.logits(s) for s in sequences])
-        finally:
-            engine.set_adapter(Path(previous[0]) if previous else None, previous[1] if previous else None)
-        # MLX loads its own copy next: llama.cpp's weights leave first (not both at once: the 8B shape's check
-        # held 14.4 GB with both), and the next forward pass loads them again
-        engine.release()
+    ref_base = engine.reference_logits(sequences, None)
+    ref = engine.reference_logits(sequences, Path(adapter_dir) / "adapter.gguf")
+    # MLX loads its own copy next: llama.cpp's weights leave first (not both at once: the 8B shape's check held
+    # 18.7 GB with both), and the next forward pass loads them again
+    engine.release()
     mlx_base, mlx_adapted = mlx_engine.parity_logits(engine.model_path, adapter_dir, sequences)
     floor = compare_logits(ref_base, mlx_base)
     del ref_base, mlx_base
-    parity = judge(floor, compare_logits(ref, mlx_adapted), engine.weights.kind)
+    parity = judge(floor, compare_logits(ref, mlx_adapted), engine.weights_kind)
     reason = parity.pop("failed")
     if reason is not None:
         # no usable-looking adapter.gguf may stay behind for a script to pick up

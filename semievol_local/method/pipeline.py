@@ -18,7 +18,7 @@ from ..core.data import Item, Task, limited, load_task
 from ..core.errors import CannotHelp
 from ..core.files import atomic_write_bytes, atomic_write_json
 from ..core.runfolder import RunFolder, StageResult, exclusive
-from ..engines.protocol import load
+from ..engines import load
 from .evaluate import resolve_mode
 from .finetune import family_defaults
 from .stages import (TRUNK_STORE, stage_collaboration, stage_eval, stage_probe, stage_retrieval, stage_selection,

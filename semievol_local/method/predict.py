@@ -19,7 +19,6 @@ from pathlib import Path
 from ..core.data import LETTERS, Split
 from ..core.errors import UserError
 from ..core.files import atomic_write_text
-from ..engines import protocol
 from ..engines.protocol import InferenceEngine
 from .evaluate import predict_item
 
@@ -81,7 +80,7 @@ def predict(engine: InferenceEngine, split: Split, rows: list[dict], out: Path, 
         engine.reset()
         todo = [i for i in range(len(split.items)) if i not in done]
         # in order in process; over a fleet of llama-servers concurrently, as they finish
-        for i, (pred, cut) in protocol.each(engine, todo, lambda eng, i: predict_item(eng, split.items[i], mode=mode,
+        for i, (pred, cut) in engine.each(todo, lambda eng, i: predict_item(eng, split.items[i], mode=mode,
                                                                                      max_tokens=max_tokens)):
             item = split.items[i]
             rec = {"prediction": pred.predicted, "entropy": pred.entropy, "prompt_shortened": bool(cut)}

@@ -6,7 +6,6 @@ the pseudo-labels were; nothing computed here flows back into the pipeline.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -67,9 +66,10 @@ def paired(a: dict, b: dict) -> dict | None:
 
 def sign_test(plus: int, minus: int) -> float:
     """Exact two-sided sign test: the chance of a split at least this uneven between `plus` and `minus` when
-    each is equally likely."""
-    n, k = plus + minus, min(plus, minus)
-    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
+    each is equally likely (scipy's binomial test)."""
+    from scipy.stats import binomtest
+
+    return float(binomtest(plus, plus + minus, 0.5).pvalue) if plus + minus else 1.0
 
 
 def paired_pooled(pairs: list[tuple[dict, dict]]) -> dict | None:

@@ -19,7 +19,6 @@ from ..core.data import Item
 from ..core.files import atomic_write_json, atomic_write_text
 from ..core.prompts import normalize_text
 from ..core.runfolder import RunFolder, StageResult, digest, file_digest, items_digest, weights_identity
-from ..engines import protocol
 from ..engines.protocol import InferenceEngine
 from .collaboration import collaborate_one, label_entropy, label_mass, learner_configs, self_consistency_one
 from .evaluate import ask, evaluate
@@ -61,7 +60,7 @@ def stage_train(run: RunFolder, name: str, engine: InferenceEngine, items: list[
 
 def stage_retrieval(run: RunFolder, name: str, engine: InferenceEngine, labeled: list[Item], unlabeled: list[Item],
                     cfg: RunConfig, reporter) -> StageResult:
-    inputs = {"model": weights_identity(engine) if cfg.embedding == "model" else None,
+    inputs = {"model": weights_identity(engine.model_path, engine.weights_kind) if cfg.embedding == "model" else None,
               "labeled": items_digest(labeled, False), "unlabeled": items_digest(unlabeled, False),
               "options": config.identity("retrieval", cfg)}
 
@@ -100,7 +99,7 @@ def stage_collaboration(run: RunFolder, name: str, engine: InferenceEngine, labe
                         retrieved: StageResult, warm: StageResult | None, mode: str, cfg: RunConfig,
                         ecfg: EngineConfig, reporter) -> StageResult:
     learners = learner_configs(cfg)
-    inputs = {"model": weights_identity(engine), "labeled": items_digest(labeled, True),
+    inputs = {"model": weights_identity(engine.model_path, engine.weights_kind), "labeled": items_digest(labeled, True),
               "unlabeled": items_digest(unlabeled, False), "retrieval": retrieved.outputs_digest,
               "warm": warm.outputs_digest if warm else None, "mode": mode,
               "options": config.identity("collaboration", canonical(cfg), ecfg)}
@@ -124,7 +123,7 @@ def stage_collaboration(run: RunFolder, name: str, engine: InferenceEngine, labe
             advance(len(done))
             # in order in process; over a fleet of llama-servers as they finish (a question's record does
             # not depend on which engine, lane or order computed it)
-            for pos, rec in protocol.each(engine, [p for p in range(len(unlabeled)) if p not in done], one):
+            for pos, rec in engine.each([p for p in range(len(unlabeled)) if p not in done], one):
                 rec["position"] = pos
                 f.write(json.dumps(rec) + "\n")
                 f.flush()
@@ -240,7 +239,7 @@ def stage_selection(run: RunFolder, name: str, collab: StageResult, cfg: RunConf
 def stage_eval(run: RunFolder, name: str, engine: InferenceEngine, test: list[Item], test_split, adapter: StageResult | None,
                mode: str, ecfg: EngineConfig, prior: list[str], reporter) -> StageResult:
     """Accuracy on the test split; `prior`, the labeled split's answers, sets the majority-class baseline."""
-    inputs = {"model": weights_identity(engine), "test": items_digest(test, True),
+    inputs = {"model": weights_identity(engine.model_path, engine.weights_kind), "test": items_digest(test, True),
               "adapter": adapter.outputs_digest if adapter else None, "mode": mode, "prior": digest(prior),
               "options": config.identity("eval", ecfg)}
 
@@ -273,7 +272,7 @@ def stage_probe(run: RunFolder, name: str, engine: InferenceEngine, labeled: lis
     unlabeled questions spread evenly over the split (score mode); its answers' distribution is compared with
     the labeled split's. Uses the questions only, never the unlabeled answers."""
     picked = probe_positions(len(unlabeled))
-    inputs = {"model": weights_identity(engine), "labeled": digest([it.answer for it in labeled]),
+    inputs = {"model": weights_identity(engine.model_path, engine.weights_kind), "labeled": digest([it.answer for it in labeled]),
               "unlabeled": items_digest([unlabeled[i] for i in picked], False), "warm": warm.outputs_digest,
               "rule": [collapse.SHARE, collapse.LABELED_MAX], "options": config.identity("eval", ecfg)}
 
@@ -287,7 +286,7 @@ def stage_probe(run: RunFolder, name: str, engine: InferenceEngine, labeled: lis
 
         answers: dict[int, str] = {}
         with reporter.progress(len(picked), "probe", "questions") as advance:
-            for pos, letter in protocol.each(engine, picked, one):
+            for pos, letter in engine.each(picked, one):
                 answers[pos] = letter
                 advance()
         found = collapse.check([answers[p] for p in picked], [it.answer for it in labeled])

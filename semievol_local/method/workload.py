@@ -3,7 +3,7 @@
 `count` walks the run's own prompt and batch builders (`evaluate.predict_item`, `collaboration.collaborate_one`,
 `finetune.examples`) with an engine that tokenizes but computes nothing (`Tally`), so the tokens it counts
 are the tokens the stages will evaluate: every prompt after the prefix the engine reuses, binned into
-decode shapes as `llama_engine` bins them, and every training example. Collaboration is counted on a
+decode shapes as the engines bin them (`protocol.decode_shape`), and every training example. Collaboration is counted on a
 sample of the unlabeled questions (COUNT_SAMPLE) and scaled. What cannot be known before the run is
 assumed, and the plan says so: the share of questions whose learners disagree and ask for a justification
 (JUSTIFIED), how many pseudo-labels selection keeps (theta percent), and sampled answers' length
@@ -21,17 +21,16 @@ import numpy as np
 
 from ..core.config import RunConfig, TrainConfig
 from ..core.data import limited
+from ..engines.protocol import N_BATCH, Sample, Score, decode_shape
 
 COUNT_SAMPLE = 200  # unlabeled questions whose collaboration prompts are counted (evenly spaced), then scaled
 JUSTIFIED = 0.5  # assumed share of questions whose learners disagree (fpb, SmolLM2: 0.46-0.52)
-N_BATCH = 512  # llama.cpp's batch: a longer prompt is decoded in chunks of this size (`llama_engine`)
-
 
 
 class Tally:
     """The inference engine interface for counting: the real engine's tokenizer and template, no forward pass.
 
-    It keeps the tokens its cache would hold, as `llama_engine.Engine` does (prefix reuse, a cleared cache on
+    It keeps the tokens its cache would hold, as llama.cpp's engine does (prefix reuse, a cleared cache on
     an adapter switch), and counts every decode by shape. `score` answers 'A' with a uniform distribution (so
     learners agree: justifications are counted apart); `sample` counts --max-tokens generated tokens."""
 
@@ -60,9 +59,11 @@ class Tally:
     def reset(self) -> None:
         self._kv = []
 
-    def _decode(self, tokens: list[int]) -> None:
-        from ..engines.llama_engine import decode_shape
+    def each(self, work, fn):
+        for item in work:
+            yield item, fn(self, item)
 
+    def _decode(self, tokens: list[int]) -> None:
         for i in range(0, len(tokens), N_BATCH):
             chunk = tokens[i:i + N_BATCH]
             self.shapes[decode_shape(len(self._kv), len(chunk))] += len(chunk)
@@ -77,14 +78,10 @@ class Tally:
         self._decode(tokens[keep:])
 
     def score(self, prompt: list[int], n_options: int):
-        from ..engines.llama_engine import Score
-
         self._prefill(prompt)
         return Score(probs=np.full(n_options, 1.0 / n_options), entropy=math.log(n_options), mass=1.0)
 
     def sample(self, prompt: list[int], seeds: list[int], *, temperature: float = 1.0, max_tokens: int = 256):
-        from ..engines.llama_engine import Sample
-
         self._prefill(prompt)
         n = max(0, min(max_tokens, self.n_ctx - len(prompt) - 1))
         for _ in seeds:
@@ -248,8 +245,6 @@ def count(engine, task, cfg: RunConfig, tcfg: TrainConfig, mode: str, n_blocks: 
 
 def _embed_work(engine, items) -> Work:
     """Embedding each question: one decode of its tokens from an empty cache (no logits read)."""
-    from ..engines.llama_engine import decode_shape
-
     w = Work()
     for q in items:
         n_tok = len(engine.tokenize(q.question))

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+from scipy.special import log_softmax
 
 
 def llama_logits_many(model_path, adapter_gguf, sequences: list[list[int]], *,
@@ -40,12 +41,6 @@ def llama_logits(model_path, adapter_gguf: str | Path | None, token_ids: list[in
     return llama_logits_many(model_path, adapter_gguf, [token_ids])[0]
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
-
-
 ROWS = 64  # positions per float64 pass: under a 262k vocabulary (gemma) 134 MB per array, not T times that
 
 
@@ -55,7 +50,8 @@ def position_kl(ref: np.ndarray, other: np.ndarray) -> tuple[np.ndarray, np.ndar
         raise ValueError(f"logit shapes differ: {ref.shape} vs {other.shape}")
     kl = np.empty(len(ref))
     for i in range(0, len(ref), ROWS):
-        lp, lq = _log_softmax(ref[i:i + ROWS]), _log_softmax(other[i:i + ROWS])
+        lp = log_softmax(ref[i:i + ROWS].astype(np.float64), axis=-1)
+        lq = log_softmax(other[i:i + ROWS].astype(np.float64), axis=-1)
         kl[i:i + ROWS] = (np.exp(lp) * (lp - lq)).sum(axis=-1)
     return kl, ref.argmax(-1) == other.argmax(-1)
 
