@@ -146,11 +146,7 @@ def write_tiny_gguf(path: Path, *, n_layer: int = 2, dim: int = 64, n_head: int 
 
 def quantize_with_llama_cpp(src: Path, dst: Path, ftype: str) -> Path:
     """Quantize a GGUF with llama.cpp's own quantizer (`ftype`: Q4_K_M, Q5_K_M, ...), as users' files are made."""
-    import llama_cpp
+    from semievol_local.engines.quantizer import quantize
 
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
-    params.allow_requantize = True
-    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params) != 0:
-        raise RuntimeError(f"llama.cpp could not quantize {src} to {ftype}")
+    quantize(src, dst, ftype)
     return Path(dst)

@@ -11,7 +11,6 @@ anything.
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
 import os
@@ -168,14 +167,6 @@ def write_random_model(out: Path, shape: str | Shape, tokenizer_from: Path, qtyp
 
 def quantize(src: Path, dst: Path, qtype: str) -> None:
     """Quantize a GGUF with llama.cpp's own quantizer (`qtype`: Q4_K_M, Q8_0, ...), as users' files are made."""
-    import llama_cpp
-    from llama_cpp._utils import suppress_stdout_stderr
+    from ..engines.quantizer import quantize as llama_quantize
 
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype}")
-    params.allow_requantize = True
-    params.nthread = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    with suppress_stdout_stderr(disable=False):
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    if rc != 0:
-        raise UserError(f"{src}: llama.cpp could not quantize it to {qtype} (code {rc})")
+    llama_quantize(src, dst, qtype)

@@ -9,17 +9,16 @@ from __future__ import annotations
 import numpy as np
 
 
-def entropy(p: np.ndarray) -> float:
-    """Shannon entropy (nats) of one distribution, exact (zero probabilities add nothing): a score's."""
-    p = np.asarray(p, dtype=np.float64)
-    p = p[p > 0]
-    return float(-(p * np.log(p)).sum())
-
-
 def entropy_rows(p: np.ndarray) -> np.ndarray:
-    """Shannon entropy (nats) of each row of a (N, C) probability matrix."""
-    p = np.clip(np.asarray(p, dtype=np.float64), 1e-12, 1.0)
-    return -(p * np.log(p)).sum(axis=1)
+    """Shannon entropy (nats) of each distribution along the last axis, exact (zero probabilities add nothing)."""
+    from scipy.special import entr
+
+    return entr(np.asarray(p, dtype=np.float64)).sum(axis=-1)
+
+
+def entropy(p: np.ndarray) -> float:
+    """Shannon entropy (nats) of one distribution: a score's."""
+    return float(entropy_rows(p))
 
 
 def agree(answers: list[list[str | None]]) -> np.ndarray:

@@ -3,7 +3,6 @@ copy of it (the exact weights MLX trains on), chosen by measuring both once per 
 count (`--weights auto`), and the float32 copies cached beside those measurements."""
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import shutil
@@ -18,6 +17,7 @@ from ..core.config import EngineConfig
 from ..core.errors import UserError
 from ..core.files import cache_dir
 from ..core.runfolder import ram_bytes
+from .quantizer import quantize
 
 log = logging.getLogger(__name__)
 
@@ -228,8 +228,6 @@ def inference_weights(model_path: Path, cfg: EngineConfig) -> Weights:
 def _write_f32(src: Path, dst: Path, need: int, n_threads: int) -> None:
     """Dequantize a GGUF to float32 with llama.cpp's own quantizer (`need` bytes of disk); the copy appears
     whole or not at all."""
-    import llama_cpp
-
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(dst.parent).free
@@ -241,15 +239,8 @@ def _write_f32(src: Path, dst: Path, need: int, n_threads: int) -> None:
                         f"{need / 1e9:.1f} GB; free space, set SEMIEVOL_WEIGHTS to another folder, or use --weights file")
     log.info("writing a float32 copy of %s to %s (once)", src, dst)
     tmp = dst.with_name(f"{dst.name}.{os.getpid()}.tmp")
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_ALL_F32
-    params.allow_requantize = True
-    params.nthread = n_threads
     try:
-        with suppress_stdout_stderr(disable=False):
-            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
-        if rc != 0:
-            raise UserError(f"{src}: llama.cpp could not write a float32 copy (code {rc}); use --weights file")
+        quantize(src, tmp, "ALL_F32", n_threads=n_threads, hint="; use --weights file")
         os.replace(tmp, dst)
     except OSError as e:
         raise UserError(f"{dst}: the float32 copy could not be written ({e.strerror or e}); use --weights file") from None

@@ -24,10 +24,8 @@ with the base file + adapter, computed by the same kernels as the merged file, s
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
-import re
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +33,7 @@ import numpy as np
 from ..core.adapter_gguf import KEY_LORA_ALPHA, SUFFIX_A, SUFFIX_B, read_lora_gguf
 from ..core.errors import UserError
 from ..core.files import sha256_file
+from ..engines.quantizer import quantize
 
 log = logging.getLogger(__name__)
 
@@ -125,29 +124,6 @@ def merge_tensors(base: Path, adapter: Path, dst: Path, *, base_name: str, whole
     return merged
 
 
-def quantize(src: Path, dst: Path, ftype: int, types: dict[str, int] | None, n_threads: int) -> None:
-    """llama.cpp's quantizer: `src` -> `dst` in `ftype`, each tensor named in `types` in exactly that type."""
-    import llama_cpp
-    from llama_cpp._utils import suppress_stdout_stderr
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype
-    params.allow_requantize = True
-    params.nthread = n_threads
-    keep = None
-    if types:
-        Override = llama_cpp.llama_model_tensor_override
-        keep = (Override * (len(types) + 1))()  # ends with a null pattern
-        for i, (name, kind) in enumerate(sorted(types.items())):
-            keep[i].pattern = ("^" + re.escape(name) + "$").encode()
-            keep[i].type = kind
-        params.tt_overrides = ctypes.cast(keep, ctypes.POINTER(Override))
-    with suppress_stdout_stderr(disable=False):
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    if rc != 0:
-        raise UserError(f"{src}: llama.cpp's quantizer failed (code {rc}) writing {dst.name}")
-
-
 def vocab_size(path: Path) -> int:
     from ..core.gguf_file import Array, read
 
@@ -201,7 +177,7 @@ def merge_model(model_path: Path, adapter: Path, out_file: Path, sequences: list
                 # each tensor pinned; the file type (its label) where the base names none: Q8_0
                 quantize(tmp_merged, tmp_out,
                          want if want is not None else (file_type(model_path) or outtypes()["q8_0"]),
-                         None if want is not None else pinned, n_threads)
+                         types=None if want is not None else pinned, n_threads=n_threads)
             seconds = time.perf_counter() - t0
             say(f"checking the merged file against base + adapter on {len(sequences)} prompts")
             got = agreement((Path(model_path), adapter), tmp_out, sequences, n_threads)
