@@ -60,7 +60,7 @@ def flip_byte(ckpt):
 @pytest.mark.parametrize("damage,message", [
     (flip_byte, "corrupted: optimizer.safetensors"),                      # bit rot inside a file
     (lambda c: (c / "state.json").unlink(), "state.json is missing"),      # a file lost after writing
-    (lambda c: (c / "manifest.json").unlink(), "no readable manifest"),    # the manifest itself gone
+    (lambda c: (c / "checksums.json").unlink(), "no readable checksums.json"),  # the checksums themselves gone
 ])
 def test_damaged_checkpoint_is_refused(tiny_q4, toy, tmp_path, damage, message):
     cfg = toy_cfg(epochs=1, save_every=1)

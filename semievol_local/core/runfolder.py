@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
-from .files import atomic_write_json, sha256_file
+from .files import atomic_write_json, seal_folder, sha256_file
 
 MANIFEST = "manifest.json"
 INPUTS = "inputs.json"
@@ -135,6 +135,22 @@ def _sealed(folder: Path, inputs_digest: str) -> dict | None:
     if _outputs(folder) != m.get("outputs"):
         return None  # an output was changed or lost since the stage was sealed
     return m
+
+
+def sealed_stages(run: Path) -> dict[str, dict]:
+    """Every sealed stage under a run folder: its name -> its manifest (unsealed `.partial` work skipped, and
+    the files of another schema that a stage may hold: checkpoints written before theirs were checksums.json)."""
+    out = {}
+    for m in sorted(Path(run).rglob(MANIFEST)):
+        if any(part.startswith(".") for part in m.relative_to(run).parts):
+            continue
+        try:
+            d = json.loads(m.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(d, dict) and "stage" in d and "inputs_digest" in d:
+            out[d["stage"]] = d
+    return out
 
 
 def run_record(run: Path) -> dict:
@@ -276,7 +292,5 @@ class RunFolder:
         if total.get("untimed_attempts"):
             manifest["untimed_attempts"] = True  # resumed from a partial stage that kept no clock
         atomic_write_json(work / MANIFEST, manifest)
-        shutil.rmtree(final, ignore_errors=True)  # a crash here leaves no sealed stage: it is rebuilt
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(work, final)
+        seal_folder(work, final)  # a crash inside leaves no sealed stage: it is rebuilt
         return StageResult(name, final, False, manifest)

@@ -15,7 +15,7 @@ from llama_cpp._utils import suppress_stdout_stderr
 
 from ..core.config import EngineConfig
 from ..core.errors import UserError
-from ..core.files import cache_dir
+from ..core.files import atomic_target, cache_dir
 from ..core.runfolder import ram_bytes
 from .quantizer import quantize
 
@@ -238,11 +238,8 @@ def _write_f32(src: Path, dst: Path, need: int, n_threads: int) -> None:
         raise UserError(f"{dst.parent}: {free / 1e9:.1f} GB free, the float32 copy of {src.name} needs "
                         f"{need / 1e9:.1f} GB; free space, set SEMIEVOL_WEIGHTS to another folder, or use --weights file")
     log.info("writing a float32 copy of %s to %s (once)", src, dst)
-    tmp = dst.with_name(f"{dst.name}.{os.getpid()}.tmp")
     try:
-        quantize(src, tmp, "ALL_F32", n_threads=n_threads, hint="; use --weights file")
-        os.replace(tmp, dst)
+        with atomic_target(dst) as tmp:
+            quantize(src, tmp, "ALL_F32", n_threads=n_threads, hint="; use --weights file")
     except OSError as e:
         raise UserError(f"{dst}: the float32 copy could not be written ({e.strerror or e}); use --weights file") from None
-    finally:
-        tmp.unlink(missing_ok=True)

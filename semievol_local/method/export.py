@@ -11,11 +11,9 @@ The unlabeled split is read without its answers: a pseudo-labeled row's answer i
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -23,7 +21,7 @@ import numpy as np
 
 from ..core.data import Item, find_split_file, head, load_split
 from ..core.errors import UserError
-from ..core.files import atomic_write_json, atomic_write_text
+from ..core.files import atomic_folder, atomic_write_json, atomic_write_text
 from ..core.prompts import ChatTemplate, answer_text, question_messages
 from ..core.runfolder import run_record
 
@@ -240,23 +238,6 @@ def check_out(out: Path) -> None:
         raise UserError(f"--out {out}: no folder {out.parent}; create it first")
 
 
-@contextlib.contextmanager
-def new_folder(out: Path):
-    """Yield a temporary folder beside `out` (a new or empty folder, `check_out`); when the block ends it becomes
-    `out`, and on any failure it is removed: an export appears whole or not at all."""
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if out.exists():
-            out.rmdir()  # empty (checked before)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def base_model(folder: Path) -> Path:
     """The base GGUF of a run folder (run.json) or a `semievol train` folder (adapter_config.json), which must
     still be there."""
@@ -289,7 +270,7 @@ def export_run(run: Path, out: Path, engine, *, data: Path | None = None, peft: 
     adapter = final_adapter(run)
     rows = training_rows(run, data)
     summary = {}
-    with new_folder(out) as tmp:
+    with atomic_folder(out) as tmp:
         atomic_write_text(tmp / "train.csv", rows_csv(rows))
         atomic_write_text(tmp / "train.jsonl", rows_jsonl(rows))
         chat = "".join(json.dumps(chat_record(r), ensure_ascii=False) + "\n" for r in rows)
@@ -321,7 +302,7 @@ def export_trained(folder: Path, out: Path, engine, items: list[Item], *, outtyp
     check_out(out)
     merge.check_outtype(outtype)
     model = base_model(folder)
-    with new_folder(out) as tmp:
+    with atomic_folder(out) as tmp:
         summary = merged_file(engine, model, folder / "adapter.gguf", tmp / "model.gguf", items, outtype=outtype,
                               say=say, reference=None, progress=progress)
         atomic_write_json(tmp / "merge.json", summary)

@@ -12,13 +12,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 from ..core.data import LETTERS, Split
 from ..core.errors import UserError
-from ..core.files import atomic_write_text
+from ..core.files import Journal, atomic_write_text
 from ..engines.protocol import InferenceEngine
 from .evaluate import predict_item
 
@@ -44,44 +43,22 @@ def check_out(out: Path, split: Split, columns: list[str]) -> None:
         raise UserError(f"{split.path}: column {clash[0]!r} is one predict writes; rename it in the input")
 
 
-def _read_partial(path: Path, identity: dict) -> list[dict]:
-    """The finished rows of an earlier run on the same inputs (a torn last line dropped); [] otherwise."""
-    if not path.exists():
-        return []
-    lines = path.read_text(encoding="utf-8").split("\n")
-    try:
-        head = json.loads(lines[0])
-    except ValueError:
-        return []
-    if head.get("identity") != identity:
-        return []
-    rows = []
-    for ln in lines[1:-1]:  # the text after the last newline is a torn line (or empty)
-        try:
-            rows.append(json.loads(ln))
-        except ValueError:
-            break
-    return rows
-
-
 def predict(engine: InferenceEngine, split: Split, rows: list[dict], out: Path, *, mode: str, max_tokens: int, identity: dict,
             on_resume: Callable[[int], None] = lambda n: None, on_item: Callable[[dict], None] = lambda rec: None) -> dict:
     """Predict every row of `split` (loaded without answers) and write `out` (.csv or .jsonl): `rows`, the input
     rows as `data.read_rows` read them, then the prediction columns. Returns counts (rows, resumed, shortened)."""
-    partial = partial_path(out)
-    # finished rows by position (a partial written before rows were numbered is in input order)
-    done = {r.pop("row", i): r for i, r in enumerate(_read_partial(partial, identity))}
+    journal = Journal(partial_path(out), identity)
+    # finished rows by position (a journal written before rows were numbered is in input order)
+    done = {r.pop("row", i): r for i, r in enumerate(journal.done)}
+    journal.done = [{"row": i, **r} for i, r in sorted(done.items())]  # kept numbered when rewritten
     resumed = len(done)
     on_resume(resumed)
-    with open(partial, "w", encoding="utf-8") as f:  # rewritten clean: header, then the rows kept
-        f.write(json.dumps({"identity": identity}) + "\n")
-        f.writelines(json.dumps({"row": i, **r}) + "\n" for i, r in sorted(done.items()))
-        f.flush()
+    with journal:
         engine.reset()
         todo = [i for i in range(len(split.items)) if i not in done]
         # in order in process; over a fleet of llama-servers concurrently, as they finish
         for i, (pred, cut) in engine.each(todo, lambda eng, i: predict_item(eng, split.items[i], mode=mode,
-                                                                                     max_tokens=max_tokens)):
+                                                                            max_tokens=max_tokens)):
             item = split.items[i]
             rec = {"prediction": pred.predicted, "entropy": pred.entropy, "prompt_shortened": bool(cut)}
             if item.closed and pred.predicted is not None:
@@ -90,14 +67,12 @@ def predict(engine: InferenceEngine, split: Split, rows: list[dict], out: Path, 
                 rec["probs"] = dict(zip(item.letters, pred.probs))
             if pred.text is not None:
                 rec["text"] = pred.text
-            f.write(json.dumps({"row": i, **rec}) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+            journal.write({"row": i, **rec})
             done[i] = rec
             on_item(rec)
     preds = [done[i] for i in range(len(split.items))]
     atomic_write_text(out, render(rows, preds, out.suffix))
-    partial.unlink()
+    journal.remove()
     return {"rows": len(preds), "resumed": resumed, "prompts_shortened": sum(r["prompt_shortened"] for r in preds)}
 
 

@@ -16,7 +16,7 @@ from ..core.data import Item, find_split_file, head, load_heldout, load_split
 from ..core.errors import UserError
 from ..core.files import atomic_write_json, atomic_write_text
 from ..core.prompts import answers_match
-from ..core.runfolder import exclusive, run_record
+from ..core.runfolder import exclusive, run_record, sealed_stages
 
 
 def _json(path: Path):
@@ -24,14 +24,7 @@ def _json(path: Path):
 
 
 def _stages(run: Path) -> dict[str, dict]:
-    out = {}
-    for m in sorted(run.rglob("manifest.json")):
-        if any(part.startswith(".") for part in m.relative_to(run).parts):
-            continue  # an unsealed stage
-        d = _json(m)
-        if "stage" in d and "inputs_digest" in d:  # training checkpoints keep manifests of their own
-            out[d["stage"]] = d
-    return dict(sorted(out.items(), key=lambda kv: stage_order(kv[0])))
+    return dict(sorted(sealed_stages(run).items(), key=lambda kv: stage_order(kv[0])))
 
 
 ORDER = ["warmup", "eval/vanilla", "eval/sft", "probe", "retrieval", "collaboration", "selection", "final", "eval"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +15,10 @@ import numpy as np
 from ..core import collapse, config, retrieval, selection
 from ..core.config import EngineConfig, RunConfig, TrainConfig
 from ..core.data import Item
-from ..core.files import atomic_write_json, atomic_write_text
+from ..core.files import Journal, atomic_write_json, atomic_write_text
 from ..core.prompts import normalize_text
 from ..core.runfolder import RunFolder, StageResult, digest, file_digest, items_digest, weights_identity
-from ..engines.protocol import InferenceEngine
+from ..engines.protocol import Counts, InferenceEngine
 from .collaboration import collaborate_one, label_entropy, label_mass, learner_configs, self_consistency_one
 from .evaluate import ask, evaluate
 from .finetune import train_adapter
@@ -65,7 +64,7 @@ def stage_retrieval(run: RunFolder, name: str, engine: InferenceEngine, labeled:
               "options": config.identity("retrieval", cfg)}
 
     def build(work: Path):
-        before = _counts(engine)
+        before = engine.counts()
         k = min(cfg.k, 3) if cfg.icp else 0
         if k == 0:
             ids = np.zeros((len(unlabeled), 0), dtype=np.int64)
@@ -107,8 +106,8 @@ def stage_collaboration(run: RunFolder, name: str, engine: InferenceEngine, labe
     def build(work: Path):
         neighbours = np.load(retrieved.path("neighbours.npy"))
         warm_path = warm.path("adapter.gguf") if warm else None
-        partial = work / "collaboration.partial.jsonl"
-        done = {r["position"]: r for r in _read_complete_lines(partial)}  # a killed run's finished questions
+        journal = Journal(work / "collaboration.partial.jsonl", digest(inputs))  # a killed run's finished questions
+        done = {r["position"]: r for r in journal.done}
         resumed = set(done)
 
         def one(eng, pos: int) -> dict:
@@ -117,48 +116,39 @@ def stage_collaboration(run: RunFolder, name: str, engine: InferenceEngine, labe
                 return self_consistency_one(eng, item, demos, mode, cfg, warm_path)
             return collaborate_one(eng, item, demos, learners, mode, cfg, warm_path)
 
-        before = _counts(engine)
-        with open(partial, "a", encoding="utf-8") as f, \
-                reporter.progress(len(unlabeled), "collaborate", "questions") as advance:
+        before = engine.counts()
+        with journal, reporter.progress(len(unlabeled), "collaborate", "questions") as advance:
             advance(len(done))
             # in order in process; over a fleet of llama-servers as they finish (a question's record does
             # not depend on which engine, lane or order computed it)
             for pos, rec in engine.each([p for p in range(len(unlabeled)) if p not in done], one):
                 rec["position"] = pos
-                f.write(json.dumps(rec) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+                journal.write(rec)
                 done[pos] = rec
                 advance(status="agree" if rec["consistent"] else "justified")
         recs = [done[p] for p in range(len(unlabeled))]
         atomic_write_text(work / "collaboration.jsonl", "".join(json.dumps(r) + "\n" for r in recs))
-        partial.unlink()
+        journal.remove()
         return {"questions": len(recs), "consistent": int(sum(r["consistent"] for r in recs)), **prompt_counts(recs),
                 "asked": len(recs) - len(resumed), **_computed_since(engine, before)}
 
     return _stage(run, name, inputs, build, reporter)
 
 
-def _counts(engine) -> tuple | None:
-    """(decode calls, tokens by adapter and decode shape) llama.cpp has run so far in this process; None for
-    llama-servers."""
-    return engine.counts()
-
-
-def _computed_since(engine, before: tuple | None) -> dict:
+def _computed_since(engine: InferenceEngine, before: Counts | None) -> dict:
     """A stage's figures for `bench run`: tokens evaluated (after prefix reuse), decode calls, tokens by
     adapter file ("": none), and by adapter and decode shape ("cached:size": tokens) since `before`."""
-    now = _counts(engine)
+    now = engine.counts()
     if now is None or before is None:
         return {}
     shapes = {}
-    for a, d in now[1].items():
-        was = before[1].get(a, {})
+    for a, d in now.shapes.items():
+        was = before.shapes.get(a, {})
         diff = {f"{p}:{n}": t - was.get((p, n), 0) for (p, n), t in sorted(d.items()) if t - was.get((p, n), 0)}
         if diff:
             shapes[a] = diff
     by = {a: sum(d.values()) for a, d in shapes.items()}
-    return {"tokens_computed": sum(by.values()), "decodes": now[0] - before[0], "tokens_by_adapter": by,
+    return {"tokens_computed": sum(by.values()), "decodes": now.decodes - before.decodes, "tokens_by_adapter": by,
             "decode_shapes": shapes}
 
 
@@ -169,21 +159,6 @@ def prompt_counts(recs: list[dict]) -> dict:
     return {"demos_dropped": sum(any(a.get("demos_dropped") for a in q) for q in asks),
             "question_truncated": sum(any(a.get("question_truncated") for a in q) for q in asks),
             "justify_fallback": sum(bool((r.get("justification") or {}).get("justify_fallback")) for r in recs)}
-
-
-def _read_complete_lines(path: Path) -> list[dict]:
-    """Records of a JSONL file written line by line; a torn last line (a kill mid-write) is dropped."""
-    if not path.exists():
-        return []
-    recs = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if not line.endswith("\n"):
-                break
-            recs.append(json.loads(line))
-    with open(path, "r+", encoding="utf-8") as f:  # cut the torn tail so appends start on a clean line
-        f.truncate(sum(len(json.dumps(r)) + 1 for r in recs))
-    return recs
 
 
 def select_records(recs: list[dict], cfg: RunConfig, closed: bool = True):
@@ -245,7 +220,7 @@ def stage_eval(run: RunFolder, name: str, engine: InferenceEngine, test: list[It
 
     def build(work: Path):
         engine.set_adapter(adapter.path("adapter.gguf") if adapter else None)
-        before = _counts(engine)
+        before = engine.counts()
         split = dataclasses.replace(test_split, items=test)
         with reporter.progress(len(test), name.split("/")[-1]) as advance:
             res = evaluate(engine, split, mode=mode, prior=prior,
@@ -278,7 +253,7 @@ def stage_probe(run: RunFolder, name: str, engine: InferenceEngine, labeled: lis
 
     def build(work: Path):
         adapter = warm.path("adapter.gguf")
-        before = _counts(engine)
+        before = engine.counts()
 
         def one(eng, pos: int) -> str:
             eng.set_adapter(adapter)

@@ -1,10 +1,10 @@
 """Resumable training checkpoints that are either complete and verified, or refused.
 
-Layout: `<root>/step-0000050/{adapters,optimizer}.safetensors, state.json, manifest.json`.
-A checkpoint is written into `step-0000050.tmp/`, `manifest.json` (sha256 and size of every other file)
-is written last, and only then is the directory renamed into place: a crash leaves a `.tmp` directory
-that is ignored, and a checkpoint whose bytes no longer match its manifest is refused with a `UserError`
-instead of silently resuming from garbage.
+Layout: `<root>/step-0000050/{adapters,optimizer}.safetensors, state.json, checksums.json`.
+A checkpoint is written into `step-0000050.tmp/`, `checksums.json` (sha256 and size of every other file)
+last, and only then is the directory sealed into place (`files.atomic_folder`): a crash leaves a `.tmp`
+directory that is ignored, and a checkpoint whose bytes no longer match its checksums is refused with a
+`UserError` instead of silently resuming from garbage.
 
 This module does not know what is inside the arrays or the state: the trainer decides that.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 from pathlib import Path
@@ -20,11 +19,12 @@ from pathlib import Path
 import mlx.core as mx
 
 from ..core.errors import UserError
-from ..core.files import sha256_file
+from ..core.files import atomic_folder, sha256_file
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
+CHECKSUMS = "checksums.json"  # (a run stage's own record is its manifest.json: `runfolder`)
+OLD_CHECKSUMS = "manifest.json"  # what checkpoints written before were named
 STATE = "state.json"
 _DIR = re.compile(r"^step-(\d{7})$")
 
@@ -35,22 +35,15 @@ def save_checkpoint(root: Path, step: int, arrays: dict[str, dict[str, mx.array]
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
-    tmp = root / f"step-{step:07d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    for stem, tree in arrays.items():
-        mx.save_safetensors(str(tmp / f"{stem}.safetensors"), tree)
-    (tmp / STATE).write_text(json.dumps(state), encoding="utf-8")
-    files = sorted(p.name for p in tmp.iterdir())
-    manifest = {"step": step, "files": {n: {"sha256": sha256_file(tmp / n), "bytes": (tmp / n).stat().st_size}
-                                        for n in files}}
-    with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    if final.exists():  # a re-run over the same step: the new one wins
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    # a re-run over the same step: the new one wins
+    with atomic_folder(final, work=root / f"step-{step:07d}.tmp") as tmp:
+        for stem, tree in arrays.items():
+            mx.save_safetensors(str(tmp / f"{stem}.safetensors"), tree)
+        (tmp / STATE).write_text(json.dumps(state), encoding="utf-8")
+        files = sorted(p.name for p in tmp.iterdir())
+        checksums = {"step": step, "files": {n: {"sha256": sha256_file(tmp / n), "bytes": (tmp / n).stat().st_size}
+                                             for n in files}}
+        (tmp / CHECKSUMS).write_text(json.dumps(checksums, indent=1), encoding="utf-8")
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -88,13 +81,13 @@ def verify_checkpoint(ckpt: Path) -> None:
     """Raise UserError unless every file listed in the manifest exists with its recorded size and sha256."""
     advice = (f"Delete {ckpt} to resume from the checkpoint before it, "
               "or train from the start without resuming.")
+    listing = ckpt / (CHECKSUMS if (ckpt / CHECKSUMS).exists() or not (ckpt / OLD_CHECKSUMS).exists() else OLD_CHECKSUMS)
     try:
-        manifest = json.loads((ckpt / MANIFEST).read_text(encoding="utf-8"))
-        files = manifest["files"]
+        files = json.loads(listing.read_text(encoding="utf-8"))["files"]
     except (OSError, ValueError, KeyError, TypeError):
-        raise UserError(f"Checkpoint {ckpt} has no readable {MANIFEST}, so it cannot be trusted. {advice}") from None
+        raise UserError(f"Checkpoint {ckpt} has no readable {CHECKSUMS}, so it cannot be trusted. {advice}") from None
     if STATE not in files:
-        raise UserError(f"Checkpoint {ckpt} is incomplete: its manifest lists no {STATE}. {advice}")
+        raise UserError(f"Checkpoint {ckpt} is incomplete: its {listing.name} lists no {STATE}. {advice}")
     for name, want in files.items():
         path = ckpt / name
         if not path.is_file():
