@@ -54,3 +54,37 @@ def test_a_file_in_the_way_is_named(tmp_path):
     for out in (f, f / "sub"):
         with pytest.raises(UserError, match="notes.txt is a file, not a folder"):
             check_folder(out)
+
+
+def test_a_journal_resumes_its_own_finished_records_only(tmp_path):
+    from semievol_local.core.files import Journal
+
+    path = tmp_path / "job.partial.jsonl"
+    with Journal(path, {"inputs": 1}) as j:
+        j.write({"i": 0})
+        j.write({"i": 1})
+    with open(path, "a", encoding="utf-8") as f:
+        f.write('{"i": 2, "torn')  # a kill mid-write
+    again = Journal(path, {"inputs": 1})
+    assert again.done == [{"i": 0}, {"i": 1}]
+    with again:  # rewritten clean: the torn line is gone and appends start on a new line
+        again.write({"i": 2})
+    assert Journal(path, {"inputs": 1}).done == [{"i": 0}, {"i": 1}, {"i": 2}]
+    assert Journal(path, {"inputs": 2}).done == []  # other inputs: started afresh
+    Journal(path, {"inputs": 1}).remove()
+    assert not path.exists()
+
+
+def test_an_atomic_folder_appears_whole_or_not_at_all(tmp_path):
+    import pytest
+
+    from semievol_local.core.files import atomic_folder
+
+    with pytest.raises(RuntimeError):
+        with atomic_folder(tmp_path / "out") as work:
+            (work / "a.txt").write_text("half")
+            raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_folder(tmp_path / "out") as work:
+        (work / "a.txt").write_text("whole")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (tmp_path / "out" / "a.txt").read_text() == "whole"
