@@ -11,7 +11,9 @@ from ..core.config import EngineConfig, RunConfig, TrainConfig
 from ..core.errors import UserError
 from ..method.models import DEFAULT_MODEL
 from . import ui
-from .common import SERVER_FIELDS, bench_app, command, invocation, model_option, option_of, options_from
+from .common import (
+    SERVER_FIELDS, bench_app, command, data_option, invocation, json_option, model_option, option_of,
+    options_from, out_option)
 
 
 @command(bench_app, "train")
@@ -29,7 +31,7 @@ def bench_train_cmd(
                                               "transformers and peft; never needed by semievol itself)."),
     split: bool = typer.Option(False, "--split", help="Also time one trained block whole and by part (frozen "
                                "products, alone and joined; LoRA products; attention; the rest) at this shape."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write tokens_per_s, gemm_gflops, roofline_fraction here."),
+    json_out: Optional[Path] = json_option("tokens_per_s, gemm_gflops, roofline_fraction"),
 ):
     """Training tokens/s beside the float32 GEMM roofline measured in the same run, counting the FLOPs this shape
     needs (frozen blocks once, trained blocks 4x, the vocabulary projection at the loss only), and PyTorch + PEFT's."""
@@ -55,7 +57,7 @@ def bench_train_cmd(
 
 @command(bench_app, "model")
 def bench_model_cmd(
-    out: Path = typer.Option(..., "--out", "-o", help="The GGUF file to write (must not exist)."),
+    out: Path = out_option(..., help="The GGUF file to write (must not exist)."),
     shape: str = typer.Option("llama-1b", "--shape", help="The shape: llama-1b (Llama 3.2 1B: 16 blocks, width 2048, "
                               "FFN 8192, 32/8 heads, llama3 rope scaling; the tokenizer's own vocabulary), llama-3b "
                               "(Llama 3.2 3B: 28 blocks, width 3072, FFN 8192, 24/8 heads, 128256 tokens, tied) or "
@@ -89,16 +91,16 @@ def _publish(result: dict, json_out: Path | None, show=ui.bench_tables) -> None:
 def bench_quality_cmd(
     ctx: typer.Context,
     model: str = model_option(),
-    data: list[Path] = typer.Option(..., "--data", "-d", help="Task folder; repeat for more tasks (ablations, "
+    data: list[Path] = data_option(..., help="Task folder; repeat for more tasks (ablations, "
                                     "sensitivity, rounds and baselines use the first)."),
-    out: Path = typer.Option(Path("runs/bench"), "--out", "-o", help="Folder for the runs (one per task and variant)."),
+    out: Path = out_option(Path("runs/bench"), help="Folder for the runs (one per task and variant)."),
     suite: list[str] = typer.Option(list(("main", "ablation", "sensitivity", "rounds")), "--suite",
                                     help="Tables to build: main, ablation, sensitivity, rounds, baselines, headline "
                                     "(SemiEvol, the self-consistency vote and w/o ICP: the table --seeds is for); "
                                     "repeat the flag; the default is the first four."),
     reuse: list[Path] = typer.Option([], "--reuse", help="Finished run folders whose identical stages may be copied "
                                      "(e.g. an earlier `semievol run` on the same task)."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the tables, machine and command here."),
+    json_out: Optional[Path] = json_option("the tables, machine and command"),
     seeds: int = typer.Option(1, "--seeds", min=1, help="Run the whole comparison with this many training seeds "
                               "(--train-seed, +1, ...; the further ones under OUT/seed<s>/) and add a table of each "
                               "method's mean and spread with a paired test pooled over the seeds."),
@@ -123,9 +125,9 @@ def bench_quality_cmd(
 def bench_run_cmd(
     ctx: typer.Context,
     model: str = model_option(),
-    data: Path = typer.Option(..., "--data", "-d", help="Task folder (labeled, unlabeled, test)."),
-    out: Path = typer.Option(Path("runs/bench-run"), "--out", "-o", help="A new folder for the run."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the per-stage table, machine and command here."),
+    data: Path = data_option(..., help="Task folder (labeled, unlabeled, test)."),
+    out: Path = out_option(Path("runs/bench-run"), help="A new folder for the run."),
+    json_out: Optional[Path] = json_option("the per-stage table, machine and command"),
     *, run_config: RunConfig, train_config: TrainConfig, engine_config: EngineConfig,
 ):
     """The whole `semievol run`, timed: per stage seconds, tokens, tokens/s, the FLOPs its work needed, the
@@ -143,14 +145,14 @@ def bench_run_cmd(
 def bench_pseudo_label_cmd(
     ctx: typer.Context,
     model: str = model_option(),
-    data: Path = typer.Option(..., "--data", "-d", help="Task folder with labeled and unlabeled splits (with options)."),
+    data: Path = data_option(..., help="Task folder with labeled and unlabeled splits (with options)."),
     n_items: int = typer.Option(20, "--n-items", "-n", help="Unlabeled questions to pseudo-label with each recipe."),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="Warm-up adapter.gguf (default: train one on the "
                                            "labeled split into --out)."),
     sample_tokens: int = typer.Option(1024, "--sample-tokens", min=1, help="Longest response of the paper's recipe."),
-    out: Path = typer.Option(Path("runs/bench-pseudo-label"), "--out", "-o", help="Folder for the warm-up, "
+    out: Path = out_option(Path("runs/bench-pseudo-label"), help="Folder for the warm-up, "
                              "retrieval and each recipe's pseudo-labels."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write questions/s, accuracy and the ratio here."),
+    json_out: Optional[Path] = json_option("questions/s, accuracy and the ratio"),
     *, run_config: RunConfig, train_config: TrainConfig, engine_config: EngineConfig,
 ):
     """Pseudo-labeling speed: the paper's sampling recipe vs score mode on the same questions."""
@@ -168,14 +170,14 @@ def bench_pseudo_label_cmd(
 def bench_servers_cmd(
     ctx: typer.Context,
     model: str = model_option(),
-    data: Path = typer.Option(..., "--data", "-d", help="Task folder with labeled and unlabeled splits (with options)."),
+    data: Path = data_option(..., help="Task folder with labeled and unlabeled splits (with options)."),
     n_items: int = typer.Option(100, "--n-items", "-n", help="Unlabeled questions to pseudo-label each way."),
     n_servers: int = typer.Option(2, "--servers", min=2, help="Local llama-servers of the fleet rows (1 thread each)."),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="Warm-up adapter.gguf (default: train one on the "
                                            "labeled split into --out)."),
-    out: Path = typer.Option(Path("runs/bench-servers"), "--out", "-o", help="Folder for the warm-up, retrieval and "
+    out: Path = out_option(Path("runs/bench-servers"), help="Folder for the warm-up, retrieval and "
                              "the servers' logs."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the table here."),
+    json_out: Optional[Path] = json_option("the table"),
     *, run_config: RunConfig, train_config: TrainConfig, engine_config: EngineConfig,
 ):
     """Collaboration in process vs through 1 and N local llama-servers (and N with one killed): speed, same labels."""
@@ -193,8 +195,8 @@ def bench_sizes_cmd(
     ctx: typer.Context,
     model: list[str] = typer.Option(..., "--model", "-m", help="A model to measure; repeat for more (alias or .gguf; "
                                     "`semievol bench model` writes one of Llama 3.2 1B's shape)."),
-    data: Path = typer.Option(..., "--data", "-d", help="The task whose run `--plan` estimates (e.g. fpb)."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the table, machine and command here."),
+    data: Path = data_option(..., help="The task whose run `--plan` estimates (e.g. fpb)."),
+    json_out: Optional[Path] = json_option("the table, machine and command"),
     *, run_config: RunConfig, train_config: TrainConfig, engine_config: EngineConfig,
 ):
     """Per model, each in a fresh process: training tokens/s and its honest GEMM fraction, prompt tokens/s with

@@ -69,8 +69,28 @@ def model_option(help: str = MODEL_HELP):
 
 
 def mode_option():
-    """`--mode` of the commands that answer questions (eval, predict)."""
-    return typer.Option("auto", "--mode", help="score (option probabilities), sample (generate), or auto.")
+    """`--mode` of the commands that answer questions (eval, predict): the run's own option."""
+    return option_of(config.RunConfig, "mode")
+
+
+def max_tokens_option():
+    """`--max-tokens` of eval and predict: the run's own option."""
+    return option_of(config.RunConfig, "max_tokens")
+
+
+def data_option(default=..., help: str = "Task folder with labeled, unlabeled and test splits."):
+    """`--data`/`-d`: the task folder or split file a command reads."""
+    return typer.Option(default, "--data", "-d", help=help)
+
+
+def out_option(default=..., help: str = "A new folder for what the command writes."):
+    """`--out`/`-o`: where a command writes."""
+    return typer.Option(default, "--out", "-o", help=help)
+
+
+def json_option(what: str):
+    """`--json FILE`: a command's figures as JSON."""
+    return typer.Option(None, "--json", help=f"Write {what} here (JSON).")
 
 
 ADAPTER_HELP = "GGUF LoRA adapter: an adapter.gguf, a `semievol train` folder, or a run folder (its last round's adapter)."
@@ -80,10 +100,6 @@ def adapter_option(help: str = ADAPTER_HELP):
     """`--adapter`/`-a` of the commands that answer with one adapter (eval, predict); `export.adapter_path`
     resolves it, for them and for `serve`."""
     return typer.Option(None, "--adapter", "-a", help=help)
-
-
-def max_tokens_option():
-    return typer.Option(256, "--max-tokens", min=1, help="Longest generated answer in sample mode.")
 
 
 def command(group: typer.Typer, name: str | None = None):
@@ -164,7 +180,9 @@ def option_of(cls, name: str, help: str = "", default=dataclasses.MISSING):
     benchmark's fixed shape); the command checks the value with `config.check` like the class's."""
     f = next(f for f in dataclasses.fields(cls) if f.name == name)
     value = f.default if default is dataclasses.MISSING else default
-    return typer.Option(value, config.flag(f, toggle=True), help=f.metadata.get("help", "") + help)
+    own = default is not dataclasses.MISSING  # a default outside the field's range means something here (-1: all)
+    return typer.Option(value, config.flag(f, toggle=True), help=f.metadata.get("help", "") + help,
+                        min=None if own else f.metadata.get("min"), max=None if own else f.metadata.get("max"))
 
 
 def _param(flag: str) -> str:

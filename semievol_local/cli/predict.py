@@ -10,7 +10,9 @@ import typer
 from ..core.config import EngineConfig
 from ..core.errors import UserError
 from . import ui
-from .common import adapter_option, app, command, max_tokens_option, mode_option, model_option, options_from
+from .common import (
+    adapter_option, app, command, data_option, json_option, max_tokens_option, mode_option, model_option,
+    options_from, out_option)
 
 
 # --- eval -----------------------------------------------------------------------------------------
@@ -19,14 +21,14 @@ from .common import adapter_option, app, command, max_tokens_option, mode_option
 @options_from(EngineConfig)
 def eval_cmd(
     model: str = model_option(),
-    data: Path = typer.Option(..., "--data", "-d", help="Task folder or split file (CSV/JSONL)."),
+    data: Path = data_option(..., help="Task folder or split file (CSV/JSONL)."),
     adapter: Optional[Path] = adapter_option(),
     split: str = typer.Option("test", "--split", help="Which split of a task folder."),
     mode: str = mode_option(),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate only the first N rows."),
     category_column: Optional[str] = typer.Option(None, "--category-column", help="Metadata column for the per-category table (auto-detected)."),
     max_tokens: int = max_tokens_option(),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write accuracy and every prediction here."),
+    json_out: Optional[Path] = json_option("accuracy and every prediction"),
     *, engine_config: EngineConfig,
 ):
     """Accuracy of a model (and adapter) on a split, beside the majority class."""
@@ -69,9 +71,9 @@ def run_eval(model, data, adapter, split, mode, limit, category_column, max_toke
 @options_from(EngineConfig)
 def predict_cmd(
     model: str = model_option(),
-    data: Path = typer.Option(..., "--data", "-d", help="Rows to label (CSV/JSONL with question, and options where "
+    data: Path = data_option(..., help="Rows to label (CSV/JSONL with question, and options where "
                               "there are any; answers not needed), or a task folder (see --split)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Where to write the rows with their predictions (.csv or .jsonl)."),
+    out: Path = out_option(..., help="Where to write the rows with their predictions (.csv or .jsonl)."),
     adapter: Optional[Path] = adapter_option(),
     split: str = typer.Option("unlabeled", "--split", help="Which split of a task folder."),
     mode: str = mode_option(),
@@ -112,8 +114,8 @@ def predict_cmd(
 def export_cmd(
     run: Path = typer.Argument(..., help="A finished run folder (`semievol run --out`), or with --merged a "
                                "`semievol train` folder."),
-    out: Path = typer.Option(..., "--out", "-o", help="A new folder for the exported files."),
-    data: Optional[Path] = typer.Option(None, "--data", "-d", help="The run's task folder, where run.json's path "
+    out: Path = out_option(..., help="A new folder for the exported files."),
+    data: Optional[Path] = data_option(None, help="The run's task folder, where run.json's path "
                                         "does not reach it (a run started from another folder); for a train folder, "
                                         "the split (or task folder: its test split) to check the merged file on."),
     peft: bool = typer.Option(False, "--peft", help="Also write peft/: the adapter for the Hugging Face base model "

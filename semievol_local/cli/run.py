@@ -11,7 +11,7 @@ from ..core import config
 from ..core.config import EngineConfig, RunConfig, TrainConfig
 from ..core.errors import CannotHelp, UserError
 from . import ui
-from .common import app, command, given_options, model_option, options_from, typed_in
+from .common import app, command, data_option, given_options, model_option, options_from, out_option, typed_in
 
 
 # --- run / report / demo --------------------------------------------------------------------------
@@ -21,8 +21,8 @@ from .common import app, command, given_options, model_option, options_from, typ
 def run_cmd(
     ctx: typer.Context,
     model: str = model_option(),
-    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Task folder with labeled, unlabeled and test splits."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (running again resumes it)."),
+    data: Optional[Path] = data_option(None, help="Task folder with labeled, unlabeled and test splits."),
+    out: Optional[Path] = out_option(None, help="Run folder (running again resumes it)."),
     config_file: Optional[Path] = typer.Option(None, "--config", help="Take the options from a TOML file (flag names "
                                                "as keys, e.g. learners = 2) or a run folder's run.json (repeats that "
                                                "run); options given on the command line win."),
@@ -93,7 +93,7 @@ def report_cmd(run: Path = typer.Argument(..., help="A run folder written by `se
 @command(app, "demo")
 def demo(
     model: str = model_option("Model to run the demo with."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder (default: runs/demo, runs/demo-open)."),
+    out: Optional[Path] = out_option(None, help="Run folder (default: runs/demo, runs/demo-open)."),
     open_answers: bool = typer.Option(False, "--open", help="The open-answer variant: the same reviews answered "
                                       "with the word itself, pseudo-labeled by sampling (the paper's recipe)."),
 ):

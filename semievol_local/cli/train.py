@@ -10,7 +10,8 @@ import typer
 from ..core.config import EngineConfig, TrainConfig
 from ..core.errors import UserError
 from . import ui
-from .common import SERVER_FIELDS, adapter_app, app, command, model_option, options_from
+from .common import (
+    SERVER_FIELDS, adapter_app, app, command, data_option, json_option, model_option, options_from, out_option)
 
 
 # --- train / adapter check / bench -------------------------------------------------------------
@@ -19,8 +20,8 @@ from .common import SERVER_FIELDS, adapter_app, app, command, model_option, opti
 @options_from(TrainConfig, EngineConfig, skip=SERVER_FIELDS)  # MLX and llama.cpp in this process
 def train_cmd(
     model: str = model_option(),
-    data: Path = typer.Option(..., "--data", "-d", help="Task folder or split file (CSV/JSONL)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Run folder for adapter.gguf, adapters.safetensors, logs, checkpoints."),
+    data: Path = data_option(..., help="Task folder or split file (CSV/JSONL)."),
+    out: Path = out_option(..., help="Run folder for adapter.gguf, adapters.safetensors, logs, checkpoints."),
     split: str = typer.Option("labeled", "--split", help="Which split of a task folder to train on."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in --out."),
     *, train_config: TrainConfig, engine_config: EngineConfig,
@@ -59,9 +60,9 @@ def train_cmd(
 def adapter_check_cmd(
     model: str = model_option("The base model the adapter was trained on."),
     adapter: Path = typer.Option(..., "--adapter", "-a", help="The training run folder (holds adapters.safetensors and adapter.gguf)."),
-    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Questions to compare on (default: the demo task)."),
+    data: Optional[Path] = data_option(None, help="Questions to compare on (default: the demo task)."),
     n: int = typer.Option(8, "--n", min=1, help="How many questions."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write kl_mean and top1_agreement here."),
+    json_out: Optional[Path] = json_option("kl_mean and top1_agreement"),
 ):
     """MLX (mlx-lm adapter) vs llama.cpp (adapter.gguf) on the same prompts: mean KL and top-1 agreement."""
     from ..core import data as data_mod

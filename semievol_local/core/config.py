@@ -295,7 +295,7 @@ class RunConfig:
     final_epochs: float = opt(0.0, "Epochs of the final fine-tune (0: --epochs).", min=0)
     temperature: float = opt(1.0, "Sampling temperature of the learners in sample mode.", min=0,
                              stages=("collaboration",))
-    max_tokens: int = opt(256, "Longest learner response in sample mode.", min=1, stages=("collaboration",))
+    max_tokens: int = opt(256, "Longest generated answer in sample mode.", min=1, stages=("collaboration",))
     limit_labeled: int = opt(0, "Use only the first N labeled rows (0: all).", min=0)
     limit_unlabeled: int = opt(0, "Use only the first N unlabeled questions (0: all).", min=0)
     limit_test: int = opt(0, "Evaluate on only the first N test questions (0: all).", min=0)
