@@ -329,6 +329,15 @@ def test_parity_gate_uses_the_live_engine(tiny_q4, toy, trained, tmp_path):
     ok = finetune.check_adapter(engine, out, seqs)
     assert ok["kl_mean"] < 0.1 and ok["top1_agreement"] >= 0.9, ok
     assert engine.adapter is None
+    # compared a sequence at a time, the figures of the whole arrays at once
+    refs = [engine.reference_logits(seqs, None), engine.reference_logits(seqs, out / "adapter.gguf")]
+    whole = [np.concatenate(r) for r in refs]
+    floor, adapted = me.parity_against(tiny_q4, out, seqs, refs)
+    assert refs == []
+    base = me.load_model(tiny_q4)
+    assert floor == compare_logits(whole[0], np.concatenate([me.logits(base, s) for s in seqs]))
+    assert adapted == compare_logits(whole[1], me.adapter_logits(tiny_q4, out, seqs))
+    assert ok["kl_mean"] == adapted["kl_mean"] and ok["floor_kl_mean"] == floor["kl_mean"]
     bad = tmp_path / "bad"
     shutil.copytree(out, bad, ignore=shutil.ignore_patterns("checkpoints"))
     weights = mx.load(str(bad / "adapters.safetensors"))

@@ -231,13 +231,13 @@ class Engine:
         self.reset()
         return self._decode(list(tokens), all_logits=True)
 
-    def reference_logits(self, sequences: list[list[int]], adapter: Path | None) -> np.ndarray:
-        """(sum T, vocab) logits of each sequence from a clean cache, with `adapter` at scale 1 or none (the
-        parity gate's reference; the adapter applied before is applied again after)."""
+    def reference_logits(self, sequences: list[list[int]], adapter: Path | None) -> list[np.ndarray]:
+        """(T, vocab) logits of each sequence from a clean cache, with `adapter` at scale 1 or none (the parity
+        gate's reference; the adapter applied before is applied again after)."""
         previous = self.adapter
         try:
             self.set_adapter(adapter, 1.0)
-            return np.concatenate([self.logits(s) for s in sequences])
+            return [self.logits(s) for s in sequences]
         finally:
             self.set_adapter(Path(previous[0]) if previous else None, previous[1] if previous else None)
 

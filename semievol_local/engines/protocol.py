@@ -92,9 +92,9 @@ class InferenceEngine(Protocol):
     def embed(self, texts: list[str]) -> np.ndarray: ...  # (N, dim) L2-normalized
     def logits(self, tokens: list[int]) -> np.ndarray: ...  # (T, vocab)
 
-    def reference_logits(self, sequences: list[list[int]], adapter: Path | None) -> np.ndarray:
-        """llama.cpp's (sum T, vocab) logits of each sequence from a clean cache, with `adapter` at scale 1 or
-        none, on the weights the forward passes use, computed in this process: the parity gate's reference.
+    def reference_logits(self, sequences: list[list[int]], adapter: Path | None) -> list[np.ndarray]:
+        """llama.cpp's (T, vocab) logits of each sequence from a clean cache, with `adapter` at scale 1 or none, on
+        the weights the forward passes use, computed in this process: the parity gate's reference.
         The adapter applied before is applied again after."""
         ...
 

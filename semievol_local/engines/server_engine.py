@@ -304,7 +304,7 @@ class Fleet:
     def weights_kind(self) -> str:
         return self.weights.kind
 
-    def reference_logits(self, sequences: list[list[int]], adapter: Path | None) -> np.ndarray:
+    def reference_logits(self, sequences: list[list[int]], adapter: Path | None) -> list[np.ndarray]:
         """Full logits do not travel over HTTP: llama.cpp in this process, on what the servers compute with (the
         float32 copy made here where they use one), loaded for this call."""
         local = LocalEngine(self.model_path, dataclasses.replace(self.cfg, server=None, weights=self.weights.kind,

@@ -104,17 +104,15 @@ def check_adapter(engine: InferenceEngine, adapter_dir: Path, sequences: list[li
     """MLX vs llama.cpp on the same token sequences, the base alone (the engines' floor) and with the adapter
     (`training.parity.judge`); raise when the adapter adds more than the floor allows, or the base itself differs."""
     from ..training import mlx_engine
-    from ..training.parity import compare_logits, judge
+    from ..training.parity import judge
 
-    ref_base = engine.reference_logits(sequences, None)
-    ref = engine.reference_logits(sequences, Path(adapter_dir) / "adapter.gguf")
+    refs = [engine.reference_logits(sequences, None),
+            engine.reference_logits(sequences, Path(adapter_dir) / "adapter.gguf")]
     # MLX loads its own copy next: llama.cpp's weights leave first (not both at once: the 8B shape's check held
     # 18.7 GB with both), and the next forward pass loads them again
     engine.release()
-    mlx_base, mlx_adapted = mlx_engine.parity_logits(engine.model_path, adapter_dir, sequences)
-    floor = compare_logits(ref_base, mlx_base)
-    del ref_base, mlx_base
-    parity = judge(floor, compare_logits(ref, mlx_adapted), engine.weights_kind)
+    floor, adapted = mlx_engine.parity_against(engine.model_path, adapter_dir, sequences, refs)
+    parity = judge(floor, adapted, engine.weights_kind)
     reason = parity.pop("failed")
     if reason is not None:
         # no usable-looking adapter.gguf may stay behind for a script to pick up
