@@ -17,8 +17,6 @@ def quantize(src: Path, dst: Path, ftype: int | str, *, types: dict[str, int] | 
     import llama_cpp
     from llama_cpp._utils import suppress_stdout_stderr
 
-    from .weights import default_threads
-
     params = llama_cpp.llama_model_quantize_default_params()
     if isinstance(ftype, str):
         name = ftype if ftype.startswith("ALL_") else f"MOSTLY_{ftype}"
@@ -28,7 +26,7 @@ def quantize(src: Path, dst: Path, ftype: int | str, *, types: dict[str, int] | 
     else:
         params.ftype = ftype
     params.allow_requantize = True
-    params.nthread = n_threads or default_threads()
+    params.nthread = n_threads or 0  # 0: llama.cpp takes the machine's hardware threads
     keep = None  # the overrides must outlive the call
     if types:
         Override = llama_cpp.llama_model_tensor_override
