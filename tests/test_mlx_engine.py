@@ -353,15 +353,13 @@ def test_parity_gate_uses_the_live_engine(tiny_q4, toy, trained, tmp_path):
 # ---------------------------------------------------------------------------- the divergence guard
 
 def test_divergence_guard_trips_on_a_jump_not_on_noise():
-    from semievol_local.training.guard import diverged
-
     # a real 1.5B model at the default lr: 0.46, 0.2, 0.11, then 13.5 at the first step at the peak rate
-    assert diverged(13.5, [0.46, 0.2, 0.11]) == 0.11
-    assert diverged(9.1, [2.06]) == 2.06  # SmolLM2 at lr 1e-2, its second step
+    assert me.diverged(13.5, [0.46, 0.2, 0.11]) == 0.11
+    assert me.diverged(9.1, [2.06]) == 2.06  # SmolLM2 at lr 1e-2, its second step
     # a hard batch late in training, a slow start, a loss still falling: not a divergence
-    assert diverged(1.9, [0.05, 0.08, 0.04]) is None
-    assert diverged(6.6, [2.06]) is None and diverged(0.3, [0.5, 0.4]) is None
-    assert diverged(50.0, []) is None  # nothing to compare with
+    assert me.diverged(1.9, [0.05, 0.08, 0.04]) is None
+    assert me.diverged(6.6, [2.06]) is None and me.diverged(0.3, [0.5, 0.4]) is None
+    assert me.diverged(50.0, []) is None  # nothing to compare with
 
 
 @pytest.mark.slow

@@ -13,8 +13,6 @@ from semievol_local.training import mlx_engine as me  # first: it loads OpenBLAS
 from semievol_local.core import gguf_file
 from semievol_local.core.config import TrainConfig
 from semievol_local.training import quantized
-from semievol_local.training import memory
-from semievol_local.training.memory import memory_check
 
 import mlx.core as mx  # noqa: E402, I001  only after mlx_engine
 
@@ -112,15 +110,15 @@ def test_a_run_this_machine_cannot_hold_stops_before_anything_is_written(files, 
     path = files["Q4_K_M"]
     exs = toy_examples(path, "Question number {i} of the toy set?")
     cfg = TrainConfig(batch_size=4, num_layers=-1)
-    fits = memory_check(path, exs, cfg)
-    kept, dense = fits["base_gb"], memory_check(path, exs, TrainConfig(frozen_base="f32"))["base_gb"]
+    fits = me.memory_check(path, exs, cfg)
+    kept, dense = fits["base_gb"], me.memory_check(path, exs, TrainConfig(frozen_base="f32"))["base_gb"]
     assert kept < dense / 4  # the file's bytes, not float32
-    one = memory_check(path, exs, TrainConfig(batch_size=4, num_layers=1))["estimated_peak_bytes"]
+    one = me.memory_check(path, exs, TrainConfig(batch_size=4, num_layers=1))["estimated_peak_bytes"]
     ram = fits["estimated_peak_bytes"] - 1
     hint = "try --num-layers 1" if one <= ram else "pick a smaller model file"  # 1 block: the frozen one's outputs kept
     with pytest.raises(UserError, match=r"training needs about .* GB .* more than this machine's .* RAM; " + hint):
-        memory_check(path, exs, cfg, ram=ram)
-    monkeypatch.setattr(memory, "ram_bytes", lambda: 100_000_000)
+        me.memory_check(path, exs, cfg, ram=ram)
+    monkeypatch.setattr(me, "ram_bytes", lambda: 100_000_000)
     engine = llama_engine.Engine(path, EngineConfig(n_ctx=256))
     items = [Item(index=i, question=f"Question {i}?", options=("yes", "no"), answer="A") for i in range(4)]
     out = tmp_path / "out"

@@ -63,7 +63,7 @@ def calibrate(engine, model_path: Path, stages: list[Stage], exs: list, tcfg: Tr
     from ..core.runfolder import PeakMemory
 
     if exs:  # a training this machine cannot hold is refused before minutes of measuring (and a 30 GB load)
-        from ..training.memory import memory_check
+        from ..training.mlx_engine import memory_check
 
         memory_check(model_path, exs, tcfg)
     rates, tic = Rates(), time.perf_counter()

@@ -63,10 +63,10 @@ def train_adapter(engine: InferenceEngine, items: Sequence[Item], cfg: TrainConf
                   on_step: Callable[[dict], None] | None = None,
                   on_trunk: Callable[[int, int], None] | None = None, trunk_store: Path | None = None) -> dict:
     """Train LoRA on `items` with MLX into `out_dir` (adapter.gguf among the outputs) and gate on parity."""
-    from ..training import batching, distributed, memory, mlx_engine
+    from ..training import batching, distributed, mlx_engine
 
     exs = examples(engine, items)
-    memory.memory_check(engine.model_path, exs, cfg)  # a run this machine cannot hold stops before anything
+    mlx_engine.memory_check(engine.model_path, exs, cfg)  # a run this machine cannot hold stops before anything
     # which rows train and which (with --val-fraction) only choose the checkpoint: written down, by position
     held = batching.validation_positions(len(exs), cfg.val_fraction, cfg.seed)
     held_set = set(held)

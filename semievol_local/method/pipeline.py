@@ -85,7 +85,7 @@ def _run(model_path, data, out, cfg, tcfg, ecfg, reporter, share):
     engine = load(model_path, ecfg)
     tcfg = family_defaults(tcfg, engine.architecture)  # --lr left to the family: the value that trains, recorded
     if labeled:  # a machine that cannot hold the warm-up hears it now, before any stage runs or anything is written
-        from ..training.memory import memory_check
+        from ..training.mlx_engine import memory_check
         from .finetune import examples
 
         memory_check(model_path, examples(engine, labeled), tcfg)

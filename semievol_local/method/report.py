@@ -209,7 +209,7 @@ def class_distributions(run: Path, meta: dict, stages: dict, evals: dict) -> dic
 def warnings(run: Path, stages: dict, van: dict | None, sft: dict | None, classes: dict) -> list[str]:
     """What says the method could not help: an SFT not shown better than answering the labeled split's majority
     class everywhere (one-sided exact binomial p >= 0.05), a collapsed warm-up (where the run stopped, or went on
-    with --force), a fine-tune whose loss jumped and was rolled back (`training.guard`), and a selection
+    with --force), a fine-tune whose loss jumped and was rolled back (`mlx_engine.diverged`), and a selection
     with at least `collapse.SHARE` of one class."""
     out = []
     if sft and van and van.get("majority_accuracy") is not None:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -124,33 +122,3 @@ def fingerprint(seqs: list[Seq]) -> str:
     for t, s in seqs:
         h.update(np.int64(s).tobytes() + t.tobytes() + b"|")
     return h.hexdigest()
-
-
-@dataclass
-class Plan:
-    """Every micro-batch of a run, a pure function of (data, seed), so that resuming needs only a step."""
-
-    batches: list[np.ndarray]  # micro-batches (index arrays into the sequences), epoch after epoch
-    pieces: list[list[np.ndarray]]  # what each micro-batch computes: itself, or pieces of at most max_tokens
-    total_steps: int
-    per_epoch: int  # micro-batches per epoch
-    max_tokens: int
-    split: int  # micro-batches split into pieces
-
-
-def plan_batches(lengths: np.ndarray, batch_size: int, epochs: float, grad_accum: int, seed: int,
-                 max_batch_tokens: int = 0) -> Plan:
-    """The run's micro-batches (`epoch_batches`, epoch after epoch) for `epochs` of optimizer steps of
-    `grad_accum` micro-batches, each split into pieces of at most `max_batch_tokens` padded tokens (0: the
-    typical batch's, `typical_max_tokens`)."""
-    per_epoch = math.ceil(len(lengths) / batch_size)
-    total_steps = max(1, math.ceil(epochs * per_epoch / grad_accum))
-    batches: list[np.ndarray] = []
-    while len(batches) < total_steps * grad_accum:
-        batches += epoch_batches(lengths, batch_size, seed, epoch=len(batches) // per_epoch)
-    max_tokens = typical_max_tokens(batches, lengths) if max_batch_tokens == 0 else max_batch_tokens
-    pieces = [split_batch(idx, lengths, max_tokens) for idx in batches]
-    split = sum(len(v) > 1 for v in pieces)
-    if split:
-        log.info("%d of %d batches split into pieces of at most %d padded tokens", split, len(batches), max_tokens)
-    return Plan(batches, pieces, total_steps, per_epoch, max_tokens, split)

@@ -10,7 +10,6 @@ This module does not know what is inside the arrays or the state: the trainer de
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import re
@@ -18,7 +17,6 @@ import shutil
 from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_map_with_path
 
 from ..core.errors import UserError
 from ..core.files import atomic_folder, sha256_file
@@ -96,44 +94,3 @@ def verify_checkpoint(ckpt: Path) -> None:
             raise UserError(f"Checkpoint {ckpt} is incomplete: {name} is missing. {advice}")
         if path.stat().st_size != want["bytes"] or sha256_file(path) != want["sha256"]:
             raise UserError(f"Checkpoint {ckpt} is corrupted: {name} does not match its sha256 checksum. {advice}")
-
-
-@dataclasses.dataclass
-class Progress:
-    """Where a run stands: what a checkpoint saves and a resumed run starts from."""
-
-    step: int = 0
-    records: list[dict] = dataclasses.field(default_factory=list)  # one per step done
-    best: dict | None = None  # the end-of-epoch step with the lowest validation loss so far
-    best_adapters: dict | None = None
-    rollbacks: list[dict] = dataclasses.field(default_factory=list)  # the divergence guard's, in order
-
-
-def resume_from(ckpt_root: Path, identity: dict, model, optimizer, total_steps: int) -> Progress:
-    """The newest verified checkpoint's weights, optimizer state and progress, loaded into `model` and
-    `optimizer`; a fresh start where there is none."""
-    found = load_latest_checkpoint(ckpt_root)
-    if found is None:
-        log.info("no checkpoint in %s: training from step 0", ckpt_root)
-        return Progress()
-    arrays, state = found
-    _check_same_run(state["identity"], identity, ckpt_root)
-    model.load_weights(list(arrays["adapters"].items()), strict=False)
-    saved = arrays["optimizer"]  # (a checkpoint older than the guard has no lr_scale: 1.0)
-    optimizer.state.update(tree_map_with_path(lambda p, v: saved.get(p, v), optimizer.state))  # in place
-    log.info("resuming from step %d of %d", state["step"], total_steps)
-    return Progress(state["step"], state["log"], state.get("best"),
-                    dict(arrays["best"]) if state.get("best") is not None else None, state.get("rollbacks", []))
-
-
-def _check_same_run(saved: dict, now: dict, root: Path) -> None:
-    diffs = [f"{k}: {saved['config'].get(k)!r} -> {v!r}" for k, v in now["config"].items() if saved["config"].get(k) != v]
-    if saved["data_sha256"] != now["data_sha256"]:
-        diffs.append("the training examples differ")
-    if saved["val_sha256"] != now["val_sha256"]:
-        diffs.append("the validation examples differ")
-    if saved.get("init_adapter_sha256") != now["init_adapter_sha256"]:
-        diffs.append("the starting adapter differs")
-    if diffs:
-        raise UserError(f"Cannot resume from {root}: the checkpoint was made by a different run ({'; '.join(diffs)}). "
-                        "Resume with the same settings and data, or use a new output directory.")
