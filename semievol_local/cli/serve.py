@@ -40,7 +40,8 @@ def serve_cmd(
     """Start local llama-servers for `semievol run --server`: prints their URLs, serves until Ctrl-C.
 
     Every request but /health needs the API key (`Authorization: Bearer KEY`), which `--server` sends."""
-    from ..core import apikey, gguf_file
+    from .. import engines
+    from ..core import apikey
     from ..engines import llama_server
     from ..engines.weights import default_threads, inference_weights
     from ..method import export, models
@@ -55,7 +56,7 @@ def serve_cmd(
         return
     key, made = (None, False) if no_api_key else apikey.for_server(api_key_file)
     model_path = models.resolve(model)
-    arch = str(gguf_file.read(model_path).fields.get("general.architecture", "unknown"))
+    arch = engines.vocabulary(model_path).architecture
     # the weights a run with the same --weights computes with (llama-server has no GPU here: as on a CPU)
     served = inference_weights(model_path, EngineConfig(weights=weights, n_gpu_layers=0)).path
     fixed = [export.adapter_path(a) for a in adapter]

@@ -35,3 +35,10 @@ def unload() -> None:
     from . import llama_engine
 
     llama_engine.unload()
+
+
+def vocabulary(model_path: Path):
+    """llama.cpp's view of a model without its weights (tokenizer, template, `architecture`; no forward passes)."""
+    from . import llama_engine
+
+    return llama_engine.Engine(model_path, vocab_only=True)
